@@ -1,0 +1,1 @@
+"""fdconsole: the Django project (settings, URLs, ASGI) and its apps, one per domain."""

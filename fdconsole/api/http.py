@@ -1,0 +1,102 @@
+"""The API's edges: JSON errors, JSON bodies, bearer-token authentication."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from redis.exceptions import RedisError
+
+from fdconsole.api.models import ApiToken
+from fdconsole.inference.submit import UnknownObject
+from scheduler.errors import (
+    ConfigError,
+    DuplicateRequest,
+    NoNodeAvailable,
+    QueueFull,
+    SchedulerError,
+    UnknownRequest,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[SchedulerError], int] = {
+    ConfigError: 400,
+    UnknownObject: 404,
+    UnknownRequest: 404,
+    DuplicateRequest: 409,
+    QueueFull: 429,
+    NoNodeAvailable: 503,
+}
+
+
+class ApiError(Exception):
+    """An error answer decided in a view."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None) -> JsonResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        body["field"] = field
+    return JsonResponse({"error": body}, status=status)
+
+
+def bearer_user(request: HttpRequest):
+    """The user of the request's bearer token; raises ApiError(401) when missing or bad."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer <token>'")
+    user = ApiToken.authenticate(token.strip())
+    if user is None:
+        raise ApiError(401, "unauthorized", "invalid or revoked API token")
+    return user
+
+
+def json_body(request: HttpRequest) -> Any:
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        raise ApiError(413, "too_large", "the request body is too large") from None
+    if not raw.strip():
+        raise ApiError(400, "invalid", "the request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+
+
+def api_view(methods: tuple[str, ...]) -> Callable:
+    """Token auth, method check and error mapping for a sync API view ``view(request, user, ...)``."""
+
+    def decorate(view: Callable) -> Callable:
+        @csrf_exempt
+        @wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+            try:
+                if request.method not in methods:
+                    raise ApiError(405, "method_not_allowed",
+                                   f"{request.method} is not allowed here; use {', '.join(methods)}")
+                user = bearer_user(request)
+                return view(request, user, *args, **kwargs)
+            except ApiError as exc:
+                return error_response(exc.status, exc.code, exc.message, exc.field)
+            except SchedulerError as exc:
+                return error_response(STATUS_OF.get(type(exc), 400), exc.code, exc.message, exc.field)
+            except RedisError as exc:
+                log.warning("Redis unavailable: %s", exc)
+                return error_response(503, "redis_unavailable", f"Redis did not answer: {exc}")
+
+        return wrapper
+
+    return decorate

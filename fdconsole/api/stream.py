@@ -1,0 +1,98 @@
+"""``GET /api/v1/requests/{id}/stream``: Server-Sent Events of a request's tokens, then ``done``.
+
+The output stream in Redis keeps every entry, so a client that connects before, during or after the
+generation reads it from the start and gets every token exactly once (deduplicated by index), then one
+``done`` event carrying the final request object. After Redis has let the stream go, the tokens are
+replayed from the database.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from redis.exceptions import RedisError
+
+from fdconsole.api.http import ApiError, bearer_user, error_response
+from fdconsole.api.views import get_request_row
+from fdconsole.inference.models import Request
+from fdconsole.inference.submit import UnknownObject
+from fdconsole.inference.sync import sync_request
+from gpu_worker.tokenizer import ByteTokenizer
+from scheduler.store import AsyncOutputReader
+
+POLL_MS = 500  # how often a waiting stream re-checks the request (lazy TTL eviction, lost requests)
+KEEPALIVE_S = 15.0
+MAX_STREAM_S = 6 * 3600  # a bound on one connection; clients reconnect and read again from the start
+
+
+async def stream_request(request: HttpRequest, request_id: str) -> HttpResponse:
+    if request.method != "GET":
+        return error_response(405, "method_not_allowed", f"{request.method} is not allowed here; use GET")
+    try:
+        await sync_to_async(bearer_user)(request)
+        row = await sync_to_async(get_request_row)(request_id)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.field)
+    except UnknownObject as exc:
+        return error_response(404, exc.code, exc.message, exc.field)
+    response = StreamingHttpResponse(sse_events(row), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+def sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def sse_events(row: Request) -> AsyncIterator[str]:
+    reader = AsyncOutputReader(settings.FD_REDIS_URL)
+    topic = row.topic.name
+    after, delivered = "0-0", -1
+    started = last_sent = time.monotonic()
+    try:
+        while time.monotonic() - started < MAX_STREAM_S:
+            try:
+                events = await reader.read(topic, row.uid, after, POLL_MS)
+            except RedisError as exc:
+                yield sse("error", {"code": "redis_unavailable", "message": str(exc)})
+                return
+            for event in events:
+                after = event.entry_id
+                if event.kind == "token" and event.index > delivered:
+                    delivered = event.index
+                    yield sse("token", {"index": event.index, "token_id": event.token_id, "text": event.text})
+                elif event.kind == "done":
+                    row = await sync_to_async(sync_request)(row)
+                    yield sse("done", await sync_to_async(row.as_api)())
+                    return
+            if events:
+                last_sent = time.monotonic()
+                continue
+            row = await sync_to_async(sync_request)(row)
+            if row.is_final and not await reader.exists(topic, row.uid):
+                for chunk in replay_from_database(row, delivered):
+                    yield chunk
+                return
+            if time.monotonic() - last_sent > KEEPALIVE_S:
+                last_sent = time.monotonic()
+                yield ": keep-alive\n\n"
+    finally:
+        await reader.close()
+
+
+def replay_from_database(row: Request, delivered: int) -> list[str]:
+    """Token and done events of a finished request whose Redis stream has expired."""
+    decoder = ByteTokenizer().stream_decoder()
+    chunks = []
+    for index, token_id in enumerate(row.output_token_ids):
+        text = decoder.push(token_id)
+        if index > delivered:
+            chunks.append(sse("token", {"index": index, "token_id": token_id, "text": text}))
+    chunks.append(sse("done", row.as_api()))
+    return chunks

@@ -1,0 +1,145 @@
+"""REST endpoints of ``/api/v1/`` (see shared/CONTRACT.md); thin: they call the services."""
+
+from __future__ import annotations
+
+import time
+
+from django.db import connection, transaction
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.http import require_GET
+from redis.exceptions import RedisError
+
+from fdconsole.api.http import ApiError, api_view, json_body
+from fdconsole.inference.models import Request
+from fdconsole.inference.submit import UnknownObject, submit_request
+from fdconsole.inference.sync import sync_request
+from fdconsole.nodes.models import Node
+from fdconsole.nodes.status import describe_nodes
+from fdconsole.redis_conn import get_redis, get_store
+from fdconsole.topics.models import Topic
+from scheduler.config import validate_name
+from scheduler.errors import ConfigError
+
+CANCEL_WAIT_S = 2.0
+
+
+def get_topic(name: str) -> Topic:
+    topic = Topic.objects.filter(name=name).first()
+    if topic is None:
+        raise UnknownObject(f"no topic '{name}'", field="topic")
+    return topic
+
+
+def get_request_row(request_id: str) -> Request:
+    row = Request.objects.select_related("topic").filter(request_id=request_id).first()
+    if row is None:
+        raise UnknownObject(f"no request '{request_id}'", field="request_id")
+    return row
+
+
+# -- requests ---------------------------------------------------------------------------------------
+@api_view(("POST",))
+def topic_requests(request: HttpRequest, user, topic: str) -> JsonResponse:
+    row = submit_request(get_topic(topic), json_body(request), user)
+    return JsonResponse(row.as_api(), status=202)
+
+
+@api_view(("GET", "DELETE"))
+def request_detail(request: HttpRequest, user, request_id: str) -> JsonResponse:
+    row = get_request_row(request_id)
+    if request.method == "DELETE":
+        return _cancel(row)
+    return JsonResponse(sync_request(row).as_api())
+
+
+def _cancel(row: Request) -> JsonResponse:
+    """Cancel; a running request stops at its next token, so wait a moment for the final status."""
+    if row.is_final:
+        return JsonResponse(row.as_api())
+    store = get_store()
+    store.cancel(row.topic.name, row.uid)
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while not sync_request(row, store).is_final and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return JsonResponse(row.as_api(), status=200 if row.is_final else 202)
+
+
+# -- topics -----------------------------------------------------------------------------------------
+def topic_object(topic: Topic) -> dict:
+    config = topic.config
+    return {"name": topic.name, **config.as_dict(mask_password=True),
+            "nodes": list(topic.nodes.order_by("name").values_list("name", flat=True)),
+            "created_at": topic.created_at.isoformat().replace("+00:00", "Z"),
+            "updated_at": topic.updated_at.isoformat().replace("+00:00", "Z")}
+
+
+@api_view(("GET", "POST"))
+def topics(request: HttpRequest, user) -> JsonResponse:
+    if request.method == "GET":
+        return JsonResponse({"topics": [topic_object(t) for t in Topic.objects.prefetch_related("nodes")]})
+    body = json_body(request)
+    if not isinstance(body, dict):
+        raise ConfigError("the request body must be a JSON object")
+    name = validate_name(body.get("name"), "name")
+    changes = {k: v for k, v in body.items() if k != "name"}
+    changes.setdefault("scheduler_topic", name)
+    with transaction.atomic():
+        if Topic.objects.filter(name=name).exists():
+            raise ApiError(409, "duplicate_topic", f"topic '{name}' already exists", "name")
+        topic = Topic(name=name)
+        topic.apply_config(changes)
+        topic.save()
+        get_store().publish_config(topic.name, topic.config)
+    return JsonResponse(topic_object(topic), status=201)
+
+
+@api_view(("GET", "PATCH"))
+def topic_detail(request: HttpRequest, user, topic: str) -> JsonResponse:
+    row = get_topic(topic)
+    if request.method == "PATCH":
+        changes = json_body(request)
+        if isinstance(changes, dict) and "name" in changes and changes["name"] != row.name:
+            raise ConfigError("a topic cannot be renamed", field="name")
+        if isinstance(changes, dict):
+            read_only = ("name", "nodes", "created_at", "updated_at")  # GET fields a client may send back
+            changes = {k: v for k, v in changes.items() if k not in read_only}
+        with transaction.atomic():
+            row = Topic.objects.select_for_update().get(pk=row.pk)
+            row.apply_config(changes)
+            row.save()
+            # Published inside the transaction: if Redis refuses, the database change rolls back.
+            get_store().publish_config(row.name, row.config)
+    return JsonResponse(topic_object(row))
+
+
+# -- nodes ------------------------------------------------------------------------------------------
+@api_view(("GET",))
+def nodes(request: HttpRequest, user) -> JsonResponse:
+    rows = list(Node.objects.select_related("topic"))
+    return JsonResponse({"nodes": describe_nodes(rows)})
+
+
+@api_view(("GET",))
+def node_detail(request: HttpRequest, user, name: str) -> JsonResponse:
+    row = Node.objects.select_related("topic").filter(name=name).first()
+    if row is None:
+        raise UnknownObject(f"no node '{name}'", field="name")
+    return JsonResponse(describe_nodes([row])[0])
+
+
+# -- health -----------------------------------------------------------------------------------------
+@require_GET
+def healthz(request: HttpRequest) -> JsonResponse:
+    failures = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except Exception as exc:  # any database failure is a failed check, reported by name
+        failures["database"] = str(exc)
+    try:
+        get_redis().ping()
+    except RedisError as exc:
+        failures["redis"] = str(exc)
+    if failures:
+        return JsonResponse({"status": "unavailable", "failed": failures}, status=503)
+    return JsonResponse({"status": "ok", "database": "ok", "redis": "ok"})

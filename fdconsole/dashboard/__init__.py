@@ -1,0 +1,1 @@
+"""The web console: login, the cluster overview, and its live WebSocket feed."""

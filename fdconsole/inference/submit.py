@@ -1,0 +1,94 @@
+"""Submitting a request: validate, record, place on a node, queue. Shared by the API and the web UI.
+
+Order matters for "never a half-written record": the row is inserted first (its unique request_id is
+the duplicate check), then Redis queues the request atomically; when Redis refuses (queue full, no
+Redis) the row is deleted again before the error reaches the client.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from fdconsole.inference.models import Request
+from fdconsole.nodes.models import Node
+from fdconsole.redis_conn import get_store
+from fdconsole.topics.models import Topic
+from gpu_worker.tokenizer import ByteTokenizer
+from scheduler.errors import ConfigError, DuplicateRequest, NoNodeAvailable, SchedulerError
+from scheduler.messages import parse_submission
+from scheduler.store import new_uid
+
+_tokenizer = ByteTokenizer()
+
+
+class UnknownObject(SchedulerError):
+    """A topic, node or request that does not exist (HTTP 404)."""
+
+    code = "not_found"
+
+
+def submit_request(topic: Topic, body: Any, user=None) -> Request:
+    """Validate ``body`` and queue it on ``topic``; returns the recorded row.
+
+    Raises ConfigError (400), UnknownObject (404), DuplicateRequest (409), QueueFull (429),
+    NoNodeAvailable (503) or a redis error (503).
+    """
+    request, request_id, node_name = parse_submission(
+        body, max_model_len=settings.FD_MAX_MODEL_LEN, encode=_tokenizer.encode
+    )
+    config = topic.config
+    if config.scheduler_name != "local":
+        raise NoNodeAvailable(
+            f"topic '{topic.name}' uses the {config.scheduler_name} scheduler, which this version "
+            "does not run yet; set scheduler_name to local",
+            field="scheduler_name",
+        )
+    request.request_id = request_id or f"req-{uuid.uuid4().hex}"
+    request.topic = topic.name
+    store = get_store()
+    home = _home_node(topic, node_name, store)
+    row = _insert_row(topic, request, home, user)
+    try:
+        store.submit(topic.name, row.uid, request, home, config)
+    except BaseException:
+        row.delete()
+        raise
+    return row
+
+
+def _home_node(topic: Topic, node_name: str | None, store) -> str:
+    if node_name is not None:
+        node = Node.objects.filter(name=node_name, topic=topic).first()
+        if node is None:
+            raise UnknownObject(f"topic '{topic.name}' has no node '{node_name}'", field="node")
+        if not node.enabled:
+            raise ConfigError(f"node '{node_name}' is {node.admin_state} and takes no new requests",
+                              field="node")
+        return node.name
+    enabled = list(
+        Node.objects.filter(topic=topic, admin_state=Node.AdminState.ENABLED)
+        .order_by("name").values_list("name", flat=True)
+    )
+    return store.next_home(topic.name, enabled)
+
+
+def _insert_row(topic: Topic, request, home: str, user) -> Request:
+    if Request.objects.filter(request_id=request.request_id).exists():
+        raise DuplicateRequest(f"request_id '{request.request_id}' is already taken", field="request_id")
+    try:
+        with transaction.atomic():
+            return Request.objects.create(
+                uid=new_uid(), request_id=request.request_id, topic=topic, home_node=home,
+                prompt_token_ids=request.prompt_token_ids, prompt_tokens=request.prompt_len,
+                sampling=request.to_dict()["sampling"], created_at=timezone.now(),
+                submitted_by=user if user is not None and user.is_authenticated else None,
+            )
+    except IntegrityError:
+        raise DuplicateRequest(
+            f"request_id '{request.request_id}' is already taken", field="request_id"
+        ) from None

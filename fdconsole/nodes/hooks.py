@@ -1,0 +1,47 @@
+"""How a node (or the console's reaper) keeps the database up to date: NodeHooks backed by the ORM."""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import close_old_connections
+from django.db.models import F
+
+from fdconsole.inference.sync import sync_uids
+from fdconsole.nodes.models import Node
+from gpu_worker.node import NodeHooks
+
+log = logging.getLogger(__name__)
+
+
+def _guarded(func):
+    """Database trouble must not stop generation: the API re-syncs from Redis on read."""
+
+    def wrapper(*args):
+        close_old_connections()
+        try:
+            func(*args)
+        except Exception:  # the database is a copy; Redis stays the authority
+            log.exception("database update failed in %s", func.__name__)
+
+    wrapper.__name__ = func.__name__
+    return wrapper
+
+
+@_guarded
+def sync_one(topic: str, uid: str) -> None:
+    sync_uids(topic, [uid])
+
+
+@_guarded
+def sync_many(topic: str, uids: list[str]) -> None:
+    sync_uids(topic, uids)
+
+
+@_guarded
+def count_run(node: str) -> None:
+    Node.objects.filter(name=node).update(requests_run=F("requests_run") + 1)
+
+
+def database_hooks() -> NodeHooks:
+    return NodeHooks(on_change=sync_one, on_finished=count_run, on_expired=sync_many)

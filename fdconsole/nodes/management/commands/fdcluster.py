@@ -1,0 +1,163 @@
+"""``manage.py fdcluster``: the whole system in the foreground, what ``make run`` runs.
+
+Redis (an embedded one when nothing answers at FD_REDIS_URL), migrations, an admin user and an API
+token (printed), the ASGI console (HTTP and WebSocket, via daphne), ``--nodes`` node workers, and the
+TTL reaper. Ctrl-C (or SIGTERM) stops every process it started.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+
+from fdconsole.api.models import ApiToken, hash_token
+from fdconsole.embedded_redis import start_for_url
+from fdconsole.nodes.hooks import sync_many
+from fdconsole.redis_conn import get_store
+from fdconsole.topics.services import ensure_node, ensure_topic
+from scheduler.reaper import Reaper
+
+STOP_TIMEOUT_S = 15
+
+
+class Command(BaseCommand):
+    help = "Run Redis (embedded when none answers), the console and N node workers until Ctrl-C."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--nodes", type=int, default=int(os.environ.get("NODES", "2")),
+                            help="node workers to start (default NODES or 2; 0 = console only)")
+        parser.add_argument("--topic", default="default", help="topic of the nodes (default: default)")
+        parser.add_argument("--host", default="127.0.0.1", help="console address (default 127.0.0.1)")
+        parser.add_argument("--port", type=int, default=8000, help="console port (default 8000)")
+
+    def handle(self, *args, **options) -> None:
+        if options["nodes"] < 0:
+            raise CommandError("--nodes must be 0 or more")
+        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.stopping = threading.Event()
+        redis = start_for_url(settings.FD_REDIS_URL)
+        if redis:
+            self.say(f"Started an embedded Redis at {settings.FD_REDIS_URL} (nothing answered there).")
+        reaper = None
+        try:
+            call_command("migrate", interactive=False, verbosity=0)
+            call_command("collectstatic", interactive=False, verbosity=0)
+            login, token = self.admin_credentials()
+            topic = ensure_topic(options["topic"])
+            names = [f"node-{i}" for i in range(1, options["nodes"] + 1)]
+            for name in names:
+                ensure_node(name, topic)
+            reaper = Reaper(get_store(), sync_many)
+            reaper.start()
+            self.start_console(options["host"], options["port"])
+            for name in names:
+                self.start_node(topic.name, name)
+            self.banner(options["host"], options["port"], topic.name, login, token, names)
+            self.supervise()
+        finally:
+            self.stop_children()
+            if reaper:
+                reaper.stop()
+            if redis:
+                redis.stop()
+            self.say("Stopped.")
+
+    # -- processes ----------------------------------------------------------------------------
+    def spawn(self, label: str, argv: list[str]) -> None:
+        # A session of its own: Ctrl-C reaches only this supervisor, which stops children in order.
+        process = subprocess.Popen(argv, cwd=settings.BASE_DIR, start_new_session=True, env=os.environ.copy())
+        self.children.append((label, process))
+
+    def start_console(self, host: str, port: int) -> None:
+        self.spawn("console", [sys.executable, "-m", "daphne", "-b", host, "-p", str(port),
+                               "fdconsole.asgi:application"])
+
+    def start_node(self, topic: str, name: str) -> None:
+        self.spawn(name, [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "fdnode",
+                          "--topic", topic, "--name", name])
+
+    def supervise(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        reported: set[str] = set()
+        while not self.stopping.wait(0.5):
+            for label, process in self.children:
+                code = process.poll()
+                if code is None or label in reported:
+                    continue
+                reported.add(label)
+                if label == "console":
+                    self.say(f"The console exited with code {code}; stopping everything.")
+                    return
+                self.say(f"{label} exited with code {code}. Start it again with: "
+                         f"python manage.py fdnode --name {label}")
+
+    def stop_children(self) -> None:
+        for _, process in self.children:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for label, process in self.children:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.say(f"{label} did not stop within {STOP_TIMEOUT_S}s; killing it.")
+                process.kill()
+                process.wait()
+
+    # -- credentials ----------------------------------------------------------------------------
+    def admin_credentials(self) -> tuple[str, str]:
+        """The admin login and an API token, kept in .run/ (git-ignored) so reruns print the same."""
+        run_dir = Path(os.environ.get("FD_RUN_DIR") or Path(settings.BASE_DIR) / ".run")
+        run_dir.mkdir(mode=0o700, exist_ok=True)
+        user_model = get_user_model()
+        password_file, token_file = run_dir / "admin_password", run_dir / "api_token"
+        password = os.environ.get("FD_ADMIN_PASSWORD") or (
+            password_file.read_text().strip() if password_file.exists() else secrets.token_urlsafe(12))
+        admin, created = user_model.objects.get_or_create(
+            username="admin", defaults={"is_staff": True, "is_superuser": True})
+        if created or os.environ.get("FD_ADMIN_PASSWORD"):
+            admin.set_password(password)
+            admin.save()
+        _write_private(password_file, password)
+        login = f"admin / {password}" if admin.check_password(password) else "admin / (the password you set)"
+        token = token_file.read_text().strip() if token_file.exists() else ""
+        if not token or not ApiToken.objects.filter(token_hash=hash_token(token), revoked=False).exists():
+            _, token = ApiToken.issue(admin, "make run")
+            _write_private(token_file, token)
+        return login, token
+
+    def banner(self, host: str, port: int, topic: str, login: str, token: str, names: list[str]) -> None:
+        url = f"http://{host}:{port}"
+        self.say("")
+        self.say(f"  fdconsole is up: {url}/  (admin: {url}/admin/)")
+        self.say(f"  login:      {login}")
+        self.say(f"  API token:  {token}")
+        self.say(f"  nodes:      {', '.join(names) or 'none'} (topic {topic})")
+        self.say("  try:")
+        self.say(f"    curl -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\")
+        body = '{"prompt": "Hello", "max_tokens": 32}'
+        self.say(f"         -d '{body}' {url}/api/v1/topics/{topic}/requests")
+        self.say(f"    curl -N -H 'Authorization: Bearer {token}' {url}/api/v1/requests/<request_id>/stream")
+        self.say("  Ctrl-C stops everything.")
+        self.say("")
+
+    def say(self, line: str) -> None:
+        self.stdout.write(line)
+        self.stdout.flush()
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.write_text(text + "\n")
+    path.chmod(0o600)

@@ -1,0 +1,51 @@
+"""``manage.py fdnode``: run one node of a topic (an rq worker with the model resident)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
+
+from fdconsole.nodes.hooks import database_hooks
+from fdconsole.nodes.models import Node
+from fdconsole.redis_conn import get_store
+from fdconsole.topics.services import ensure_node, ensure_topic
+from scheduler.errors import ConfigError
+
+log = logging.getLogger("fdnode")
+
+
+class Command(BaseCommand):
+    help = "Run one node: an rq worker bound to node NAME of topic TOPIC, with the model kept loaded."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--topic", default="default", help="topic to serve (created when missing)")
+        parser.add_argument("--name", required=True, help="node name, unique across the console")
+        parser.add_argument("--role", choices=Node.Role.values, default=None,
+                            help="node role (default: the record's, else mixed)")
+        parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: FD_DEVICE)")
+        parser.add_argument("--burst", action="store_true", help="run the queued work, then exit")
+
+    def handle(self, *args, **options) -> None:
+        from gpu_worker.engine import Engine
+        from gpu_worker.node import NodeRuntime, NodeWorker
+
+        try:
+            topic = ensure_topic(options["topic"])
+            node = ensure_node(options["name"], topic, options["role"], options["device"])
+        except ConfigError as exc:
+            raise CommandError(exc.message) from None
+        device = node.device if node.device != "auto" else settings.FD_DEVICE
+        try:
+            engine = Engine(device=device)
+        except ValueError as exc:
+            raise CommandError(f"device {device!r}: {exc}") from None
+        Node.objects.filter(pk=node.pk).update(host=socket.gethostname(), last_started_at=timezone.now())
+        runtime = NodeRuntime(topic=topic.name, name=node.name, role=node.role, store=get_store(),
+                              engine=engine, hooks=database_hooks())
+        log.info("node %s of topic %s ready on %s (role %s)", node.name, topic.name, engine.device, node.role)
+        NodeWorker(runtime).work(burst=options["burst"], logging_level=settings.LOGGING["root"]["level"])
+        log.info("node %s stopped", node.name)

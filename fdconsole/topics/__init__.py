@@ -1,0 +1,1 @@
+"""Topics: a topic is a group of nodes that schedule together, with its scheduler configuration."""

@@ -1,0 +1,70 @@
+"""The Topic model: a name plus one column per scheduler parameter of the user's table.
+
+The columns are generated from ``scheduler.config.PARAMETERS`` so that names, types and defaults
+cannot drift from the table; validation is ``scheduler.config.parse_config`` and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import models
+
+from scheduler.config import PARAMETERS, Parameter, SchedulerConfig, parse_config, validate_name
+from scheduler.errors import ConfigError
+
+
+class Topic(models.Model):
+    name = models.CharField(max_length=64, unique=True, help_text="Letters, digits, '-', '_' and '.'.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def config(self) -> SchedulerConfig:
+        # Through the parser: the database gives 5.0 for a float column holding 5; the API shows 5.
+        return parse_config({p.name: getattr(self, p.name) for p in PARAMETERS})
+
+    def apply_config(self, changes: dict[str, Any], *, from_text: bool = False) -> SchedulerConfig:
+        """Validate ``changes`` over the current configuration and set them on this instance.
+
+        Raises ``ConfigError`` naming the field at fault; the instance is untouched on error.
+        """
+        config = parse_config(changes, base=self.config, from_text=from_text)
+        if config.scheduler_topic != self.name:
+            raise ConfigError(
+                f"scheduler_topic must be the topic's own name '{self.name}'", field="scheduler_topic"
+            )
+        for name, value in config.as_dict().items():
+            setattr(self, name, value)
+        return config
+
+    def clean(self) -> None:
+        try:
+            validate_name(self.name, "name")
+            if not self.scheduler_topic or self.scheduler_topic == "default":
+                self.scheduler_topic = self.name
+            parse_config(self.config.as_dict())
+            if self.scheduler_topic != self.name:
+                raise ConfigError("scheduler_topic must be the topic's own name", field="scheduler_topic")
+        except ConfigError as exc:
+            raise ValidationError({exc.field or "__all__": exc.message}) from None
+
+
+def _column(param: Parameter) -> models.Field:
+    options: dict[str, Any] = {"default": param.default, "help_text": param.help}
+    if param.kind is str:
+        return models.CharField(max_length=512 if "password" in param.name else 255, blank=True, **options)
+    if param.kind is int:
+        return models.BigIntegerField(**options)
+    return models.FloatField(**options)
+
+
+for _param in PARAMETERS:
+    Topic.add_to_class(_param.name, _column(_param))

@@ -1,0 +1,196 @@
+"""The inference engine of a node: the model, loaded once, and generation on top of it.
+
+Design note: generation is (1) prefill, which runs the whole prompt through the model into a fresh
+KV cache and gives the logits of its last position, then (2..n) decode steps, each feeding the token
+just sampled and reading the next logits. Prefill and decode are separate methods so that a node can
+run them on different machines or batch them across requests.
+
+Batches of different-length prompts are left-padded (see ``gpu_worker.model``). Padding changes
+nothing mathematically, but a row may differ from an unbatched run in the last float bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gpu_worker.model import GPT, GPTConfig, KVCache, build_model
+from gpu_worker.sampling import advance_generator, check_sampling, make_generator, sample_next
+from gpu_worker.tokenizer import ByteTokenizer
+from scheduler.messages import SamplingParams
+
+FINISH_LENGTH = "length"  # max_tokens reached; carried by the last token's step
+FINISH_STOP = "stop"  # the model produced end of text; carried by a final marker step
+FINISH_CANCELLED = "cancelled"  # should_stop() returned True; carried by a final marker step
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """One step of ``Engine.generate``: a token, or (``token_id`` -1) a final marker with no token."""
+
+    index: int  # position in the output: 0 for the first generated token
+    token_id: int  # the generated token, or -1 for a final marker
+    text: str  # text this step completes (whole characters only; may be "")
+    finish_reason: str | None = None  # "length", "stop" or "cancelled" on the last step, else None
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``"auto"`` is cuda when torch sees a GPU, else cpu; other names must exist and be usable."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch sees no CUDA GPU")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+class Engine:
+    """A model on one device, loaded once per process. Not thread-safe: one generation at a time."""
+
+    def __init__(self, device: str | torch.device = "auto", config: GPTConfig | None = None) -> None:
+        self.device = resolve_device(device)
+        self.config = config or GPTConfig()
+        self.model: GPT = build_model(self.config, self.device)
+        self.tokenizer = ByteTokenizer()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.block_size
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids_batch: Sequence[Sequence[int]],
+                max_len: int | None = None) -> tuple[KVCache, torch.Tensor]:
+        """Step 1: runs the prompts into a new KV cache of ``max_len`` slots (default: block_size).
+
+        Prompts of different lengths are left-padded. Returns the cache and the logits [B, V] of
+        each prompt's last token.
+        """
+        prompts = [self._checked_ids(ids, "prompt") for ids in prompt_ids_batch]
+        if not prompts:
+            raise ValueError("prefill needs at least one prompt")
+        longest = max(len(ids) for ids in prompts)
+        max_len = self.config.block_size if max_len is None else max_len
+        if longest > max_len:
+            raise ValueError(f"a prompt of {longest} tokens does not fit a KV cache of {max_len} slots")
+        pad = [longest - len(ids) for ids in prompts]
+        rows = [[0] * n + ids for n, ids in zip(pad, prompts, strict=True)]
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)  # [B, T]
+        kv_cache = KVCache(self.config, len(rows), max_len, self.device, pad=pad)
+        logits = self.model(idx, kv_cache)  # [B, T, V]
+        return kv_cache, logits[:, -1, :]  # [B, V]: left padding puts every last token in column -1
+
+    @torch.inference_mode()
+    def decode_step(self, kv_cache: KVCache, token_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Steps 2..n: appends one token per row to ``kv_cache``; returns the next logits [B, V]."""
+        idx = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).view(-1, 1)  # [B, 1]
+        if idx.size(0) != kv_cache.batch_size:
+            raise ValueError(f"{idx.size(0)} tokens for a KV cache of {kv_cache.batch_size} rows")
+        return self.model(idx, kv_cache)[:, -1, :]  # [B, V]
+
+    def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams,
+                 should_stop: Callable[[], bool] | None = None,
+                 resume_token_ids: Sequence[int] = ()) -> Iterator[GenerationStep]:
+        """Generates up to ``sampling.max_tokens`` tokens after ``prompt_ids``, one step at a time.
+
+        Yields a ``GenerationStep`` per generated token, indexed from 0. How it ends:
+
+        - "length": the step of token ``max_tokens - 1`` carries ``finish_reason="length"``; its text
+          also holds whatever the stream decoder still had (an unfinished character as U+FFFD).
+        - "stop": the model sampled end of text. The end-of-text token is not yielded; instead a final
+          marker ``GenerationStep(index=n, token_id=-1, text=<flushed text, often "">, "stop")``
+          comes last, where n is the number of tokens generated.
+        - "cancelled": ``should_stop()`` returned True; it is asked before every token, the first
+          included. The same kind of final marker comes last, with ``finish_reason="cancelled"``.
+
+        ``resume_token_ids`` are tokens an earlier run already generated (and yielded): the prompt and
+        them are prefilled together and generation continues at index ``len(resume_token_ids)``,
+        yielding what an uninterrupted run would have yielded from there on, text included. Greedy
+        runs match exactly, and so do seeded ones, because each sampled step takes exactly one number
+        from the request's generator and resuming skips the numbers of the resumed steps. Unseeded
+        sampling uses torch's default RNG and cannot be replayed. Resuming a run that had already
+        produced ``max_tokens`` tokens yields only a final marker with ``finish_reason="length"``.
+
+        Raises ValueError at the call (not at the first ``next``) for bad token ids or sampling
+        parameters, and when the prompt plus ``max_tokens`` does not fit the context.
+        """
+        prompt_ids, resumed = list(prompt_ids), list(resume_token_ids)
+        self._check_request(prompt_ids, sampling, resumed)
+        return self._generate(prompt_ids, sampling, should_stop, resumed)
+
+    def _generate(self, prompt_ids: list[int], sampling: SamplingParams,
+                  should_stop: Callable[[], bool] | None, resumed: list[int]) -> Iterator[GenerationStep]:
+        generator = make_generator(sampling.seed) if sampling.temperature > 0 else None
+        advance_generator(generator, len(resumed))
+        decoder = self.tokenizer.stream_decoder()
+        for token_id in resumed:
+            decoder.push(token_id)  # already sent; primes a character split across the resume point
+        kv_cache: KVCache | None = None
+        last_index = sampling.max_tokens - 1
+        for index in range(len(resumed), sampling.max_tokens):
+            if should_stop is not None and should_stop():
+                yield GenerationStep(index, -1, decoder.flush(), FINISH_CANCELLED)
+                return
+            if kv_cache is None:
+                kv_cache, token_id = self._first_token(prompt_ids, resumed, sampling, generator)
+            else:
+                token_id = self._next_token(kv_cache, token_id, sampling, generator)
+            if token_id == self.tokenizer.eos_token_id:
+                yield GenerationStep(index, -1, decoder.flush(), FINISH_STOP)
+                return
+            if index < last_index:
+                yield GenerationStep(index, token_id, decoder.push(token_id))
+            else:
+                yield GenerationStep(index, token_id, decoder.push(token_id) + decoder.flush(), FINISH_LENGTH)
+        if len(resumed) == sampling.max_tokens:
+            yield GenerationStep(len(resumed), -1, decoder.flush(), FINISH_LENGTH)
+
+    def _first_token(self, prompt_ids: list[int], resumed: list[int], sampling: SamplingParams,
+                     generator: torch.Generator | None) -> tuple[KVCache, int]:
+        # The cache must hold the prompt and every token generated but the last (never fed back).
+        max_len = len(prompt_ids) + sampling.max_tokens
+        kv_cache, logits = self.prefill([prompt_ids + resumed], max_len)  # step 1: prefill, logits [1, V]
+        return kv_cache, self._sample(logits, sampling, generator)
+
+    def _next_token(self, kv_cache: KVCache, token_id: int, sampling: SamplingParams,
+                    generator: torch.Generator | None) -> int:
+        logits = self.decode_step(kv_cache, [token_id])  # steps 2..n: decode, logits [1, V]
+        return self._sample(logits, sampling, generator)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> int:
+        with torch.inference_mode():
+            return int(sample_next(logits, [sampling], [generator])[0])
+
+    def _check_request(self, prompt_ids: list[int], sampling: SamplingParams, resumed: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt must hold at least one token")
+        self._checked_ids(prompt_ids, "prompt")
+        self._checked_ids(resumed, "resume_token_ids")
+        check_sampling(sampling)
+        if sampling.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {sampling.max_tokens}")
+        if len(prompt_ids) + sampling.max_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
+                             f"exceeds the model's context of {self.config.block_size} tokens")
+        if len(resumed) > sampling.max_tokens:
+            raise ValueError(f"{len(resumed)} resume tokens exceed max_tokens={sampling.max_tokens}")
+        if self.tokenizer.eos_token_id in resumed:
+            raise ValueError("resume_token_ids holds end of text: that generation had already stopped")
+
+    def _checked_ids(self, ids: Sequence[int], what: str) -> list[int]:
+        ids, vocab = list(ids), range(self.config.vocab_size)
+        for token_id in ids:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id not in vocab:
+                raise ValueError(f"{what} holds {token_id!r}, not a token id in 0..{vocab.stop - 1}")
+        return ids

@@ -1,0 +1,180 @@
+"""JSON wire types shared by the API, the schedulers and the nodes.
+
+Every message is a dataclass with ``to_dict``/``from_dict``; nothing here is ever pickled. A result is
+either a token (``token_id`` set), a final marker (``finished``), or an error (``error`` set and no
+output): all three parse the same way, so one bad result can never take a batch down with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from scheduler.errors import ConfigError
+
+MAX_REQUEST_ID_LEN = 128
+MAX_PROMPT_CHARS = 1_000_000
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16  # tokens to generate at most
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept, 0 < p <= 1
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # reproducible sampling when set
+
+
+@dataclass
+class Request:
+    """A request as the schedulers and nodes see it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    topic: str = "default"
+    arrival_time: float = field(default_factory=time.time)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Request:
+        data = dict(data)
+        data["sampling"] = SamplingParams(**data.get("sampling") or {})
+        return cls(**data)
+
+
+@dataclass
+class Result:
+    """One step of a request's output, as it travels back to the request's origin."""
+
+    request_id: str
+    index: int = -1  # position of the token in the output; -1 for a final or error result
+    token_id: int | None = None
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "length", "stop", or a terminal status for non-generation ends
+    error: dict[str, str] | None = None  # {"code": ..., "message": ...}
+
+    @property
+    def is_error(self) -> bool:
+        return self.error is not None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Result:
+        data = json.loads(raw)
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+    @classmethod
+    def failure(cls, request_id: str, code: str, message: str) -> Result:
+        return cls(request_id, finished=True, error={"code": code, "message": message})
+
+
+def parse_submission(body: Any, *, max_model_len: int, encode) -> tuple[Request, str | None, str | None]:
+    """Validate a submission body of ``POST /api/v1/topics/{topic}/requests``.
+
+    Returns (request, client request id or None, requested home node or None). ``encode`` turns the
+    prompt text into token ids. Raises ``ConfigError`` naming the field at fault.
+    """
+    if not isinstance(body, dict):
+        raise ConfigError("the request body must be a JSON object")
+    allowed = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
+               "request_id", "node", "stream"}
+    for key in body:
+        if key not in allowed:
+            raise ConfigError(f"unknown field '{key}'", field=str(key))
+    prompt_ids = _parse_prompt(body, encode)
+    sampling = SamplingParams(
+        max_tokens=_int(body, "max_tokens", 16, low=1, high=max_model_len),
+        temperature=_float(body, "temperature", 0.0, low=0.0, high=100.0),
+        top_p=_float(body, "top_p", 1.0, low=0.0, high=1.0, open_low=True),
+        top_k=_int(body, "top_k", 0, low=0, high=1_000_000),
+        seed=_int(body, "seed", None, low=-(2**63), high=2**63 - 1),
+    )
+    if len(prompt_ids) + sampling.max_tokens > max_model_len:
+        raise ConfigError(
+            f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds "
+            f"the model's context of {max_model_len} tokens",
+            field="max_tokens",
+        )
+    request_id = body.get("request_id")
+    if request_id is not None:
+        validate_request_id(request_id)
+    node = body.get("node")
+    if node is not None and (not isinstance(node, str) or not node):
+        raise ConfigError("node must be a node name", field="node")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise ConfigError("stream must be true or false", field="stream")
+    request = Request(request_id=request_id or "", prompt_token_ids=prompt_ids, sampling=sampling)
+    return request, request_id, node
+
+
+def validate_request_id(value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_REQUEST_ID_LEN:
+        raise ConfigError(
+            f"request_id must be a string of 1-{MAX_REQUEST_ID_LEN} printable characters",
+            field="request_id",
+        )
+    if not value.isprintable():
+        raise ConfigError("request_id must contain only printable characters", field="request_id")
+    return value
+
+
+def _parse_prompt(body: dict[str, Any], encode) -> list[int]:
+    has_text, has_ids = "prompt" in body, "prompt_token_ids" in body
+    if has_text == has_ids:
+        raise ConfigError("give exactly one of prompt and prompt_token_ids", field="prompt")
+    if has_text:
+        prompt = body["prompt"]
+        if not isinstance(prompt, str):
+            raise ConfigError("prompt must be a string", field="prompt")
+        if not prompt:
+            raise ConfigError("prompt must not be empty", field="prompt")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ConfigError("prompt is too long", field="prompt")
+        return list(encode(prompt))
+    ids = body["prompt_token_ids"]
+    if not isinstance(ids, list) or not ids:
+        raise ConfigError("prompt_token_ids must be a non-empty list of integers", field="prompt_token_ids")
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= 255:
+            raise ConfigError(
+                "prompt_token_ids must hold integers from 0 to 255 (byte tokens)", field="prompt_token_ids"
+            )
+    return ids
+
+
+def _int(body: dict[str, Any], name: str, default: int | None, *, low: int, high: int) -> int | None:
+    value = body.get(name, default)
+    if value is None and default is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer", field=name)
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}", field=name)
+    return value
+
+
+def _float(body: dict[str, Any], name: str, default: float, *, low: float, high: float,
+           open_low: bool = False) -> float:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a number", field=name)
+    if value > high or value < low or (open_low and value == low):
+        bound = f"greater than {low:g}" if open_low else f"at least {low:g}"
+        raise ConfigError(f"{name} must be {bound} and at most {high:g}", field=name)
+    return float(value)

@@ -1,0 +1,28 @@
+"""create_scheduler builds the Local scheduler by name and refuses, with a named error, one not built yet."""
+
+import pytest
+
+from scheduler.base import create_scheduler
+from scheduler.config import SchedulerConfig, parse_config
+from scheduler.errors import ConfigError
+from scheduler.local import LocalScheduler
+
+
+def test_local_is_created_from_the_default_config() -> None:
+    s = create_scheduler(SchedulerConfig())
+    assert isinstance(s, LocalScheduler)
+    assert s.stats() == {"scheduler": "local", "waiting": 0, "running": 0, "max_size": -1, "ttl": 900}
+
+
+def test_the_clock_is_passed_through() -> None:
+    s = create_scheduler(parse_config({"scheduler_ttl": 5}), clock=lambda: 42.0)
+    assert isinstance(s, LocalScheduler) and s.clock() == 42.0
+
+
+@pytest.mark.parametrize("name", ["global", "splitwise", "nonsense"])
+def test_an_unavailable_scheduler_is_a_config_error_naming_the_field(name: str) -> None:
+    config = SchedulerConfig(scheduler_name=name)  # bypasses parse_config on purpose for "nonsense"
+    with pytest.raises(ConfigError) as caught:
+        create_scheduler(config)
+    assert caught.value.field == "scheduler_name"
+    assert caught.value.message == f"scheduler '{name}' is not available yet"
