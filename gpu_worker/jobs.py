@@ -46,10 +46,12 @@ def _generate(runtime, topic: str, uid: str, request) -> dict[str, Any]:
     cancel = threading.Event()  # set when Redis says the client cancelled; checked before each token
     finish_reason = None
     for step in runtime.engine.generate(request.prompt_token_ids, request.sampling, cancel.is_set):
-        text.append(step.text)
         finish_reason = step.finish_reason or finish_reason
         if step.token_id < 0:
+            # An end marker (stop, cancel) may flush a dangling partial character; the output text is
+            # exactly what the client received token by token, so that text is not added.
             continue
+        text.append(step.text)
         output_ids.append(step.token_id)
         reply = store.emit(topic, uid, node, step.index, step.token_id, step.text)
         if step.index == 0:

@@ -78,7 +78,7 @@ if t - tonumber(redis.call('HGET', KEYS[1], 'enqueued_at')) >= ttl then
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'executed_by', ARGV[2], 'started_at', fmt(t))
 redis.call('ZREM', KEYS[3], ARGV[1])
-return {'running', redis.call('HGET', KEYS[1], 'payload')}
+return {'claimed', redis.call('HGET', KEYS[1], 'payload')}
 """
 
 # KEYS: waiting, config. ARGV: request key prefix, output key prefix, limit, retention.
@@ -211,11 +211,13 @@ class RequestStore:
         return nodes[(self.redis.incr(keys.round_robin(topic)) - 1) % len(nodes)]
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def submit(self, topic: str, uid: str, request: Request, home: str, config: SchedulerConfig) -> float:
-        """Queue ``request`` on node ``home``; returns the server's enqueue time.
+    def submit(self, topic: str, uid: str, request: Request, home: str, config: SchedulerConfig) -> list[str]:
+        """Queue ``request`` on node ``home``; returns the uids that expired to make the check fair.
 
-        Raises ``QueueFull`` when the node's queue already holds ``scheduler_max_size`` requests.
+        Overdue requests are evicted first, so an expired request never takes a place in the queue.
+        Raises ``QueueFull`` when the node's queue still holds ``scheduler_max_size`` requests.
         """
+        expired = self.expire_due(topic)
         queue = self.node_queue(topic, home)
         job = queue.create_job(
             RUN_REQUEST_JOB, args=[topic, uid], job_id=uid, timeout=JOB_TIMEOUT_S,
@@ -237,7 +239,7 @@ class RequestStore:
                     self._write_request(pipe, topic, uid, request, home, queue.key, enqueued_at, config)
                     queue.enqueue_job(job, pipeline=pipe)
                     pipe.execute()
-                    return enqueued_at
+                    return expired
                 except WatchError:
                     continue
 
@@ -261,9 +263,9 @@ class RequestStore:
             args=[uid, node, RETENTION_S],
         )
         status = reply[0].decode()
-        if status != "running":
-            return status, None
-        return status, Request.from_dict(json.loads(reply[1]))
+        if status != "claimed":
+            return status, None  # someone else's, already final, or just expired
+        return "running", Request.from_dict(json.loads(reply[1]))
 
     def emit(self, topic: str, uid: str, node: str, index: int, token_id: int, text: str) -> int:
         """Append one token; 1 = cancel asked, 0 = go on, -1 = no longer this node's request."""

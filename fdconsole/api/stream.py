@@ -89,9 +89,13 @@ async def sse_events(row: Request) -> AsyncIterator[str]:
 def replay_from_database(row: Request, delivered: int) -> list[str]:
     """Token and done events of a finished request whose Redis stream has expired."""
     decoder = ByteTokenizer().stream_decoder()
-    chunks = []
+    chunks, emitted = [], 0
+    last = len(row.output_token_ids) - 1
     for index, token_id in enumerate(row.output_token_ids):
         text = decoder.push(token_id)
+        if index == last:  # the last token carried the decoder's flush: the rest of the output text
+            text = row.output_text[emitted:]
+        emitted += len(text)
         if index > delivered:
             chunks.append(sse("token", {"index": index, "token_id": token_id, "text": text}))
     chunks.append(sse("done", row.as_api()))

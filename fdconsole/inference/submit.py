@@ -15,6 +15,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from fdconsole.inference.models import Request
+from fdconsole.inference.sync import sync_uids
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_store
 from fdconsole.topics.models import Topic
@@ -54,10 +55,12 @@ def submit_request(topic: Topic, body: Any, user=None) -> Request:
     home = _home_node(topic, node_name, store)
     row = _insert_row(topic, request, home, user)
     try:
-        store.submit(topic.name, row.uid, request, home, config)
+        expired = store.submit(topic.name, row.uid, request, home, config)
     except BaseException:
         row.delete()
         raise
+    if expired:
+        sync_uids(topic.name, expired, store)
     return row
 
 

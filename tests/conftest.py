@@ -1,0 +1,143 @@
+"""Shared fixtures: a real Redis server started for the session on a free port, API clients, and an
+in-process node for tests that need requests to run without a separate process."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from fdconsole.embedded_redis import EmbeddedRedis
+
+_redis: EmbeddedRedis | None = None
+E2E_DB = 1  # end-to-end clusters use their own Redis database, untouched by per-test flushes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pytest_configure(config) -> None:
+    global _redis
+    _redis = EmbeddedRedis(free_port()).start()
+    os.environ["FD_TEST_REDIS_URL"] = _redis.url
+    from django.conf import settings
+
+    settings.FD_REDIS_URL = _redis.url
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [_redis.url]}}
+    }
+    settings.RQ_QUEUES = {"default": {"URL": _redis.url, "SERIALIZER": "rq.serializers.JSONSerializer"}}
+
+
+def pytest_unconfigure(config) -> None:
+    if _redis is not None:
+        _redis.stop()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return os.environ["FD_TEST_REDIS_URL"]
+
+
+@pytest.fixture
+def redis_conn(redis_url):
+    """A raw connection to the test server's database 0, emptied before each test."""
+    from redis import Redis
+
+    conn = Redis.from_url(redis_url)
+    conn.flushdb()
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def store(redis_conn):
+    from fdconsole.redis_conn import get_store
+
+    return get_store()
+
+
+@pytest.fixture
+def api_user(db, store):
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.create_user("alice", password="pw-alice-123")
+
+
+@pytest.fixture
+def api_token(api_user) -> str:
+    from fdconsole.api.models import ApiToken
+
+    _, plain = ApiToken.issue(api_user, "tests")
+    return plain
+
+
+@pytest.fixture
+def api(api_token):
+    """A Django test client that sends the bearer token and JSON helpers."""
+    from django.test import Client
+
+    return ApiClient(Client(HTTP_AUTHORIZATION=f"Bearer {api_token}"))
+
+
+class ApiClient:
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def get(self, path: str):
+        return self.client.get(path)
+
+    def delete(self, path: str):
+        return self.client.delete(path)
+
+    def post(self, path: str, body=None, raw: str | bytes | None = None):
+        import json
+
+        data = raw if raw is not None else json.dumps(body)
+        return self.client.post(path, data=data, content_type="application/json")
+
+    def patch(self, path: str, body=None, raw: str | bytes | None = None):
+        import json
+
+        data = raw if raw is not None else json.dumps(body)
+        return self.client.patch(path, data=data, content_type="application/json")
+
+
+@pytest.fixture
+def topic(db, store):
+    from fdconsole.topics.services import ensure_topic
+
+    return ensure_topic("default")
+
+
+@pytest.fixture
+def node(topic):
+    from fdconsole.topics.services import ensure_node
+
+    return ensure_node("node-a", topic)
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The model, built once for the session (what a node keeps resident)."""
+    from gpu_worker.engine import Engine
+
+    return Engine(device="cpu")
+
+
+@pytest.fixture
+def run_node(engine, store):
+    """Run a node's queued work in this process (rq's burst mode), as ``fdnode --burst`` does."""
+    from fdconsole.nodes.hooks import database_hooks
+    from gpu_worker.node import NodeRuntime, NodeWorker
+
+    def run(node_name: str = "node-a", topic: str = "default") -> None:
+        runtime = NodeRuntime(topic=topic, name=node_name, role="mixed", store=store, engine=engine,
+                              hooks=database_hooks())
+        NodeWorker(runtime).work(burst=True, logging_level="WARNING")
+
+    return run
