@@ -1,0 +1,52 @@
+"""``manage.py fdbench KIND``: benchmarks that print their figures (JSON, last line on stdout).
+
+Progress goes to stderr. A benchmark never asserts; it measures.
+"""
+
+from __future__ import annotations
+
+import json
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+
+class Command(BaseCommand):
+    help = "Run a benchmark and print its figures as one JSON object (model, scheduler)."
+
+    def add_arguments(self, parser) -> None:
+        sub = parser.add_subparsers(dest="kind", required=True)
+        model = sub.add_parser("model", help="prefill latency and decode tokens/s of the model")
+        model.add_argument("--batch", type=int, default=1)
+        model.add_argument("--prompt-tokens", type=int, default=128)
+        model.add_argument("--max-tokens", type=int, default=128)
+        model.add_argument("--repeats", type=int, default=5)
+        model.add_argument("--device", default=None, help="default: FD_DEVICE")
+        scheduler = sub.add_parser("scheduler", help="the scheduler interface alone, no-op engine")
+        scheduler.add_argument("--scheduler", default="local", choices=["local", "global", "splitwise"])
+        scheduler.add_argument("--requests", type=int, default=10_000)
+
+    def handle(self, *args, **options) -> None:
+        try:
+            figures = getattr(self, f"bench_{options['kind']}")(options)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        self.stdout.write(json.dumps(figures))
+
+    def bench_model(self, options) -> dict:
+        from gpu_worker.bench import bench_model
+
+        return bench_model(device=options["device"] or settings.FD_DEVICE, batch=options["batch"],
+                           prompt_tokens=options["prompt_tokens"], max_tokens=options["max_tokens"],
+                           repeats=options["repeats"])
+
+    def bench_scheduler(self, options) -> dict:
+        from scheduler.bench import bench_scheduler
+        from scheduler.errors import ConfigError
+
+        if options["requests"] < 1:
+            raise CommandError("--requests must be at least 1")
+        try:
+            return bench_scheduler(options["scheduler"], options["requests"])
+        except ConfigError as exc:
+            raise CommandError(exc.message) from None
