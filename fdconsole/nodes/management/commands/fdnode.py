@@ -43,6 +43,10 @@ class Command(BaseCommand):
             engine = Engine(device=device)
         except ValueError as exc:
             raise CommandError(f"device {device!r}: {exc}") from None
+        if engine.device.type == "cpu" and settings.FD_TORCH_THREADS > 0:
+            import torch
+
+            torch.set_num_threads(settings.FD_TORCH_THREADS)
         Node.objects.filter(pk=node.pk).update(host=socket.gethostname(), last_started_at=timezone.now())
         runtime = NodeRuntime(topic=topic.name, name=node.name, role=node.role, store=get_store(),
                               engine=engine, hooks=database_hooks())
