@@ -51,8 +51,9 @@ def _node_loop(scheduler: Scheduler, n: int, deadline: float) -> None:
         if not batch:
             time.sleep(0)  # yield to the producer; a real engine would block on its wait call
             continue
-        scheduler.put_results([Result(r.request_id, index=0, token_id=0, finished=True, finish_reason="length")
-                               for r in batch])
+        scheduler.put_results([
+            Result(r.request_id, index=0, token_id=0, finished=True, finish_reason="length") for r in batch
+        ])
         done += len(batch)
 
 

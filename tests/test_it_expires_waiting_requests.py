@@ -85,3 +85,18 @@ def test_space_freed_by_expiry_is_usable_again(api, node):
     assert submit(api).status_code == 429
     time.sleep(1.2)
     assert submit(api).status_code == 202
+
+
+def test_an_unnamed_request_goes_to_another_node_when_its_turn_is_full(api, topic):
+    from fdconsole.topics.services import ensure_node
+
+    ensure_node("n1", topic)
+    ensure_node("n2", topic)
+    api.patch("/api/v1/topics/default", {"scheduler_max_size": 1})
+    assert submit(api, node="n1").status_code == 202
+    homes = [submit(api) for _ in range(2)]
+    assert [a.status_code for a in homes] == [202, 429]
+    assert homes[0].json()["home_node"] == "n2"
+    assert "every enabled node" in homes[1].json()["error"]["message"]
+    named = submit(api, node="n1")
+    assert named.status_code == 429 and "node 'n1'" in named.json()["error"]["message"]

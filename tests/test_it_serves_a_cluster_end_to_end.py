@@ -28,7 +28,8 @@ class Cluster:
         self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
     def submit(self, **body) -> httpx.Response:
-        return self.http.post("/api/v1/topics/default/requests", json={"prompt": "Hi", "max_tokens": 8, **body})
+        body = {"prompt": "Hi", "max_tokens": 8, **body}
+        return self.http.post("/api/v1/topics/default/requests", json=body)
 
     def wait_for(self, request_id: str, statuses: tuple[str, ...], timeout: float = 30) -> dict:
         deadline = time.monotonic() + timeout

@@ -70,7 +70,9 @@ def test_connecting_before_generation_sees_it_live(api, node, run_node):
 def test_two_clients_at_once_each_get_everything(api, node, run_node):
     request_id = submit(api, max_tokens=100)
     results = []
-    readers = [threading.Thread(target=lambda: results.append(read_events(api, request_id))) for _ in range(2)]
+    readers = [
+        threading.Thread(target=lambda: results.append(read_events(api, request_id))) for _ in range(2)
+    ]
     for reader in readers:
         reader.start()
     run_node()

@@ -20,7 +20,7 @@ from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_store
 from fdconsole.topics.models import Topic
 from gpu_worker.tokenizer import ByteTokenizer
-from scheduler.errors import ConfigError, DuplicateRequest, NoNodeAvailable, SchedulerError
+from scheduler.errors import ConfigError, DuplicateRequest, NoNodeAvailable, QueueFull, SchedulerError
 from scheduler.messages import parse_submission
 from scheduler.store import new_uid
 
@@ -52,19 +52,35 @@ def submit_request(topic: Topic, body: Any, user=None) -> Request:
     request.request_id = request_id or f"req-{uuid.uuid4().hex}"
     request.topic = topic.name
     store = get_store()
-    home = _home_node(topic, node_name, store)
-    row = _insert_row(topic, request, home, user)
+    candidates = _candidate_nodes(topic, node_name, store)
+    row = _insert_row(topic, request, candidates[0], user)
     try:
-        expired = store.submit(topic.name, row.uid, request, home, config)
+        home, expired = _queue_on_first_with_room(store, topic, config, row, request, candidates)
     except BaseException:
         row.delete()
         raise
+    if home != row.home_node:
+        Request.objects.filter(pk=row.pk).update(home_node=home)
+        row.home_node = home
     if expired:
         sync_uids(topic.name, expired, store)
     return row
 
 
-def _home_node(topic: Topic, node_name: str | None, store) -> str:
+def _queue_on_first_with_room(store, topic: Topic, config, row: Request, request, candidates: list[str]):
+    """Queue on the first candidate whose queue has room; QueueFull only when none has."""
+    for home in candidates:
+        try:
+            return home, store.submit(topic.name, row.uid, request, home, config)
+        except QueueFull:
+            continue
+    where = f"node '{candidates[0]}'" if len(candidates) == 1 else f"every enabled node of '{topic.name}'"
+    raise QueueFull(f"queue full: {where} already holds scheduler_max_size="
+                    f"{config.scheduler_max_size} waiting requests")
+
+
+def _candidate_nodes(topic: Topic, node_name: str | None, store) -> list[str]:
+    """The named node alone, else the enabled nodes in round-robin order from the next one."""
     if node_name is not None:
         node = Node.objects.filter(name=node_name, topic=topic).first()
         if node is None:
@@ -72,12 +88,13 @@ def _home_node(topic: Topic, node_name: str | None, store) -> str:
         if not node.enabled:
             raise ConfigError(f"node '{node_name}' is {node.admin_state} and takes no new requests",
                               field="node")
-        return node.name
+        return [node.name]
     enabled = list(
         Node.objects.filter(topic=topic, admin_state=Node.AdminState.ENABLED)
         .order_by("name").values_list("name", flat=True)
     )
-    return store.next_home(topic.name, enabled)
+    first = enabled.index(store.next_home(topic.name, enabled))
+    return enabled[first:] + enabled[:first]
 
 
 def _insert_row(topic: Topic, request, home: str, user) -> Request:
