@@ -18,7 +18,7 @@ from typing import Any
 from scheduler.errors import ConfigError
 
 SCHEDULER_NAMES = ("local", "global", "splitwise")
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")  # \Z: '$' would let a trailing newline through
 PASSWORD_MASK = "********"
 YEAR_S = 365 * 24 * 3600
 
@@ -161,7 +161,7 @@ def _check_text(param: Parameter, raw: Any) -> str:
         raise ConfigError(
             "scheduler_topic must be 1-64 letters, digits, '-', '_' or '.'", field=name
         )
-    if name == "scheduler_host" and not re.match(r"^[A-Za-z0-9_.:\[\]-]{1,255}$", raw):
+    if name == "scheduler_host" and not re.match(r"^[A-Za-z0-9_.:\[\]-]{1,255}\Z", raw):
         raise ConfigError("scheduler_host must be a host name or an IP address", field=name)
     if name == "scheduler_password" and len(raw) > 512:
         raise ConfigError("scheduler_password is longer than 512 characters", field=name)

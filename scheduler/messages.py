@@ -103,6 +103,13 @@ def parse_submission(body: Any, *, max_model_len: int, encode) -> tuple[Request,
         top_k=_int(body, "top_k", 0, low=0, high=1_000_000),
         seed=_int(body, "seed", None, low=-(2**63), high=2**63 - 1),
     )
+    if len(prompt_ids) >= max_model_len:
+        prompt_field = "prompt" if "prompt" in body else "prompt_token_ids"
+        raise ConfigError(
+            f"{prompt_field} ({len(prompt_ids)} tokens) leaves no room to generate in the model's "
+            f"context of {max_model_len} tokens",
+            field=prompt_field,
+        )
     if len(prompt_ids) + sampling.max_tokens > max_model_len:
         raise ConfigError(
             f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds "

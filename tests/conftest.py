@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +33,15 @@ def pytest_configure(config) -> None:
         "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [_redis.url]}}
     }
     settings.RQ_QUEUES = {"default": {"URL": _redis.url, "SERIALIZER": "rq.serializers.JSONSerializer"}}
+    # Neither password hashing nor static files are what the tests are about: a cheap hasher, and
+    # WhiteNoise looking files up per request instead of scanning STATIC_ROOT for each test client.
+    if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+        # A file, not shared-cache memory: threads of a test (SSE readers, a node) then wait on the
+        # busy timeout instead of failing with "database table is locked".
+        test_db = Path(tempfile.mkdtemp(prefix="fd-test-db-")) / "test.sqlite3"
+        settings.DATABASES["default"]["TEST"]["NAME"] = str(test_db)
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    settings.WHITENOISE_AUTOREFRESH = True
 
 
 def pytest_unconfigure(config) -> None:

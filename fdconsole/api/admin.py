@@ -16,5 +16,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
             super().save_model(request, obj, form, change)
             return
         row, plain = ApiToken.issue(obj.user, obj.name)
+        if obj.revoked:  # the form offers the box on add too; honour it rather than issue a live token
+            ApiToken.objects.filter(pk=row.pk).update(revoked=True)
         obj.pk, obj.prefix, obj.token_hash = row.pk, row.prefix, hash_token(plain)
         self.message_user(request, f"New token (shown only now, copy it): {plain}", messages.WARNING)

@@ -71,9 +71,18 @@ def json_body(request: HttpRequest) -> Any:
     if not raw.strip():
         raise ApiError(400, "invalid", "the request body is empty; send a JSON object")
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+    try:
+        # JSON's "\ud800" escapes can name a lone surrogate, which no database or encoder takes later.
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON: it holds an unpaired "
+                       "surrogate escape (\\ud800-\\udfff), which is not Unicode text") from None
+    return data
 
 
 def api_view(methods: tuple[str, ...]) -> Callable:
@@ -84,10 +93,11 @@ def api_view(methods: tuple[str, ...]) -> Callable:
         @wraps(view)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
             try:
+                # Authenticate first: a caller without a valid token learns nothing, not even the methods.
+                user = bearer_user(request)
                 if request.method not in methods:
                     raise ApiError(405, "method_not_allowed",
                                    f"{request.method} is not allowed here; use {', '.join(methods)}")
-                user = bearer_user(request)
                 return view(request, user, *args, **kwargs)
             except ApiError as exc:
                 return error_response(exc.status, exc.code, exc.message, exc.field)

@@ -31,10 +31,10 @@ MAX_STREAM_S = 6 * 3600  # a bound on one connection; clients reconnect and read
 
 
 async def stream_request(request: HttpRequest, request_id: str) -> HttpResponse:
-    if request.method != "GET":
-        return error_response(405, "method_not_allowed", f"{request.method} is not allowed here; use GET")
     try:
-        await sync_to_async(bearer_user)(request)
+        await sync_to_async(bearer_user)(request)  # the token first: without one, nothing is told
+        if request.method != "GET":
+            raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed here; use GET")
         row = await sync_to_async(get_request_row)(request_id)
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.field)
