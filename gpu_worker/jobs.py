@@ -42,16 +42,12 @@ def run_request(topic: str, uid: str) -> dict[str, Any]:
 def _generate(runtime, topic: str, uid: str, request) -> dict[str, Any]:
     store, node = runtime.store, runtime.name
     output_ids: list[int] = []
-    text: list[str] = []
     cancel = threading.Event()  # set when Redis says the client cancelled; checked before each token
     finish_reason = None
     for step in runtime.engine.generate(request.prompt_token_ids, request.sampling, cancel.is_set):
         finish_reason = step.finish_reason or finish_reason
         if step.token_id < 0:
-            # An end marker (stop, cancel) may flush a dangling partial character; the output text is
-            # exactly what the client received token by token, so that text is not added.
-            continue
-        text.append(step.text)
+            continue  # the end marker of a stop or cancel: nothing to stream
         output_ids.append(step.token_id)
         reply = store.emit(topic, uid, node, step.index, step.token_id, step.text)
         if step.index == 0:
@@ -63,5 +59,5 @@ def _generate(runtime, topic: str, uid: str, request) -> dict[str, Any]:
             cancel.set()
     status = "cancelled" if finish_reason == "cancelled" else "finished"
     final = store.finish(topic, uid, node, status=status, finish_reason=finish_reason,
-                         output_token_ids=output_ids, output_text="".join(text))
+                         output_token_ids=output_ids)
     return {"status": final, "tokens": len(output_ids), "finish_reason": finish_reason}

@@ -59,3 +59,12 @@ class ByteTokenizer:
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder()
+
+
+def streamed_text(token_ids: Iterable[int], finish_reason: str | None) -> str:
+    """The text a client received token by token: every push, plus the decoder's flush only when the
+    generation ended at max_tokens (the engine puts that flush on the last token; a stop or cancel
+    ends with a marker whose flush is not streamed)."""
+    decoder = StreamDecoder()
+    text = "".join(decoder.push(token_id) for token_id in token_ids)
+    return text + decoder.flush() if finish_reason == "length" else text

@@ -116,7 +116,7 @@ if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 1 end
 return 0
 """
 
-# KEYS: req, out. ARGV: node, status, finish_reason, output ids JSON, text, error code, error message,
+# KEYS: req, out. ARGV: node, status, finish_reason, output ids JSON, error code, error message,
 # retention. Returns the status the request ends with (or its current one when not this node's).
 _FINISH = _LUA_PRELUDE + """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -124,11 +124,11 @@ if status ~= 'running' or redis.call('HGET', KEYS[1], 'executed_by') ~= ARGV[1] 
   return status or 'missing'
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finish_reason', ARGV[3], 'output_token_ids', ARGV[4],
-           'output_text', ARGV[5], 'error_code', ARGV[6], 'error_message', ARGV[7],
+           'error_code', ARGV[5], 'error_message', ARGV[6],
            'finished_at', fmt(now()))
 redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', ARGV[2])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[8]))
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[8]))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]))
 return ARGV[2]
 """
 
@@ -275,14 +275,13 @@ class RequestStore:
         ))
 
     def finish(self, topic: str, uid: str, node: str, *, status: str, finish_reason: str | None,
-               output_token_ids: Iterable[int] = (), output_text: str = "",
-               error: tuple[str, str] | None = None) -> str:
+               output_token_ids: Iterable[int] = (), error: tuple[str, str] | None = None) -> str:
         """Record the final status of a running request; returns the status it ends with."""
         code, message = error or ("", "")
         reply = self._finish(
             keys=[keys.request(topic, uid), keys.output(topic, uid)],
-            args=[node, status, finish_reason or "", json.dumps(list(output_token_ids)), output_text,
-                  code, message, RETENTION_S],
+            args=[node, status, finish_reason or "", json.dumps(list(output_token_ids)), code, message,
+                  RETENTION_S],
         )
         return reply.decode()
 

@@ -59,11 +59,9 @@ def _changes_from_state(row: Request, state: dict[str, str], store: RequestStore
     }
     if status in FINAL_STATUSES and "output_token_ids" in state:
         changes["output_token_ids"] = json.loads(state["output_token_ids"])
-        changes["output_text"] = state.get("output_text", "")
     elif status in ("running",) + FINAL_STATUSES:
         tokens = [e for e in store.read_output(row.topic.name, row.uid) if e.kind == "token"]
         changes["output_token_ids"] = [e.token_id for e in tokens]
-        changes["output_text"] = "".join(e.text for e in tokens)
     return changes
 
 
