@@ -1,8 +1,11 @@
 """A node process: one rq worker (no fork per job) with the model resident on its device.
 
-``NodeWorker`` is rq's ``SimpleWorker`` with the JSON serializer, listening on the node's own queue.
-Beside the job loop run two daemon threads: the heartbeat (liveness for the console) and the reaper
-(TTL eviction). SIGTERM is rq's warm shutdown: the current request finishes, then the process exits 0.
+``NodeWorker`` is rq's ``SimpleWorker`` with the JSON serializer, bound to the node's own queue. It
+does not pop rq's list itself: it claims through the store (own queue first, stealing when idle in
+global mode), which moves the load score and takes a lease in the same atomic step, then hands the job
+to rq to perform. Beside the job loop run two daemon threads: the heartbeat (liveness for the console,
+lease renewal for failover) and the reaper (TTL eviction, failover of dead nodes' work). SIGTERM is rq's
+warm shutdown: the current request finishes, then the process exits 0.
 """
 
 from __future__ import annotations
@@ -11,19 +14,23 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 from rq.serializers import JSONSerializer
-from rq.worker import SimpleWorker
+from rq.worker import SimpleWorker, WorkerStatus
 
 from scheduler.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_KEY_TTL_S
 from scheduler.reaper import Reaper
-from scheduler.store import RequestStore
+from scheduler.store import JOB_TIMEOUT_S, RUN_REQUEST_JOB, Claim, RequestStore
 
 log = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.2  # how long an idle node waits for its bell before looking for work to steal
 
 
 @dataclass
@@ -31,8 +38,8 @@ class NodeHooks:
     """What the node tells its host application (the console's database) about its work."""
 
     on_change: Callable[[str, str], None] = lambda topic, uid: None  # a request's state moved
-    on_finished: Callable[[str], None] = lambda node: None  # this node finished running a request
-    on_expired: Callable[[str, list[str]], None] = lambda topic, uids: None  # the reaper evicted these
+    on_finished: Callable[[str, bool], None] = lambda node, stolen: None  # ran one (stolen or not)
+    on_expired: Callable[[str, list[str]], None] = lambda topic, uids: None  # the reaper ended these
 
 
 @dataclass
@@ -43,7 +50,12 @@ class NodeRuntime:
     store: RequestStore
     engine: Any  # gpu_worker.engine.Engine, loaded once
     hooks: NodeHooks = field(default_factory=NodeHooks)
-    running: str = ""  # uid of the request being generated, "" when idle
+    held: dict[str, Claim] = field(default_factory=dict)  # uid -> claim of the requests it runs
+    may_steal: bool = True
+
+    @property
+    def leases(self) -> dict[str, str]:
+        return {uid: claim.lease for uid, claim in list(self.held.items())}
 
 
 _runtime: NodeRuntime | None = None
@@ -67,20 +79,18 @@ class Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while True:
+        while not self.stopped.wait(HEARTBEAT_INTERVAL_S):
             try:
-                self.beat("busy" if self.runtime.running else "idle")
+                self.beat("busy" if self.runtime.held else "idle")
             except Exception:  # top-level loop: a Redis hiccup must not kill the heartbeat
                 log.exception("heartbeat failed")
-            if self.stopped.wait(HEARTBEAT_INTERVAL_S):
-                return
 
     def beat(self, state: str) -> None:
         rt = self.runtime
         rt.store.write_heartbeat(rt.topic, rt.name, {
             "state": state, "role": rt.role, "host": socket.gethostname(), "pid": os.getpid(),
-            "device": str(rt.engine.device), "running": rt.running,
-        }, ttl_s=HEARTBEAT_KEY_TTL_S)
+            "device": str(rt.engine.device), "running": ",".join(rt.held),
+        }, rt.leases, ttl_s=HEARTBEAT_KEY_TTL_S)
 
     def stop(self) -> None:
         self.stopped.set()
@@ -92,20 +102,25 @@ class Heartbeat(threading.Thread):
 
 
 class NodeWorker(SimpleWorker):
-    """rq's in-process worker bound to one node's queue."""
+    """rq's in-process worker bound to one node's queue, claiming through the scheduler."""
 
     def __init__(self, runtime: NodeRuntime, **kwargs: Any) -> None:
-        queue = runtime.store.node_queue(runtime.topic, runtime.name)
+        self.node_queue = runtime.store.node_queue(runtime.topic, runtime.name)
         super().__init__(
-            [queue], connection=runtime.store.redis, serializer=JSONSerializer,
+            [self.node_queue], connection=runtime.store.redis, serializer=JSONSerializer,
             name=f"fdnode.{runtime.name}.{uuid.uuid4().hex[:8]}", **kwargs,
         )
         self.runtime = runtime
 
     def work(self, burst: bool = False, **kwargs: Any) -> bool:
-        install_runtime(self.runtime)
-        heartbeat = Heartbeat(self.runtime)
-        reaper = Reaper(self.runtime.store, self.runtime.hooks.on_expired)
+        rt = self.runtime
+        install_runtime(rt)
+        taken = rt.store.reclaim(rt.topic, rt.name)
+        if taken:
+            log.info("node %s took back %d request(s) it held before it stopped", rt.name, len(taken))
+        heartbeat = Heartbeat(rt)
+        heartbeat.beat("idle")  # alive before the first claim, so failover never picks a dead node over it
+        reaper = Reaper(rt.store, rt.hooks.on_expired)
         heartbeat.start()
         reaper.start()
         try:
@@ -113,3 +128,30 @@ class NodeWorker(SimpleWorker):
         finally:
             reaper.stop()
             heartbeat.stop()
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
+        """Claim the next request (rq's loop calls this); None ends a burst or an idle limit."""
+        rt = self.runtime
+        self.set_state(WorkerStatus.IDLE)
+        self.procline(f"Listening on {self.node_queue.name}")
+        idle_since = time.monotonic()
+        while True:
+            self.heartbeat()
+            claims = rt.store.claim(rt.topic, rt.name, 1, may_steal=rt.may_steal)
+            if claims:
+                claim = claims[0]
+                rt.held[claim.uid] = claim
+                return self._job_for(claim), self.node_queue
+            if timeout is None:  # burst mode: nothing left
+                return None
+            if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
+                return None
+            rt.store.wait_for_work(rt.topic, rt.name, IDLE_WAIT_S)
+
+    def _job_for(self, claim: Claim) -> Job:
+        try:
+            return Job.fetch(claim.uid, connection=self.connection, serializer=JSONSerializer)
+        except NoSuchJobError:  # rq let the job hash go (a long wait); the claim is what counts
+            return Job.create(RUN_REQUEST_JOB, args=[self.runtime.topic, claim.uid], id=claim.uid,
+                              connection=self.connection, serializer=JSONSerializer,
+                              timeout=JOB_TIMEOUT_S, origin=self.node_queue.name)

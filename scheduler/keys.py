@@ -1,8 +1,8 @@
-"""Every Redis key name, built in one place.
+"""Every Redis key name, built in one place (for Python here, and for the Lua scripts in ``LUA_KEYS``).
 
-All keys of a topic carry the Redis Cluster hash tag ``{topic}`` so that each Lua script touches one
-slot. rq's own keys are ``rq:queue:<queue name>``; a node's queue name embeds the same hash tag, so its
-list lands in the topic's slot too.
+All keys of a topic start with ``fd:{topic}:``; the ``{topic}`` hash tag puts them in one Redis Cluster
+slot, so each script touches one slot. A node's queue is an rq queue named ``fd:{topic}:node:<name>``;
+rq keeps it under ``rq:queue:<name>``, which carries the same hash tag.
 """
 
 from __future__ import annotations
@@ -11,46 +11,98 @@ PREFIX = "fd"
 RQ_QUEUE_PREFIX = "rq:queue:"
 TOPICS = f"{PREFIX}:topics"  # set of topic names known to the cluster (the reaper walks it)
 
+# Suffixes after the topic prefix, shared by the Python builders and the Lua ones.
+REQ, OUT, WAITING, CONFIG, RR, HB = "req:", "out:", "waiting", "config", "rr", "hb:"
+NODE, LOAD, INFLIGHT, ALIVE, BELL, RESULTS = "node:", "load:", "inflight", "alive", "bell:", "results:"
+IDS = "ids"
 
-def _topic(topic: str) -> str:
-    return f"{PREFIX}:{{{topic}}}"
+
+def topic_prefix(topic: str) -> str:
+    return f"{PREFIX}:{{{topic}}}:"
 
 
 def request(topic: str, uid: str) -> str:
     """Hash: the live state of one request (the authority while it is in flight)."""
-    return f"{_topic(topic)}:req:{uid}"
+    return topic_prefix(topic) + REQ + uid
 
 
 def output(topic: str, uid: str) -> str:
     """Stream: the request's tokens, then one ``done`` entry; read by SSE clients from any point."""
-    return f"{_topic(topic)}:out:{uid}"
+    return topic_prefix(topic) + OUT + uid
 
 
 def waiting(topic: str) -> str:
-    """Sorted set: uid -> enqueue time of every request still waiting (for TTL eviction)."""
-    return f"{_topic(topic)}:waiting"
+    """Sorted set: uid -> time it (last) entered a queue, for TTL eviction."""
+    return topic_prefix(topic) + WAITING
 
 
 def config(topic: str) -> str:
     """String: the topic's scheduler configuration as JSON, published on every save."""
-    return f"{_topic(topic)}:config"
+    return topic_prefix(topic) + CONFIG
 
 
 def round_robin(topic: str) -> str:
     """Counter for round-robin placement over the topic's enabled nodes."""
-    return f"{_topic(topic)}:rr"
+    return topic_prefix(topic) + RR
 
 
 def heartbeat(topic: str, node: str) -> str:
-    """Hash: a node's last heartbeat (host, pid, device, state, time); expires when the node is silent."""
-    return f"{_topic(topic)}:hb:{node}"
+    """Hash: a node's last heartbeat (host, pid, device, state, time)."""
+    return topic_prefix(topic) + HB + node
+
+
+def load_table(topic: str, shard: int) -> str:
+    """Sorted set: node -> load score (requests waiting in its queue), one per shard."""
+    return topic_prefix(topic) + LOAD + str(shard)
+
+
+def inflight(topic: str) -> str:
+    """Sorted set: uid -> lease deadline of every running request."""
+    return topic_prefix(topic) + INFLIGHT
+
+
+def alive(topic: str) -> str:
+    """Sorted set: node -> time of its last heartbeat (live nodes for failover and re-homing)."""
+    return topic_prefix(topic) + ALIVE
+
+
+def bell(topic: str, node: str) -> str:
+    """List of at most one element: rung when work lands in the node's queue, so it wakes at once."""
+    return topic_prefix(topic) + BELL + node
+
+
+def results(topic: str, origin: str) -> str:
+    """List: result JSON for the requests an origin put through the scheduler interface."""
+    return topic_prefix(topic) + RESULTS + origin
+
+
+def request_ids(topic: str) -> str:
+    """Hash: client request id -> uid of every request in flight (ids are unique per topic)."""
+    return topic_prefix(topic) + IDS
 
 
 def node_queue_name(topic: str, node: str) -> str:
     """The rq queue name of a node (rq stores it under ``rq:queue:<name>``)."""
-    return f"{_topic(topic)}:node:{node}"
+    return topic_prefix(topic) + NODE + node
 
 
 def rq_queue(queue_name: str) -> str:
     """rq's list key for a queue name."""
     return RQ_QUEUE_PREFIX + queue_name
+
+
+# The same names for Lua: every script gets the topic prefix as ARGV[1].
+LUA_KEYS = f"""
+local P = ARGV[1]
+local function k_req(uid) return P .. '{REQ}' .. uid end
+local function k_out(uid) return P .. '{OUT}' .. uid end
+local function k_queue(node) return '{RQ_QUEUE_PREFIX}' .. P .. '{NODE}' .. node end
+local function k_load(shard) return P .. '{LOAD}' .. shard end
+local function k_bell(node) return P .. '{BELL}' .. node end
+local function k_results(origin) return P .. '{RESULTS}' .. origin end
+local K_WAITING = P .. '{WAITING}'
+local K_CONFIG = P .. '{CONFIG}'
+local K_INFLIGHT = P .. '{INFLIGHT}'
+local K_ALIVE = P .. '{ALIVE}'
+local K_IDS = P .. '{IDS}'
+"""

@@ -10,7 +10,7 @@ import time
 
 HEARTBEAT_INTERVAL_S = 1.0
 STALE_AFTER_S = 3 * HEARTBEAT_INTERVAL_S
-DEAD_AFTER_S = 15.0
+DEAD_AFTER_S = 6.0  # also when the scheduler moves a dead node's queue to live nodes
 HEARTBEAT_KEY_TTL_S = 3600  # the key outlives death so the console can say how long ago it died
 
 

@@ -1,7 +1,8 @@
-"""The reaper: evicts requests that waited longer than their topic's TTL, on a timer.
+"""The reaper: TTL eviction and failover, on a timer.
 
-It runs in the console and in every node, so eviction happens whether or not any worker is running;
-several reapers are harmless because each eviction is one atomic script.
+It runs in the console and in every node, so a request expires whether or not any worker is running,
+and the work of a dead node moves on even when no console runs. Several reapers are harmless: each
+step is one atomic script.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ class Reaper(threading.Thread):
     def reap_once(self) -> dict[str, list[str]]:
         expired: dict[str, list[str]] = {}
         for topic in self.store.topics():
+            for uid, node in self.store.recover(topic):
+                log.warning("request %s of %s lost its node; requeued on %s", uid, topic, node)
+            moved = self.store.rehome(topic)
+            if moved:
+                log.warning("moved %d request(s) of %s from dead nodes to live ones", moved, topic)
             uids = self.store.expire_due(topic)
             if uids:
                 expired[topic] = uids

@@ -1,23 +1,22 @@
-"""The cluster's request lifecycle in Redis: queue, claim, stream, finish, cancel, expire.
+"""The cluster's request lifecycle in Redis: queue, claim (and steal), stream, finish, cancel, expire,
+and the failover of work held by dead nodes.
 
 Design note. Redis is the authority for a request while it is in flight; the console's database is a
-copy that is brought up to date from here. Every change of status is one Lua script, so a request moves
-``queued -> running -> finished|failed|cancelled`` or ``queued -> expired|cancelled`` exactly once, on
-the server's clock, whatever the processes around it do:
+copy brought up to date from here. Every change of state is one Lua script (``scheduler.scripts``), so
+a request moves ``queued -> running -> finished|failed|cancelled`` or ``queued -> expired|cancelled``
+exactly once, on the server's clock, and a node's load score always equals its queue's length.
 
-* ``submit`` checks the node queue's length under WATCH and, in one MULTI, writes the request hash,
-  adds it to the topic's waiting set and enqueues its rq job (JSON serializer) on the home node's queue.
-* ``start`` is the node's claim: queued -> running, or expired when its wait already exceeds the TTL
-  (so an overdue request never runs, even before the reaper sees it).
-* ``expire_due`` evicts every request that waited ``scheduler_ttl`` seconds, whether or not any worker
-  runs; it reads the TTL from the topic's published config, so a changed TTL applies to waiting requests.
-* ``emit`` appends a token to the output stream and answers whether a cancel was asked for.
-* Every final status appends one ``done`` entry to the output stream and gives both keys a TTL.
+A node's queue is an rq queue (JSON serializer): the job hash is written beside the request, so
+django-rq shows it, but the node claims through ``claim`` rather than rq's own pop, which keeps the
+score, the lease and the TTL check in the same atomic step. Work a node runs is held under a lease the
+node renews with its heartbeat; when a lease runs out the request goes back to the front of a live
+node's queue and resumes there after the tokens already streamed.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 import uuid
 from collections.abc import Iterable
@@ -25,127 +24,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import WatchError
 from rq import Queue
+from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
+from rq.utils import now as rq_now
 
-from scheduler import keys
+from scheduler import keys, scripts
 from scheduler.config import SchedulerConfig
-from scheduler.errors import NoNodeAvailable, QueueFull
+from scheduler.errors import DuplicateRequest, NoNodeAvailable, QueueFull
+from scheduler.liveness import DEAD_AFTER_S
+from scheduler.loadtable import shard_of
 from scheduler.messages import Request
 
 RUN_REQUEST_JOB = "gpu_worker.jobs.run_request"
 RETENTION_S = 3600  # how long Redis keeps a finished request's hash and stream (the database keeps it all)
 JOB_TIMEOUT_S = 3600
+LEASE_S = 5.0  # a running request whose node has not renewed it for this long goes to another node
 FINAL_STATUSES = ("finished", "failed", "expired", "cancelled")
-
-# Shared Lua: the server's clock, the topic's current TTL, and closing a request that never ran.
-_LUA_PRELUDE = """
-local function now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local function fmt(x) return string.format('%.6f', x) end
-local function current_ttl(config_key, req)
-  local raw = redis.call('GET', config_key)
-  if raw then return tonumber(cjson.decode(raw)['scheduler_ttl']) end
-  return tonumber(redis.call('HGET', req, 'ttl'))
-end
-local function close_waiting(req, out, waiting, uid, status, message, retention)
-  local q = redis.call('HGET', req, 'queue')
-  local job = redis.call('HGET', req, 'job_id')
-  if q and job then redis.call('LREM', q, 0, job) end
-  redis.call('HSET', req, 'status', status, 'finished_at', fmt(now()), 'finish_reason', status,
-             'error_code', status, 'error_message', message)
-  redis.call('ZREM', waiting, uid)
-  redis.call('XADD', out, '*', 'type', 'done', 'status', status)
-  redis.call('EXPIRE', req, retention)
-  redis.call('EXPIRE', out, retention)
-end
-"""
-
-# KEYS: req, out, waiting, config. ARGV: uid, node, retention.
-_START = _LUA_PRELUDE + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing'} end
-if status ~= 'queued' then return {status} end
-local ttl = current_ttl(KEYS[4], KEYS[1])
-local t = now()
-if t - tonumber(redis.call('HGET', KEYS[1], 'enqueued_at')) >= ttl then
-  close_waiting(KEYS[1], KEYS[2], KEYS[3], ARGV[1], 'expired',
-                'waited longer than scheduler_ttl=' .. ttl .. 's', tonumber(ARGV[3]))
-  return {'expired'}
-end
-redis.call('HSET', KEYS[1], 'status', 'running', 'executed_by', ARGV[2], 'started_at', fmt(t))
-redis.call('ZREM', KEYS[3], ARGV[1])
-return {'claimed', redis.call('HGET', KEYS[1], 'payload')}
-"""
-
-# KEYS: waiting, config. ARGV: request key prefix, output key prefix, limit, retention.
-_EXPIRE_DUE = _LUA_PRELUDE + """
-local raw = redis.call('GET', KEYS[2])
-if not raw then return {} end
-local ttl = tonumber(cjson.decode(raw)['scheduler_ttl'])
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now() - ttl, 'LIMIT', 0, tonumber(ARGV[3]))
-local expired = {}
-for _, uid in ipairs(due) do
-  local req = ARGV[1] .. uid
-  if redis.call('HGET', req, 'status') == 'queued' then
-    close_waiting(req, ARGV[2] .. uid, KEYS[1], uid, 'expired',
-                  'waited longer than scheduler_ttl=' .. ttl .. 's', tonumber(ARGV[4]))
-    table.insert(expired, uid)
-  else
-    redis.call('ZREM', KEYS[1], uid)
-  end
-end
-return expired
-"""
-
-# KEYS: req, out. ARGV: node, index, token_id, text, keep seconds. Returns 1 when a cancel was asked,
-# 0 to go on, -1 when the request is no longer this node's to run.
-_EMIT = _LUA_PRELUDE + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' or redis.call('HGET', KEYS[1], 'executed_by') ~= ARGV[1] then
-  return -1
-end
-redis.call('XADD', KEYS[2], '*', 'type', 'token', 'index', ARGV[2], 'token_id', ARGV[3], 'text', ARGV[4])
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
-if ARGV[2] == '0' then redis.call('HSET', KEYS[1], 'first_token_at', fmt(now())) end
-redis.call('HSET', KEYS[1], 'num_output_tokens', tonumber(ARGV[2]) + 1)
-if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 1 end
-return 0
-"""
-
-# KEYS: req, out. ARGV: node, status, finish_reason, output ids JSON, error code, error message,
-# retention. Returns the status the request ends with (or its current one when not this node's).
-_FINISH = _LUA_PRELUDE + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' or redis.call('HGET', KEYS[1], 'executed_by') ~= ARGV[1] then
-  return status or 'missing'
-end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finish_reason', ARGV[3], 'output_token_ids', ARGV[4],
-           'error_code', ARGV[5], 'error_message', ARGV[6],
-           'finished_at', fmt(now()))
-redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', ARGV[2])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]))
-return ARGV[2]
-"""
-
-# KEYS: req, out, waiting. ARGV: uid, retention. Returns the new (or unchanged) status.
-_CANCEL = _LUA_PRELUDE + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if status == 'queued' then
-  close_waiting(KEYS[1], KEYS[2], KEYS[3], ARGV[1], 'cancelled', 'cancelled by the client', tonumber(ARGV[2]))
-  return 'cancelled'
-end
-if status == 'running' then
-  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-  return 'cancelling'
-end
-return status
-"""
 
 
 @dataclass(frozen=True)
@@ -168,6 +63,27 @@ class OutputEvent:
         return cls(eid, "done", status=f.get("status", ""))
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A request a node has claimed: run it under ``lease``, resuming after ``streamed`` tokens."""
+
+    uid: str
+    lease: str
+    request: Request
+    streamed: int
+    home: str  # the node it was placed on; another node running it has stolen it
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The KV-block and token budgets of one claim (FastDeploy's ``get_requests`` arguments)."""
+
+    available_blocks: int
+    block_size: int
+    reserved_output_blocks: int
+    max_num_batched_tokens: int
+
+
 def new_uid() -> str:
     """An internal id for keys and rq job ids (client ids may hold any printable character)."""
     return uuid.uuid4().hex
@@ -183,19 +99,26 @@ class RequestStore:
     def __init__(self, redis: Redis) -> None:
         # rq needs a connection that returns bytes; this class decodes what it reads itself.
         self.redis = redis
-        self._start = redis.register_script(_START)
-        self._expire_due = redis.register_script(_EXPIRE_DUE)
-        self._emit = redis.register_script(_EMIT)
-        self._finish = redis.register_script(_FINISH)
-        self._cancel = redis.register_script(_CANCEL)
+        self._scripts = {
+            name: redis.register_script(getattr(scripts, name))
+            for name in ("SUBMIT", "CLAIM", "EMIT", "FINISH", "CANCEL", "EXPIRE_DUE", "RECOVER", "RECLAIM",
+                         "REHOME", "RENEW", "PUBLISH_CONFIG")
+        }
+
+    def _run(self, name: str, topic: str, *args: Any, client=None) -> Any:
+        args = [keys.topic_prefix(topic), RETENTION_S, *args]
+        return self._scripts[name](keys=[keys.config(topic)], args=args, client=client)
 
     # -- configuration -------------------------------------------------------------------------
     def publish_config(self, topic: str, config: SchedulerConfig) -> None:
-        """Make ``config`` the one running nodes and the reaper use (no restart needed)."""
-        with self.redis.pipeline() as pipe:
-            pipe.set(keys.config(topic), json.dumps(config.as_dict()))
-            pipe.sadd(keys.TOPICS, topic)
-            pipe.execute()
+        """Make ``config`` the one running nodes and the reaper use (no restart needed); a new shard
+        count moves every node's load score to its new table in the same step."""
+        self._run("PUBLISH_CONFIG", topic, json.dumps(config.as_dict()))
+        self.redis.sadd(keys.TOPICS, topic)
+
+    def config_of(self, topic: str) -> dict[str, Any]:
+        raw = self.redis.get(keys.config(topic))
+        return json.loads(raw) if raw else {}
 
     def topics(self) -> list[str]:
         return sorted(t.decode() for t in self.redis.smembers(keys.TOPICS))
@@ -210,97 +133,107 @@ class RequestStore:
             raise NoNodeAvailable(f"topic '{topic}' has no enabled node")
         return nodes[(self.redis.incr(keys.round_robin(topic)) - 1) % len(nodes)]
 
-    # -- lifecycle ------------------------------------------------------------------------------
-    def submit(self, topic: str, uid: str, request: Request, home: str, config: SchedulerConfig) -> list[str]:
-        """Queue ``request`` on node ``home``; returns the uids that expired to make the check fair.
+    # -- queueing -------------------------------------------------------------------------------
+    def submit(self, topic: str, uid: str, request: Request, home: str, config: SchedulerConfig,
+               origin: str = "") -> list[str]:
+        """Queue ``request`` on node ``home``; returns the uids that expired first (so an overdue
+        request never holds a place). Raises QueueFull or DuplicateRequest."""
+        expired, outcome = self.submit_many(topic, [(uid, request, home)], config, origin)
+        if outcome[0] == "full":
+            raise QueueFull(f"queue full: node '{home}' already holds scheduler_max_size="
+                            f"{config.scheduler_max_size} waiting requests")
+        if outcome[0] == "duplicate":
+            raise DuplicateRequest(f"request_id '{request.request_id}' is already in flight in topic "
+                                   f"'{topic}'", field="request_id")
+        return expired
 
-        Overdue requests are evicted first, so an expired request never takes a place in the queue.
-        Raises ``QueueFull`` when the node's queue still holds ``scheduler_max_size`` requests.
-        """
-        expired = self.expire_due(topic)
-        queue = self.node_queue(topic, home)
-        job = queue.create_job(
-            RUN_REQUEST_JOB, args=[topic, uid], job_id=uid, timeout=JOB_TIMEOUT_S,
-            ttl=config.scheduler_ttl + 60, result_ttl=RETENTION_S, failure_ttl=24 * 3600,
-            description=f"request {request.request_id!r} on {topic}/{home}",
-        )
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(queue.key)
-                    if config.scheduler_max_size != -1 and pipe.llen(queue.key) >= config.scheduler_max_size:
-                        raise QueueFull(
-                            f"queue full: node '{home}' already holds scheduler_max_size="
-                            f"{config.scheduler_max_size} waiting requests"
-                        )
-                    seconds, micros = pipe.time()
-                    enqueued_at = seconds + micros / 1e6
-                    pipe.multi()
-                    self._write_request(pipe, topic, uid, request, home, queue.key, enqueued_at, config)
-                    queue.enqueue_job(job, pipeline=pipe)
-                    pipe.execute()
-                    return expired
-                except WatchError:
-                    continue
+    def submit_many(self, topic: str, items: list[tuple[str, Request, str]], config: SchedulerConfig,
+                    origin: str = "") -> tuple[list[str], list[str]]:
+        """Queue several requests in one round trip: (expired uids, "ok"|"full"|"duplicate" per item)."""
+        max_size = config.scheduler_max_size if config.scheduler_name == "local" else -1
+        positions = []  # where each SUBMIT's reply lands among the pipeline's replies
+        with self.redis.pipeline(transaction=False) as pipe:
+            self._run("EXPIRE_DUE", topic, 500, client=pipe)
+            for uid, request, home in items:
+                self._save_job(pipe, topic, uid, request, home, config)
+                positions.append(len(pipe.command_stack))
+                self._run("SUBMIT", topic, uid, request.request_id, home, json.dumps(request.to_dict()),
+                          request.prompt_len, max_size, origin, client=pipe)
+            replies = pipe.execute()
+        outcome = [replies[i][0].decode() for i in positions]
+        refused = [uid for (uid, _, _), status in zip(items, outcome, strict=True) if status != "ok"]
+        if refused:
+            self.redis.delete(*(Job.key_for(uid) for uid in refused))
+        return [uid.decode() for uid in replies[0]], outcome
 
-    def _write_request(self, pipe, topic: str, uid: str, request: Request, home: str, queue_key: str,
-                       enqueued_at: float, config: SchedulerConfig) -> None:
-        req_key = keys.request(topic, uid)
-        pipe.hset(req_key, mapping={
-            "request_id": request.request_id, "topic": topic, "status": "queued", "home_node": home,
-            "queue": queue_key, "job_id": uid, "enqueued_at": f"{enqueued_at:.6f}",
-            "ttl": config.scheduler_ttl, "prompt_tokens": request.prompt_len,
-            "payload": json.dumps(request.to_dict()),
-        })
-        pipe.expire(req_key, config.scheduler_ttl + RETENTION_S)
-        pipe.zadd(keys.waiting(topic), {uid: enqueued_at})
-        pipe.sadd(keys.TOPICS, topic)
+    def _save_job(self, pipe, topic: str, uid: str, request: Request, home: str,
+                  config: SchedulerConfig) -> None:
+        """The rq job of a request (JSON serializer; its arguments are plain ids) on its home queue."""
+        queue = keys.node_queue_name(topic, home)
+        job = Job.create(RUN_REQUEST_JOB, args=[topic, uid], id=uid, connection=self.redis,
+                         serializer=JSONSerializer, timeout=JOB_TIMEOUT_S, result_ttl=RETENTION_S,
+                         failure_ttl=24 * 3600, origin=queue,
+                         description=f"request {request.request_id!r} of {topic}")
+        job.enqueued_at = rq_now()
+        job._status = JobStatus.QUEUED
+        job.save(pipeline=pipe)
+        pipe.expire(job.key, config.scheduler_ttl + JOB_TIMEOUT_S + RETENTION_S)
+        pipe.sadd(Queue.redis_queues_keys, keys.rq_queue(queue))
 
-    def start(self, topic: str, uid: str, node: str) -> tuple[str, Request | None]:
-        """Claim a queued request for ``node``: ("running", request), or (its status, None)."""
-        reply = self._start(
-            keys=[keys.request(topic, uid), keys.output(topic, uid), keys.waiting(topic), keys.config(topic)],
-            args=[uid, node, RETENTION_S],
-        )
-        status = reply[0].decode()
-        if status != "claimed":
-            return status, None  # someone else's, already final, or just expired
-        return "running", Request.from_dict(json.loads(reply[1]))
+    # -- running --------------------------------------------------------------------------------
+    def claim(self, topic: str, node: str, n: int = 1, *, may_steal: bool = True,
+              budget: Budget | None = None) -> list[Claim]:
+        """Claim up to ``n`` requests for ``node``: its own queue first (FIFO), else, in global mode,
+        steal from the most loaded nodes. Overdue requests are expired instead of handed out."""
+        b = budget or Budget(-1, 1, 0, 0)
+        reply = self._run("CLAIM", topic, node, n, "1" if may_steal else "0", random.random(), LEASE_S,
+                          b.available_blocks, b.block_size, b.reserved_output_blocks,
+                          b.max_num_batched_tokens)
+        return [Claim(uid.decode(), lease.decode(), Request.from_dict(json.loads(payload)), int(streamed),
+                      home.decode()) for uid, lease, payload, streamed, home in reply]
 
-    def emit(self, topic: str, uid: str, node: str, index: int, token_id: int, text: str) -> int:
-        """Append one token; 1 = cancel asked, 0 = go on, -1 = no longer this node's request."""
-        return int(self._emit(
-            keys=[keys.request(topic, uid), keys.output(topic, uid)],
-            args=[node, index, token_id, text, JOB_TIMEOUT_S + RETENTION_S],
-        ))
+    def emit(self, topic: str, uid: str, lease: str, index: int, token_id: int, text: str) -> int:
+        """Stream token ``index``: 1 = cancel asked, 0 = go on, -1 = lease lost, -2 = out of order."""
+        return int(self._run("EMIT", topic, uid, lease, index, token_id, text, LEASE_S))
 
-    def finish(self, topic: str, uid: str, node: str, *, status: str, finish_reason: str | None,
-               output_token_ids: Iterable[int] = (), error: tuple[str, str] | None = None) -> str:
+    def finish(self, topic: str, uid: str, lease: str, *, status: str, finish_reason: str | None,
+               output_token_ids: Iterable[int] = (), error: tuple[str, str] | None = None,
+               client=None) -> Any:
         """Record the final status of a running request; returns the status it ends with."""
         code, message = error or ("", "")
-        reply = self._finish(
-            keys=[keys.request(topic, uid), keys.output(topic, uid)],
-            args=[node, status, finish_reason or "", json.dumps(list(output_token_ids)), code, message,
-                  RETENTION_S],
-        )
-        return reply.decode()
+        reply = self._run("FINISH", topic, uid, lease, status, finish_reason or "",
+                          json.dumps(list(output_token_ids)), code, message, client=client)
+        return reply.decode() if isinstance(reply, bytes) else reply
 
+    def streamed_tokens(self, topic: str, uid: str) -> list[int]:
+        """The token ids already streamed, in index order (what a resumed run continues after)."""
+        return [e.token_id for e in self.read_output(topic, uid, count=100_000) if e.kind == "token"]
+
+    def renew(self, topic: str, node: str, held: dict[str, str]) -> int:
+        """Heartbeat: mark ``node`` alive and extend the leases it holds (uid -> lease)."""
+        pairs = [item for uid_lease in held.items() for item in uid_lease]
+        return int(self._run("RENEW", topic, LEASE_S, node, *pairs))
+
+    def reclaim(self, topic: str, node: str) -> list[str]:
+        """A node starting under its old name takes back the requests it held when it died."""
+        return [uid.decode() for uid in self._run("RECLAIM", topic, node)]
+
+    # -- ending ---------------------------------------------------------------------------------
     def cancel(self, topic: str, uid: str) -> str:
-        """Cancel: 'cancelled' (was waiting), 'cancelling' (running; the node stops at its next token),
-        or the unchanged final status."""
-        reply = self._cancel(
-            keys=[keys.request(topic, uid), keys.output(topic, uid), keys.waiting(topic)],
-            args=[uid, RETENTION_S],
-        )
-        return reply.decode()
+        """'cancelled' (was waiting), 'cancelling' (running; stops at its next token), or the final status."""
+        return self._run("CANCEL", topic, uid).decode()
 
     def expire_due(self, topic: str, limit: int = 500) -> list[str]:
-        """Evict every request of ``topic`` that has waited its TTL; returns their uids."""
-        reply = self._expire_due(
-            keys=[keys.waiting(topic), keys.config(topic)],
-            args=[keys.request(topic, ""), keys.output(topic, ""), limit, RETENTION_S],
-        )
-        return [uid.decode() for uid in reply]
+        """Evict every request of ``topic`` that waited its TTL; returns their uids."""
+        return [uid.decode() for uid in self._run("EXPIRE_DUE", topic, limit)]
+
+    def recover(self, topic: str, limit: int = 500) -> list[tuple[str, str]]:
+        """Requeue running requests whose lease ran out; returns (uid, node it went to) pairs."""
+        return [(u.decode(), n.decode()) for u, n in self._run("RECOVER", topic, limit, DEAD_AFTER_S)]
+
+    def rehome(self, topic: str, limit: int = 1000) -> int:
+        """Global mode: move the queues of dead nodes to live ones; returns how many moved."""
+        return int(self._run("REHOME", topic, DEAD_AFTER_S, limit))
 
     # -- reading --------------------------------------------------------------------------------
     def state(self, topic: str, uid: str) -> dict[str, str]:
@@ -313,6 +246,15 @@ class RequestStore:
         reply = self.redis.xread({keys.output(topic, uid): after}, count=count, block=block_ms)
         return [OutputEvent.parse(eid, fields) for _, entries in reply or () for eid, fields in entries]
 
+    def take_results(self, topic: str, origin: str, limit: int = 10_000) -> list[dict[str, Any]]:
+        """Take the results delivered to ``origin`` (the scheduler interface's get_results)."""
+        key = keys.results(topic, origin)
+        with self.redis.pipeline() as pipe:
+            pipe.lrange(key, 0, limit - 1)
+            pipe.ltrim(key, limit, -1)
+            raw, _ = pipe.execute()
+        return [json.loads(item) for item in raw]
+
     def queue_length(self, topic: str, node: str) -> int:
         return int(self.redis.llen(keys.rq_queue(keys.node_queue_name(topic, node))))
 
@@ -322,12 +264,31 @@ class RequestStore:
                 pipe.llen(keys.rq_queue(keys.node_queue_name(topic, node)))
             return dict(zip(nodes, (int(n) for n in pipe.execute()), strict=True))
 
+    def load_scores(self, topic: str, nodes: list[str]) -> dict[str, float]:
+        """Each node's score in its load table (equal to its queue length, by construction)."""
+        shards = int(self.config_of(topic).get("scheduler_load_shards_num", 1))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for node in nodes:
+                pipe.zscore(keys.load_table(topic, shard_of(node, shards)), node)
+            return {node: float(s or 0) for node, s in zip(nodes, pipe.execute(), strict=True)}
+
+    def wait_for_work(self, topic: str, node: str, timeout_s: float) -> bool:
+        """Block until work lands in ``node``'s queue (its bell rings) or ``timeout_s`` passes."""
+        return self.redis.blpop([keys.bell(topic, node)], timeout=timeout_s) is not None
+
     # -- heartbeats -----------------------------------------------------------------------------
-    def write_heartbeat(self, topic: str, node: str, fields: dict[str, Any], ttl_s: int = 120) -> None:
+    def write_heartbeat(self, topic: str, node: str, fields: dict[str, Any],
+                        held: dict[str, str] | None = None, ttl_s: int = 3600) -> None:
+        """The node's heartbeat hash (for the console) plus liveness and lease renewal (for failover)."""
         key = keys.heartbeat(topic, node)
-        with self.redis.pipeline() as pipe:
+        with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping={**{k: str(v) for k, v in fields.items()}, "ts": f"{time.time():.6f}"})
             pipe.expire(key, ttl_s)
+            if fields.get("state") != "stopped":
+                pairs = [item for uid_lease in (held or {}).items() for item in uid_lease]
+                self._run("RENEW", topic, LEASE_S, node, *pairs, client=pipe)
+            else:
+                pipe.zrem(keys.alive(topic), node)
             pipe.execute()
 
     def read_heartbeats(self, topic: str, nodes: list[str]) -> dict[str, dict[str, str]]:
@@ -335,9 +296,6 @@ class RequestStore:
             for node in nodes:
                 pipe.hgetall(keys.heartbeat(topic, node))
             return {node: decode_hash(raw) for node, raw in zip(nodes, pipe.execute(), strict=True)}
-
-    def clear_heartbeat(self, topic: str, node: str) -> None:
-        self.redis.delete(keys.heartbeat(topic, node))
 
 
 class AsyncOutputReader:

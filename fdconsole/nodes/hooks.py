@@ -39,8 +39,11 @@ def sync_many(topic: str, uids: list[str]) -> None:
 
 
 @_guarded
-def count_run(node: str) -> None:
-    Node.objects.filter(name=node).update(requests_run=F("requests_run") + 1)
+def count_run(node: str, stolen: bool) -> None:
+    counters = {"requests_run": F("requests_run") + 1}
+    if stolen:
+        counters["requests_stolen"] = F("requests_stolen") + 1
+    Node.objects.filter(name=node).update(**counters)
 
 
 def database_hooks() -> NodeHooks:

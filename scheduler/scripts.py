@@ -1,0 +1,380 @@
+"""The Lua scripts of the request lifecycle. Each one is a single atomic step on the server's clock.
+
+Invariants every script keeps:
+
+* a queued request's uid is in exactly one node queue (the hash field ``queue_node`` names it) and in
+  the ``waiting`` set; a running one is in no queue and in ``inflight`` under a lease
+  (``node#attempt``); a final one is in neither;
+* a node's load score (its entry in its shard's load table) equals the length of its queue: every
+  push, pop or removal changes both in the same script, so scores never drift;
+* only the holder of the current lease may stream tokens or finish; a node that lost its lease (it
+  was presumed dead and the request went to another node) gets -1 and stops.
+
+Every script takes ``KEYS[1]`` = the topic's config key (so Redis Cluster routes it to the topic's
+slot), ``ARGV[1]`` = the topic's key prefix and ``ARGV[2]`` = the retention of finished keys.
+"""
+
+from __future__ import annotations
+
+from scheduler.keys import LUA_KEYS
+from scheduler.loadtable import LUA_CRC16
+
+PRELUDE = LUA_KEYS + LUA_CRC16 + """
+local RETENTION = tonumber(ARGV[2])
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function fmt(x) return string.format('%.6f', x) end
+local function config()
+  local raw = redis.call('GET', K_CONFIG)
+  local cfg = raw and cjson.decode(raw) or {}
+  cfg.scheduler_name = cfg.scheduler_name or 'local'
+  cfg.scheduler_ttl = tonumber(cfg.scheduler_ttl or 900)
+  cfg.scheduler_load_shards_num = tonumber(cfg.scheduler_load_shards_num or 1)
+  cfg.scheduler_min_load_score = tonumber(cfg.scheduler_min_load_score or 3)
+  return cfg
+end
+local function add_load(node, delta, cfg)
+  if delta ~= 0 then
+    redis.call('ZINCRBY', k_load(crc16(node) % cfg.scheduler_load_shards_num), delta, node)
+  end
+end
+local function ring(node)
+  local bell = k_bell(node)
+  redis.call('LPUSH', bell, '1')
+  redis.call('LTRIM', bell, 0, 0)
+  redis.call('EXPIRE', bell, 60)
+end
+local function push_result(req, result)
+  local origin = redis.call('HGET', req, 'origin')
+  if origin and origin ~= '' then
+    result.request_id = redis.call('HGET', req, 'request_id')
+    local key = k_results(origin)
+    redis.call('RPUSH', key, cjson.encode(result))
+    redis.call('EXPIRE', key, RETENTION)
+  end
+end
+local function enqueue(uid, node, front, cfg, t)
+  local req = k_req(uid)
+  if front then redis.call('LPUSH', k_queue(node), uid) else redis.call('RPUSH', k_queue(node), uid) end
+  add_load(node, 1, cfg)
+  redis.call('HSET', req, 'status', 'queued', 'queue_node', node)
+  redis.call('ZADD', K_WAITING, t, uid)
+  ring(node)
+end
+local function dequeue(uid, req, cfg)
+  local holder = redis.call('HGET', req, 'queue_node')
+  if holder and holder ~= '' then
+    add_load(holder, -redis.call('LREM', k_queue(holder), 0, uid), cfg)
+    redis.call('HSET', req, 'queue_node', '')
+  end
+end
+local function close(uid, status, reason, code, message, extra)
+  local req, out = k_req(uid), k_out(uid)
+  redis.call('HSET', req, 'status', status, 'finish_reason', reason, 'error_code', code,
+             'error_message', message, 'finished_at', fmt(now()), 'lease', '', unpack(extra))
+  redis.call('ZREM', K_WAITING, uid)
+  redis.call('ZREM', K_INFLIGHT, uid)
+  redis.call('HDEL', K_IDS, redis.call('HGET', req, 'request_id'))
+  redis.call('XADD', out, '*', 'type', 'done', 'status', status)
+  local result = {finished = true, finish_reason = reason}
+  if code ~= '' then result.error = {code = code, message = message} end
+  push_result(req, result)
+  redis.call('EXPIRE', req, RETENTION)
+  redis.call('EXPIRE', out, RETENTION)
+end
+local function close_waiting(uid, status, message, cfg)
+  dequeue(uid, k_req(uid), cfg)
+  close(uid, status, status, status, message, {})
+end
+local function live_nodes(t, dead_after)
+  return redis.call('ZRANGEBYSCORE', K_ALIVE, t - dead_after, '+inf')
+end
+local function least_loaded(nodes, cfg)
+  local best, best_score = nil, nil
+  for _, node in ipairs(nodes) do
+    local table_key = k_load(crc16(node) % cfg.scheduler_load_shards_num)
+    local score = tonumber(redis.call('ZSCORE', table_key, node) or 0)
+    if best == nil or score < best_score then best, best_score = node, score end
+  end
+  return best
+end
+local function requeue(uid, target, cfg, t)
+  local req = k_req(uid)
+  redis.call('ZREM', K_INFLIGHT, uid)
+  redis.call('HSET', req, 'executed_by', '', 'lease', '')
+  redis.call('HINCRBY', req, 'requeues', 1)
+  enqueue(uid, target, true, cfg, t)
+end
+"""
+
+# ARGV: prefix, retention, uid, request_id, home, payload, prompt_tokens, max_size, origin.
+# Returns {'ok', enqueue time} or {'full'} or {'duplicate'}.
+SUBMIT = PRELUDE + """
+local cfg = config()
+local uid, home, max_size = ARGV[3], ARGV[5], tonumber(ARGV[8])
+if max_size ~= -1 and redis.call('LLEN', k_queue(home)) >= max_size then return {'full'} end
+local req = k_req(uid)
+if redis.call('EXISTS', req) == 1 or redis.call('HSETNX', K_IDS, ARGV[4], uid) == 0 then
+  return {'duplicate'}
+end
+local t = now()
+redis.call('HSET', req, 'request_id', ARGV[4], 'home_node', home, 'enqueued_at', fmt(t),
+           'ttl', cfg.scheduler_ttl, 'prompt_tokens', ARGV[7], 'payload', ARGV[6], 'origin', ARGV[9],
+           'attempt', 0, 'num_output_tokens', 0)
+redis.call('EXPIRE', req, cfg.scheduler_ttl + RETENTION)
+enqueue(uid, home, false, cfg, t)
+return {'ok', fmt(t)}
+"""
+
+# Steal for ``node``: pick a victim among the most loaded nodes at or above scheduler_min_load_score
+# (randomly among the top three, so thieves do not herd) and move up to half its queue, at most half
+# the thief's batch (at least one), from the head of its queue to the thief's. Returns how many moved.
+_STEAL = """
+local function steal(node, cfg, rand, batch)
+  local candidates = {}
+  for shard = 0, cfg.scheduler_load_shards_num - 1 do
+    local top = redis.call('ZREVRANGEBYSCORE', k_load(shard), '+inf', cfg.scheduler_min_load_score,
+                           'WITHSCORES', 'LIMIT', 0, 3)
+    for i = 1, #top, 2 do
+      if top[i] ~= node then table.insert(candidates, {top[i], tonumber(top[i + 1])}) end
+    end
+  end
+  if #candidates == 0 then return 0 end
+  table.sort(candidates, function(a, b) return a[2] > b[2] end)
+  local victim = candidates[1 + math.floor(rand * math.min(#candidates, 3))]
+  local want = math.max(1, math.min(math.floor(victim[2] / 2), math.floor(batch / 2)))
+  local moved = 0
+  for _ = 1, want do
+    local uid = redis.call('LPOP', k_queue(victim[1]))
+    if not uid then break end
+    redis.call('RPUSH', k_queue(node), uid)
+    redis.call('HSET', k_req(uid), 'queue_node', node)
+    moved = moved + 1
+  end
+  add_load(victim[1], -moved, cfg)
+  add_load(node, moved, cfg)
+  return moved
+end
+"""
+
+# ARGV: prefix, retention, node, n, may_steal ('1'/'0'), rand in [0,1), lease seconds,
+#       available_blocks (-1: no budget), block_size, reserved_output_blocks, max_num_batched_tokens.
+# Claims up to n requests from the node's own queue (stealing once when it is empty, in global mode),
+# FIFO, within the KV-block and token budgets. Overdue ones are expired instead of handed out.
+# Returns a list of {uid, lease, payload, tokens already streamed, home node}.
+CLAIM = PRELUDE + _STEAL + """
+local cfg = config()
+local node, n, lease_s = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[7])
+local blocks_left, block_size = tonumber(ARGV[8]), tonumber(ARGV[9])
+local reserved, tokens_left = tonumber(ARGV[10]), tonumber(ARGV[11])
+local budgeted = blocks_left >= 0
+if n < 1 or (budgeted and blocks_left <= reserved) then return {} end
+local own, t, stole, claimed = k_queue(node), now(), false, {}
+while #claimed < n do
+  local uid = redis.call('LINDEX', own, 0)
+  if not uid then
+    if stole or ARGV[5] ~= '1' or cfg.scheduler_name ~= 'global' then break end
+    stole = true
+    if steal(node, cfg, tonumber(ARGV[6]), n) == 0 then break end
+  else
+    local req = k_req(uid)
+    local waited = tonumber(redis.call('ZSCORE', K_WAITING, uid) or t)
+    if redis.call('HGET', req, 'status') ~= 'queued' then
+      redis.call('LPOP', own)  -- a stale id whose request ended elsewhere
+      add_load(node, -1, cfg)
+    elseif t - waited >= cfg.scheduler_ttl then
+      close_waiting(uid, 'expired', 'waited longer than scheduler_ttl=' .. cfg.scheduler_ttl .. 's', cfg)
+    else
+      if budgeted then
+        local prompt = tonumber(redis.call('HGET', req, 'prompt_tokens'))
+        local need = math.ceil(prompt / block_size) + reserved
+        if need > blocks_left or (#claimed > 0 and prompt > tokens_left) then break end
+        blocks_left, tokens_left = blocks_left - need, tokens_left - prompt
+      end
+      redis.call('LPOP', own)
+      add_load(node, -1, cfg)
+      local lease = node .. '#' .. redis.call('HINCRBY', req, 'attempt', 1)
+      redis.call('HSET', req, 'status', 'running', 'executed_by', node, 'lease', lease, 'queue_node', '')
+      redis.call('HSETNX', req, 'started_at', fmt(t))
+      redis.call('EXPIRE', req, 86400 + RETENTION)
+      redis.call('ZREM', K_WAITING, uid)
+      redis.call('ZADD', K_INFLIGHT, t + lease_s, uid)
+      local fields = redis.call('HMGET', req, 'payload', 'num_output_tokens', 'home_node')
+      table.insert(claimed, {uid, lease, fields[1], fields[2], fields[3]})
+    end
+  end
+end
+return claimed
+"""
+
+# ARGV: prefix, retention, uid, lease, index, token_id, text, lease seconds.
+# Returns 1 when a cancel was asked, 0 to go on, -1 when the lease is no longer the caller's,
+# -2 when the index is not the next one (each index is streamed exactly once, in order).
+EMIT = PRELUDE + """
+local uid, lease, index = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local req, out = k_req(uid), k_out(uid)
+if redis.call('HGET', req, 'status') ~= 'running' or redis.call('HGET', req, 'lease') ~= lease then
+  return -1
+end
+if tonumber(redis.call('HGET', req, 'num_output_tokens')) ~= index then return -2 end
+local t = now()
+redis.call('XADD', out, '*', 'type', 'token', 'index', index, 'token_id', ARGV[6], 'text', ARGV[7])
+redis.call('EXPIRE', out, 86400 + RETENTION)
+if index == 0 then redis.call('HSET', req, 'first_token_at', fmt(t)) end
+redis.call('HSET', req, 'num_output_tokens', index + 1)
+redis.call('ZADD', K_INFLIGHT, 'XX', t + tonumber(ARGV[8]), uid)
+push_result(req, {index = index, token_id = tonumber(ARGV[6]), text = ARGV[7]})
+if redis.call('HGET', req, 'cancel_requested') == '1' then return 1 end
+return 0
+"""
+
+# ARGV: prefix, retention, uid, lease, status, finish_reason, output ids JSON, error code, message.
+# Returns the status the request ends with, or its current one when the lease is not the caller's.
+FINISH = PRELUDE + """
+local uid, lease = ARGV[3], ARGV[4]
+local req = k_req(uid)
+local status = redis.call('HGET', req, 'status')
+if status ~= 'running' or redis.call('HGET', req, 'lease') ~= lease then return status or 'missing' end
+close(uid, ARGV[5], ARGV[6], ARGV[8], ARGV[9], {'output_token_ids', ARGV[7]})
+return ARGV[5]
+"""
+
+# ARGV: prefix, retention, uid. Returns 'cancelled' (was waiting), 'cancelling' (running: the node
+# stops at its next token) or the unchanged final status.
+CANCEL = PRELUDE + """
+local cfg, uid = config(), ARGV[3]
+local status = redis.call('HGET', k_req(uid), 'status')
+if not status then return 'missing' end
+if status == 'queued' then
+  close_waiting(uid, 'cancelled', 'cancelled by the client', cfg)
+  return 'cancelled'
+end
+if status == 'running' then
+  redis.call('HSET', k_req(uid), 'cancel_requested', '1')
+  return 'cancelling'
+end
+return status
+"""
+
+# ARGV: prefix, retention, limit. Evicts every request that waited scheduler_ttl seconds.
+EXPIRE_DUE = PRELUDE + """
+local cfg = config()
+local ttl = cfg.scheduler_ttl
+local due = redis.call('ZRANGEBYSCORE', K_WAITING, '-inf', now() - ttl, 'LIMIT', 0, tonumber(ARGV[3]))
+local expired = {}
+for _, uid in ipairs(due) do
+  if redis.call('HGET', k_req(uid), 'status') == 'queued' then
+    close_waiting(uid, 'expired', 'waited longer than scheduler_ttl=' .. ttl .. 's', cfg)
+    table.insert(expired, uid)
+  else
+    redis.call('ZREM', K_WAITING, uid)
+  end
+end
+return expired
+"""
+
+# ARGV: prefix, retention, limit, dead_after seconds. Running requests whose lease ran out (their
+# node died) go back to the front of a queue: their home node's when it is alive (always, in local
+# mode), else the least loaded live node. Returns {uid, node} pairs.
+RECOVER = PRELUDE + """
+local cfg, t = config(), now()
+local due = redis.call('ZRANGEBYSCORE', K_INFLIGHT, '-inf', t, 'LIMIT', 0, tonumber(ARGV[3]))
+local live = live_nodes(t, tonumber(ARGV[4]))
+local is_live = {}
+for _, node in ipairs(live) do is_live[node] = true end
+local moved = {}
+for _, uid in ipairs(due) do
+  local req = k_req(uid)
+  if redis.call('HGET', req, 'status') == 'running' then
+    local target = redis.call('HGET', req, 'home_node')
+    if cfg.scheduler_name == 'global' and not is_live[target] and #live > 0 then
+      target = least_loaded(live, cfg)
+    end
+    requeue(uid, target, cfg, t)
+    table.insert(moved, {uid, target})
+  else
+    redis.call('ZREM', K_INFLIGHT, uid)
+  end
+end
+return moved
+"""
+
+# ARGV: prefix, retention, node. A node starting under a name that still holds running requests
+# (it died and came back before its leases ran out) takes them back at the front of its own queue.
+RECLAIM = PRELUDE + """
+local cfg, t, node = config(), now(), ARGV[3]
+local taken = {}
+for _, uid in ipairs(redis.call('ZRANGE', K_INFLIGHT, 0, -1)) do
+  local req = k_req(uid)
+  if redis.call('HGET', req, 'status') == 'running' and redis.call('HGET', req, 'executed_by') == node then
+    requeue(uid, node, cfg, t)
+    table.insert(taken, uid)
+  end
+end
+return taken
+"""
+
+# ARGV: prefix, retention, dead_after seconds, limit. Global mode: the queues of nodes that are not
+# alive are spread over the live nodes (least loaded first). Returns how many requests moved.
+REHOME = PRELUDE + """
+local cfg, t = config(), now()
+if cfg.scheduler_name ~= 'global' then return 0 end
+local live = live_nodes(t, tonumber(ARGV[3]))
+if #live == 0 then return 0 end
+local is_live = {}
+for _, node in ipairs(live) do is_live[node] = true end
+local moved, limit = 0, tonumber(ARGV[4])
+for shard = 0, cfg.scheduler_load_shards_num - 1 do
+  for _, node in ipairs(redis.call('ZRANGEBYSCORE', k_load(shard), 1, '+inf')) do
+    while not is_live[node] and moved < limit do
+      local uid = redis.call('LPOP', k_queue(node))
+      if not uid then break end
+      add_load(node, -1, cfg)
+      local target = least_loaded(live, cfg)
+      redis.call('RPUSH', k_queue(target), uid)
+      add_load(target, 1, cfg)
+      redis.call('HSET', k_req(uid), 'queue_node', target)
+      ring(target)
+      moved = moved + 1
+    end
+  end
+end
+return moved
+"""
+
+# ARGV: prefix, retention, lease seconds, node, then uid, lease pairs. The node's heartbeat: marks
+# it alive and renews the leases it still holds.
+RENEW = PRELUDE + """
+local t, lease_s, node = now(), tonumber(ARGV[3]), ARGV[4]
+redis.call('ZADD', K_ALIVE, t, node)
+local renewed = 0
+for i = 5, #ARGV, 2 do
+  if redis.call('HGET', k_req(ARGV[i]), 'lease') == ARGV[i + 1] then
+    redis.call('ZADD', K_INFLIGHT, 'XX', t + lease_s, ARGV[i])
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
+# ARGV: prefix, retention, config JSON. Publishes a configuration; when the shard count changes,
+# every node's score moves to its new table in the same step.
+PUBLISH_CONFIG = PRELUDE + """
+local old = config()
+local new = cjson.decode(ARGV[3])
+redis.call('SET', K_CONFIG, ARGV[3])
+local new_n = tonumber(new.scheduler_load_shards_num or 1)
+if new_n == old.scheduler_load_shards_num then return 0 end
+local scores = {}
+for shard = 0, old.scheduler_load_shards_num - 1 do
+  local members = redis.call('ZRANGE', k_load(shard), 0, -1, 'WITHSCORES')
+  for i = 1, #members, 2 do table.insert(scores, {members[i], members[i + 1]}) end
+  redis.call('DEL', k_load(shard))
+end
+for _, entry in ipairs(scores) do
+  redis.call('ZINCRBY', k_load(crc16(entry[1]) % new_n), entry[2], entry[1])
+end
+return #scores
+"""
