@@ -58,9 +58,10 @@ class Scheduler(ABC):
 
 def create_scheduler(config: SchedulerConfig, **kwargs: Any) -> Scheduler:
     """The scheduler named by ``config.scheduler_name``."""
+    from scheduler.global_ import GlobalScheduler
     from scheduler.local import LocalScheduler
 
-    schedulers: dict[str, type[Scheduler]] = {"local": LocalScheduler}
+    schedulers: dict[str, type[Scheduler]] = {"local": LocalScheduler, "global": GlobalScheduler}
     try:
         cls = schedulers[config.scheduler_name]
     except KeyError:

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+
+from scheduler import keys
 from scheduler.base import Scheduler, create_scheduler
-from scheduler.config import parse_config
+from scheduler.config import SchedulerConfig, parse_config
 from scheduler.messages import Request, Result
 
 BATCH = 3
+IDLE_S = 0.0005  # an idle loop's pause, so that it does not hold the GIL against the others
 TIME_LIMIT_S = 120.0
 
 
@@ -49,7 +58,7 @@ def _node_loop(scheduler: Scheduler, n: int, deadline: float) -> None:
         batch = scheduler.get_requests(available_blocks=1_000, block_size=64, reserved_output_blocks=1,
                                        max_num_batched_tokens=8_192, batch=BATCH)
         if not batch:
-            time.sleep(0)  # yield to the producer; a real engine would block on its wait call
+            time.sleep(IDLE_S)  # a real engine would block on its own wait
             continue
         scheduler.put_results([
             Result(r.request_id, index=0, token_id=0, finished=True, finish_reason="length") for r in batch
@@ -62,7 +71,34 @@ def _drain(scheduler: Scheduler, n: int, deadline: float) -> int:
     while finished < n and time.monotonic() < deadline:
         results = scheduler.get_results()
         if not results:
-            time.sleep(0)
+            time.sleep(IDLE_S)
             continue
         finished += sum(1 for outputs in results.values() for r in outputs if r.finished)
     return finished
+
+
+@contextmanager
+def redis_bench_topic(url: str, scheduler_name: str = "global") -> Iterator[tuple[Redis, SchedulerConfig]]:
+    """A throwaway topic on the Redis at ``url``; every key it made is deleted afterwards."""
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    redis = Redis.from_url(url)
+    config = parse_config({"scheduler_name": scheduler_name, "scheduler_topic": topic})
+    try:
+        yield redis, config
+    finally:
+        _delete_topic_keys(redis, topic)
+        redis.close()
+
+
+def _delete_topic_keys(redis: Redis, topic: str) -> None:
+    """Every key of ``topic`` (its hash tag needs escaping in a SCAN pattern) and its rq jobs."""
+    pattern = "*" + keys.topic_prefix(topic).replace("{", "\\{").replace("}", "\\}") + "*"
+    doomed = [key.decode() for key in redis.scan_iter(match=pattern, count=1000)]
+    req_prefix = keys.request(topic, "")
+    doomed += [Job.key_for(key[len(req_prefix):]) for key in doomed if key.startswith(req_prefix)]
+    for start in range(0, len(doomed), 1000):
+        redis.delete(*doomed[start:start + 1000])
+    redis.srem(keys.TOPICS, topic)
+    queues = [key for key in doomed if key.startswith(keys.RQ_QUEUE_PREFIX)]
+    if queues:
+        redis.srem(Queue.redis_queues_keys, *queues)

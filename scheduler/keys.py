@@ -14,7 +14,7 @@ TOPICS = f"{PREFIX}:topics"  # set of topic names known to the cluster (the reap
 # Suffixes after the topic prefix, shared by the Python builders and the Lua ones.
 REQ, OUT, WAITING, CONFIG, RR, HB = "req:", "out:", "waiting", "config", "rr", "hb:"
 NODE, LOAD, INFLIGHT, ALIVE, BELL, RESULTS = "node:", "load:", "inflight", "alive", "bell:", "results:"
-IDS = "ids"
+IDS, CRC = "ids", "crc"
 
 
 def topic_prefix(topic: str) -> str:
@@ -81,6 +81,11 @@ def request_ids(topic: str) -> str:
     return topic_prefix(topic) + IDS
 
 
+def node_crcs(topic: str) -> str:
+    """Hash: node -> CRC-16 of its name (one entry per node name; the scripts' shard lookup)."""
+    return topic_prefix(topic) + CRC
+
+
 def node_queue_name(topic: str, node: str) -> str:
     """The rq queue name of a node (rq stores it under ``rq:queue:<name>``)."""
     return topic_prefix(topic) + NODE + node
@@ -105,4 +110,5 @@ local K_CONFIG = P .. '{CONFIG}'
 local K_INFLIGHT = P .. '{INFLIGHT}'
 local K_ALIVE = P .. '{ALIVE}'
 local K_IDS = P .. '{IDS}'
+local K_CRC = P .. '{CRC}'
 """

@@ -73,7 +73,11 @@ class Result:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Result:
-        data = json.loads(raw)
+        return cls.from_dict(json.loads(raw))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Result:
+        """Any result shape (token, final, error) parses; unknown fields are ignored."""
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 

@@ -35,16 +35,26 @@ local function config()
   cfg.scheduler_min_load_score = tonumber(cfg.scheduler_min_load_score or 3)
   return cfg
 end
-local function add_load(node, delta, cfg)
-  if delta ~= 0 then
-    redis.call('ZINCRBY', k_load(crc16(node) % cfg.scheduler_load_shards_num), delta, node)
+local crc_of = {}  -- a node's CRC: the CRC loop in Lua costs ~10 us, so it is kept in K_CRC
+local function shard(node, cfg)
+  local crc = crc_of[node]
+  if not crc then
+    crc = tonumber(redis.call('HGET', K_CRC, node))
+    if not crc then
+      crc = crc16(node)
+      redis.call('HSET', K_CRC, node, crc)
+    end
+    crc_of[node] = crc
   end
+  return crc % cfg.scheduler_load_shards_num
 end
-local function ring(node)
+local function add_load(node, delta, cfg)
+  if delta ~= 0 then redis.call('ZINCRBY', k_load(shard(node, cfg)), delta, node) end
+end
+local function ring(node)  -- a list of at most one element: trimmed, so it needs no TTL
   local bell = k_bell(node)
   redis.call('LPUSH', bell, '1')
   redis.call('LTRIM', bell, 0, 0)
-  redis.call('EXPIRE', bell, 60)
 end
 local function push_result(req, result)
   local origin = redis.call('HGET', req, 'origin')
@@ -56,12 +66,13 @@ local function push_result(req, result)
   end
 end
 local function enqueue(uid, node, front, cfg, t)
-  local req = k_req(uid)
-  if front then redis.call('LPUSH', k_queue(node), uid) else redis.call('RPUSH', k_queue(node), uid) end
+  local length
+  if front then length = redis.call('LPUSH', k_queue(node), uid) else
+    length = redis.call('RPUSH', k_queue(node), uid) end
   add_load(node, 1, cfg)
-  redis.call('HSET', req, 'status', 'queued', 'queue_node', node)
+  redis.call('HSET', k_req(uid), 'status', 'queued', 'queue_node', node)
   redis.call('ZADD', K_WAITING, t, uid)
-  ring(node)
+  if length == 1 then ring(node) end  -- a node with work queued claims again without being woken
 end
 local function dequeue(uid, req, cfg)
   local holder = redis.call('HGET', req, 'queue_node')
@@ -94,7 +105,7 @@ end
 local function least_loaded(nodes, cfg)
   local best, best_score = nil, nil
   for _, node in ipairs(nodes) do
-    local table_key = k_load(crc16(node) % cfg.scheduler_load_shards_num)
+    local table_key = k_load(shard(node, cfg))
     local score = tonumber(redis.call('ZSCORE', table_key, node) or 0)
     if best == nil or score < best_score then best, best_score = node, score end
   end
@@ -171,7 +182,7 @@ local blocks_left, block_size = tonumber(ARGV[8]), tonumber(ARGV[9])
 local reserved, tokens_left = tonumber(ARGV[10]), tonumber(ARGV[11])
 local budgeted = blocks_left >= 0
 if n < 1 or (budgeted and blocks_left <= reserved) then return {} end
-local own, t, stole, claimed = k_queue(node), now(), false, {}
+local own, t, stole, claimed, popped = k_queue(node), now(), false, {}, 0
 while #claimed < n do
   local uid = redis.call('LINDEX', own, 0)
   if not uid then
@@ -180,32 +191,36 @@ while #claimed < n do
     if steal(node, cfg, tonumber(ARGV[6]), n) == 0 then break end
   else
     local req = k_req(uid)
+    local f = redis.call('HMGET', req, 'status', 'prompt_tokens', 'attempt', 'started_at', 'payload',
+                        'num_output_tokens', 'home_node')
     local waited = tonumber(redis.call('ZSCORE', K_WAITING, uid) or t)
-    if redis.call('HGET', req, 'status') ~= 'queued' then
+    if f[1] ~= 'queued' then
       redis.call('LPOP', own)  -- a stale id whose request ended elsewhere
-      add_load(node, -1, cfg)
+      popped = popped + 1
     elseif t - waited >= cfg.scheduler_ttl then
+      add_load(node, -popped, cfg)
+      popped = 0
       close_waiting(uid, 'expired', 'waited longer than scheduler_ttl=' .. cfg.scheduler_ttl .. 's', cfg)
     else
       if budgeted then
-        local prompt = tonumber(redis.call('HGET', req, 'prompt_tokens'))
+        local prompt = tonumber(f[2])
         local need = math.ceil(prompt / block_size) + reserved
         if need > blocks_left or (#claimed > 0 and prompt > tokens_left) then break end
         blocks_left, tokens_left = blocks_left - need, tokens_left - prompt
       end
       redis.call('LPOP', own)
-      add_load(node, -1, cfg)
-      local lease = node .. '#' .. redis.call('HINCRBY', req, 'attempt', 1)
-      redis.call('HSET', req, 'status', 'running', 'executed_by', node, 'lease', lease, 'queue_node', '')
-      redis.call('HSETNX', req, 'started_at', fmt(t))
+      popped = popped + 1
+      local lease = node .. '#' .. (tonumber(f[3]) + 1)
+      redis.call('HSET', req, 'status', 'running', 'executed_by', node, 'lease', lease, 'queue_node', '',
+                 'attempt', tonumber(f[3]) + 1, 'started_at', f[4] or fmt(t))
       redis.call('EXPIRE', req, 86400 + RETENTION)
       redis.call('ZREM', K_WAITING, uid)
       redis.call('ZADD', K_INFLIGHT, t + lease_s, uid)
-      local fields = redis.call('HMGET', req, 'payload', 'num_output_tokens', 'home_node')
-      table.insert(claimed, {uid, lease, fields[1], fields[2], fields[3]})
+      table.insert(claimed, {uid, lease, f[5], f[6], f[7]})
     end
   end
 end
+add_load(node, -popped, cfg)
 return claimed
 """
 

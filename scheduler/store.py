@@ -15,15 +15,17 @@ node's queue and resumes there after the tokens already streamed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import NoScriptError
 from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -41,6 +43,8 @@ RETENTION_S = 3600  # how long Redis keeps a finished request's hash and stream 
 JOB_TIMEOUT_S = 3600
 LEASE_S = 5.0  # a running request whose node has not renewed it for this long goes to another node
 FINAL_STATUSES = ("finished", "failed", "expired", "cancelled")
+SCRIPTS = ("SUBMIT", "CLAIM", "EMIT", "FINISH", "CANCEL", "EXPIRE_DUE", "RECOVER", "RECLAIM", "REHOME",
+           "RENEW", "PUBLISH_CONFIG")
 
 
 @dataclass(frozen=True)
@@ -99,15 +103,39 @@ class RequestStore:
     def __init__(self, redis: Redis) -> None:
         # rq needs a connection that returns bytes; this class decodes what it reads itself.
         self.redis = redis
-        self._scripts = {
-            name: redis.register_script(getattr(scripts, name))
-            for name in ("SUBMIT", "CLAIM", "EMIT", "FINISH", "CANCEL", "EXPIRE_DUE", "RECOVER", "RECLAIM",
-                         "REHOME", "RENEW", "PUBLISH_CONFIG")
-        }
+        self._registered_queues: set[str] = set()
+        # EVALSHA by digest, loading the scripts only when Redis says it lacks them: redis-py's Script
+        # objects would ask SCRIPT EXISTS before every pipeline, doubling its round trips.
+        self._shas = {name: hashlib.sha1(getattr(scripts, name).encode()).hexdigest() for name in SCRIPTS}
+
+    def _load_scripts(self) -> None:
+        for name in SCRIPTS:
+            self.redis.script_load(getattr(scripts, name))
 
     def _run(self, name: str, topic: str, *args: Any, client=None) -> Any:
-        args = [keys.topic_prefix(topic), RETENTION_S, *args]
-        return self._scripts[name](keys=[keys.config(topic)], args=args, client=client)
+        """Run script ``name`` now, or queue it on pipeline ``client`` (see ``execute``)."""
+        argv = (keys.topic_prefix(topic), RETENTION_S, *args)
+        if client is not None:
+            return client.evalsha(self._shas[name], 1, keys.config(topic), *argv)
+        try:
+            return self.redis.evalsha(self._shas[name], 1, keys.config(topic), *argv)
+        except NoScriptError:
+            self._load_scripts()
+            return self.redis.evalsha(self._shas[name], 1, keys.config(topic), *argv)
+
+    def execute(self, build: Callable[[Any], None]) -> list[Any]:
+        """Run the commands ``build`` puts on a pipeline in one round trip (again, once the scripts are
+        loaded, if Redis had lost them: every command such a build queues may run twice)."""
+        for attempt in (1, 2):
+            with self.redis.pipeline(transaction=False) as pipe:
+                build(pipe)
+                try:
+                    return pipe.execute()
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    self._load_scripts()
+        raise AssertionError("unreachable")
 
     # -- configuration -------------------------------------------------------------------------
     def publish_config(self, topic: str, config: SchedulerConfig) -> None:
@@ -148,23 +176,33 @@ class RequestStore:
         return expired
 
     def submit_many(self, topic: str, items: list[tuple[str, Request, str]], config: SchedulerConfig,
-                    origin: str = "") -> tuple[list[str], list[str]]:
-        """Queue several requests in one round trip: (expired uids, "ok"|"full"|"duplicate" per item)."""
+                    origin: str = "", rq_jobs: bool = True) -> tuple[list[str], list[str]]:
+        """Queue several requests in one round trip: (expired uids, "ok"|"full"|"duplicate" per item).
+
+        ``rq_jobs`` writes each request's rq job hash too, for node workers and django-rq's views; the
+        bare scheduler interface (an engine claiming through ``claim``) has no use for it.
+        """
         max_size = config.scheduler_max_size if config.scheduler_name == "local" else -1
-        positions = []  # where each SUBMIT's reply lands among the pipeline's replies
-        with self.redis.pipeline(transaction=False) as pipe:
-            self._run("EXPIRE_DUE", topic, 500, client=pipe)
+        positions: list[int] = []  # where each SUBMIT's reply lands among the pipeline's replies
+
+        def build(pipe) -> None:
+            positions.clear()
+            if max_size != -1:  # evict overdue requests first, so that none holds a place in the queue
+                self._run("EXPIRE_DUE", topic, 500, client=pipe)
             for uid, request, home in items:
-                self._save_job(pipe, topic, uid, request, home, config)
+                if rq_jobs:
+                    self._save_job(pipe, topic, uid, request, home, config)
                 positions.append(len(pipe.command_stack))
                 self._run("SUBMIT", topic, uid, request.request_id, home, json.dumps(request.to_dict()),
                           request.prompt_len, max_size, origin, client=pipe)
-            replies = pipe.execute()
+
+        replies = self.execute(build)
         outcome = [replies[i][0].decode() for i in positions]
         refused = [uid for (uid, _, _), status in zip(items, outcome, strict=True) if status != "ok"]
-        if refused:
+        if refused and rq_jobs:
             self.redis.delete(*(Job.key_for(uid) for uid in refused))
-        return [uid.decode() for uid in replies[0]], outcome
+        expired = [uid.decode() for uid in replies[0]] if max_size != -1 else []
+        return expired, outcome
 
     def _save_job(self, pipe, topic: str, uid: str, request: Request, home: str,
                   config: SchedulerConfig) -> None:
@@ -178,7 +216,9 @@ class RequestStore:
         job._status = JobStatus.QUEUED
         job.save(pipeline=pipe)
         pipe.expire(job.key, config.scheduler_ttl + JOB_TIMEOUT_S + RETENTION_S)
-        pipe.sadd(Queue.redis_queues_keys, keys.rq_queue(queue))
+        if queue not in self._registered_queues:  # rq's list of queues, for django-rq's views
+            pipe.sadd(Queue.redis_queues_keys, keys.rq_queue(queue))
+            self._registered_queues.add(queue)
 
     # -- running --------------------------------------------------------------------------------
     def claim(self, topic: str, node: str, n: int = 1, *, may_steal: bool = True,
@@ -192,9 +232,11 @@ class RequestStore:
         return [Claim(uid.decode(), lease.decode(), Request.from_dict(json.loads(payload)), int(streamed),
                       home.decode()) for uid, lease, payload, streamed, home in reply]
 
-    def emit(self, topic: str, uid: str, lease: str, index: int, token_id: int, text: str) -> int:
+    def emit(self, topic: str, uid: str, lease: str, index: int, token_id: int, text: str,
+             client=None) -> Any:
         """Stream token ``index``: 1 = cancel asked, 0 = go on, -1 = lease lost, -2 = out of order."""
-        return int(self._run("EMIT", topic, uid, lease, index, token_id, text, LEASE_S))
+        reply = self._run("EMIT", topic, uid, lease, index, token_id, text, LEASE_S, client=client)
+        return reply if client is not None else int(reply)
 
     def finish(self, topic: str, uid: str, lease: str, *, status: str, finish_reason: str | None,
                output_token_ids: Iterable[int] = (), error: tuple[str, str] | None = None,
@@ -281,7 +323,8 @@ class RequestStore:
                         held: dict[str, str] | None = None, ttl_s: int = 3600) -> None:
         """The node's heartbeat hash (for the console) plus liveness and lease renewal (for failover)."""
         key = keys.heartbeat(topic, node)
-        with self.redis.pipeline(transaction=False) as pipe:
+
+        def build(pipe) -> None:
             pipe.hset(key, mapping={**{k: str(v) for k, v in fields.items()}, "ts": f"{time.time():.6f}"})
             pipe.expire(key, ttl_s)
             if fields.get("state") != "stopped":
@@ -289,7 +332,8 @@ class RequestStore:
                 self._run("RENEW", topic, LEASE_S, node, *pairs, client=pipe)
             else:
                 pipe.zrem(keys.alive(topic), node)
-            pipe.execute()
+
+        self.execute(build)
 
     def read_heartbeats(self, topic: str, nodes: list[str]) -> dict[str, dict[str, str]]:
         with self.redis.pipeline(transaction=False) as pipe:

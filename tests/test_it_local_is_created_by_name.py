@@ -1,4 +1,4 @@
-"""create_scheduler builds the Local scheduler by name and refuses, with a named error, one not built yet."""
+"""create_scheduler builds a scheduler by name and refuses, with a named error, one not built yet."""
 
 import pytest
 
@@ -19,7 +19,14 @@ def test_the_clock_is_passed_through() -> None:
     assert isinstance(s, LocalScheduler) and s.clock() == 42.0
 
 
-@pytest.mark.parametrize("name", ["global", "splitwise", "nonsense"])
+def test_global_is_created_over_redis(redis_conn) -> None:
+    from scheduler.global_ import GlobalScheduler
+
+    s = create_scheduler(parse_config({"scheduler_name": "global", "scheduler_topic": "g"}), redis=redis_conn)
+    assert isinstance(s, GlobalScheduler) and s.stats()["scheduler"] == "global"
+
+
+@pytest.mark.parametrize("name", ["splitwise", "nonsense"])
 def test_an_unavailable_scheduler_is_a_config_error_naming_the_field(name: str) -> None:
     config = SchedulerConfig(scheduler_name=name)  # bypasses parse_config on purpose for "nonsense"
     with pytest.raises(ConfigError) as caught:

@@ -41,12 +41,16 @@ class Command(BaseCommand):
                            repeats=options["repeats"])
 
     def bench_scheduler(self, options) -> dict:
-        from scheduler.bench import bench_scheduler
-        from scheduler.errors import ConfigError
+        from scheduler.bench import bench_scheduler, redis_bench_topic
 
         if options["requests"] < 1:
             raise CommandError("--requests must be at least 1")
-        try:
-            return bench_scheduler(options["scheduler"], options["requests"])
-        except ConfigError as exc:
-            raise CommandError(exc.message) from None
+        if options["scheduler"] == "local":
+            return bench_scheduler("local", options["requests"])
+        if options["scheduler"] == "splitwise":
+            raise CommandError("the splitwise scheduler is not available in this version")
+        with redis_bench_topic(settings.FD_REDIS_URL) as (redis, config):
+            from scheduler.global_ import GlobalScheduler
+
+            scheduler = GlobalScheduler(config, redis, node="bench-node")
+            return bench_scheduler("global", options["requests"], scheduler=scheduler)

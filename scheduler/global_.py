@@ -1,0 +1,121 @@
+"""The Global scheduler behind FastDeploy's four calls: Redis-backed, with work stealing.
+
+Design note. One instance is one node of a topic and, as in FastDeploy, also the origin of the
+requests it puts: ``put_requests`` queues them on this node (their home), ``get_requests`` claims from
+this node's queue and steals from the most loaded nodes when it is empty, ``put_results`` streams
+results under the lease taken at claim time, and ``get_results`` takes what reached this origin,
+whichever node ran the request. Each call is one round trip (a pipeline of Lua scripts), whatever the
+batch size.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Any
+
+from redis import Redis
+
+from scheduler.base import Scheduler
+from scheduler.config import SchedulerConfig
+from scheduler.messages import Request, Result
+from scheduler.store import Budget, Claim, RequestStore, new_uid
+
+
+class GlobalScheduler(Scheduler):
+    def __init__(self, config: SchedulerConfig, redis: Redis, node: str = "node-0",
+                 origin: str | None = None) -> None:
+        self.config = config
+        self.topic = config.scheduler_topic
+        self.node = node
+        self.origin = origin or node
+        self.store = RequestStore(redis)
+        self.store.publish_config(self.topic, config)
+        self.running: dict[str, Claim] = {}  # request_id -> claim, for the results this node puts
+        self.uids: dict[str, str] = {}  # request_id -> uid of the requests this origin put
+        self._lock = threading.Lock()
+
+    def put_requests(self, requests: list[Request]) -> list[tuple[str, str | None]]:
+        items = [(new_uid(), request, self.node) for request in requests]
+        _, outcome = self.store.submit_many(self.topic, items, self.config, origin=self.origin, rq_jobs=False)
+        answers = []
+        with self._lock:
+            for (uid, request, _), status in zip(items, outcome, strict=True):
+                if status == "ok":
+                    self.uids[request.request_id] = uid
+                answers.append((request.request_id, _refusal(status, request.request_id)))
+        return answers
+
+    def get_requests(self, available_blocks: int, block_size: int, reserved_output_blocks: int,
+                     max_num_batched_tokens: int, batch: int = 1) -> list[Request]:
+        if batch < 1 or available_blocks <= reserved_output_blocks:
+            return []
+        budget = Budget(available_blocks, block_size, reserved_output_blocks, max_num_batched_tokens)
+        claims = self.store.claim(self.topic, self.node, batch, budget=budget)
+        with self._lock:
+            for claim in claims:
+                self.running[claim.request.request_id] = claim
+        return [claim.request for claim in claims]
+
+    def put_results(self, results: list[Result]) -> None:
+        """Stream results of requests this node claimed; a final result ends its request."""
+        with self._lock:
+            claims = [(result, self.running.get(result.request_id)) for result in results]
+        def build(pipe) -> None:
+            for result, claim in claims:
+                if claim is not None:
+                    self._stream(pipe, result, claim)
+
+        self.store.execute(build)
+        with self._lock:
+            for result, _ in claims:
+                if result.finished:
+                    self.running.pop(result.request_id, None)
+
+    def _stream(self, pipe, result: Result, claim: Claim) -> None:
+        if result.token_id is not None and result.token_id >= 0:
+            self.store.emit(self.topic, claim.uid, claim.lease, result.index, result.token_id, result.text,
+                            client=pipe)
+        if result.finished:
+            status = "failed" if result.error else "finished"
+            error = (result.error["code"], result.error.get("message", "")) if result.error else None
+            self.store.finish(self.topic, claim.uid, claim.lease, status=status,
+                              finish_reason=result.finish_reason, error=error, client=pipe)
+
+    def get_results(self) -> dict[str, list[Result]]:
+        grouped: dict[str, list[Result]] = defaultdict(list)
+        for raw in self.store.take_results(self.topic, self.origin):
+            result = Result.from_dict(raw)
+            grouped[result.request_id].append(result)
+            if result.finished:
+                with self._lock:
+                    self.uids.pop(result.request_id, None)
+        return dict(grouped)
+
+    def cancel(self, request_id: str) -> bool:
+        with self._lock:
+            uid = self.uids.get(request_id)
+        return uid is not None and self.store.cancel(self.topic, uid) in ("cancelled", "cancelling")
+
+    def reset(self) -> None:
+        with self._lock:
+            self.running.clear()
+            self.uids.clear()
+
+    def stats(self) -> dict[str, Any]:
+        nodes = [self.node]
+        return {"scheduler": "global", "node": self.node,
+                "load_scores": self.store.load_scores(self.topic, nodes),
+                "queue_lengths": self.store.queue_lengths(self.topic, nodes), "running": len(self.running)}
+
+    def apply_config(self, config: SchedulerConfig) -> None:
+        self.store.publish_config(self.topic, config)
+        self.config = config
+
+
+def _refusal(status: str, request_id: str) -> str | None:
+    if status == "ok":
+        return None
+    if status == "duplicate":
+        return f"duplicate request id '{request_id}'"
+    return "queue full"
