@@ -27,11 +27,13 @@ def run_request(topic: str, uid: str) -> dict[str, Any]:
         log.warning("request %s was not claimed by node %s; not running it", uid, runtime.name)
         return {"status": "not_claimed"}
     runtime.hooks.on_change(topic, uid)
+    output_ids: list[int] = []  # filled as tokens stream, so that a failure keeps what was sent
     try:
-        return _generate(runtime, topic, claim)
+        return _generate(runtime, topic, claim, output_ids)
     except Exception as exc:
         log.exception("request %s failed", uid)
         runtime.store.finish(topic, uid, claim.lease, status="failed", finish_reason=None,
+                             output_token_ids=output_ids,
                              error=("engine_error", f"{type(exc).__name__}: {exc}"))
         raise  # rq records the failed job, visible at /rq/
     finally:
@@ -40,13 +42,14 @@ def run_request(topic: str, uid: str) -> dict[str, Any]:
         runtime.hooks.on_finished(runtime.name, claim.home != runtime.name)
 
 
-def _generate(runtime, topic: str, claim: Claim) -> dict[str, Any]:
+def _generate(runtime, topic: str, claim: Claim, output_ids: list[int]) -> dict[str, Any]:
     store, uid, lease = runtime.store, claim.uid, claim.lease
-    output_ids = store.streamed_tokens(topic, uid) if claim.streamed else []
+    if claim.streamed:
+        output_ids.extend(store.streamed_tokens(topic, uid))
     cancel = threading.Event()  # set when Redis says the client cancelled; checked before each token
     finish_reason = None
     steps = runtime.engine.generate(claim.request.prompt_token_ids, claim.request.sampling, cancel.is_set,
-                                    resume_token_ids=output_ids)
+                                    resume_token_ids=list(output_ids))
     for step in steps:
         finish_reason = step.finish_reason or finish_reason
         if step.token_id < 0:

@@ -165,6 +165,8 @@ def _check_text(param: Parameter, raw: Any) -> str:
         raise ConfigError("scheduler_host must be a host name or an IP address", field=name)
     if name == "scheduler_password" and len(raw) > 512:
         raise ConfigError("scheduler_password is longer than 512 characters", field=name)
+    if name == "scheduler_password" and not raw.isprintable():
+        raise ConfigError("scheduler_password must contain only printable characters", field=name)
     return raw
 
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from scheduler.config import validate_name
 from scheduler.errors import ConfigError
 
 MAX_REQUEST_ID_LEN = 128
@@ -124,8 +125,8 @@ def parse_submission(body: Any, *, max_model_len: int, encode) -> tuple[Request,
     if request_id is not None:
         validate_request_id(request_id)
     node = body.get("node")
-    if node is not None and (not isinstance(node, str) or not node):
-        raise ConfigError("node must be a node name", field="node")
+    if node is not None:
+        validate_name(node, "node")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise ConfigError("stream must be true or false", field="stream")
     request = Request(request_id=request_id or "", prompt_token_ids=prompt_ids, sampling=sampling)
@@ -140,6 +141,9 @@ def validate_request_id(value: Any) -> str:
         )
     if not value.isprintable():
         raise ConfigError("request_id must contain only printable characters", field="request_id")
+    if value.endswith("/stream"):
+        raise ConfigError("request_id must not end with '/stream' (that URL is the request's stream)",
+                          field="request_id")
     return value
 
 

@@ -144,6 +144,9 @@ class RequestStore:
         self._run("PUBLISH_CONFIG", topic, json.dumps(config.as_dict()))
         self.redis.sadd(keys.TOPICS, topic)
 
+    def has_config(self, topic: str) -> bool:
+        return bool(self.redis.exists(keys.config(topic)))
+
     def config_of(self, topic: str) -> dict[str, Any]:
         raw = self.redis.get(keys.config(topic))
         return json.loads(raw) if raw else {}

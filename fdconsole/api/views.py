@@ -17,21 +17,25 @@ from fdconsole.nodes.models import Node
 from fdconsole.nodes.status import describe_nodes
 from fdconsole.redis_conn import get_redis, get_store
 from fdconsole.topics.models import Topic
-from scheduler.config import validate_name
+from scheduler.config import NAME_RE, validate_name
 from scheduler.errors import ConfigError
 
 CANCEL_WAIT_S = 2.0
 
 
 def get_topic(name: str) -> Topic:
-    topic = Topic.objects.filter(name=name).first()
+    # A name that could never be valid is unknown without asking the database (PostgreSQL would
+    # refuse a NUL in it with an error instead of "not found").
+    topic = Topic.objects.filter(name=name).first() if NAME_RE.match(name) else None
     if topic is None:
         raise UnknownObject(f"no topic '{name}'", field="topic")
     return topic
 
 
 def get_request_row(request_id: str) -> Request:
-    row = Request.objects.select_related("topic").filter(request_id=request_id).first()
+    row = None
+    if request_id.isprintable():
+        row = Request.objects.select_related("topic").filter(request_id=request_id).first()
     if row is None:
         raise UnknownObject(f"no request '{request_id}'", field="request_id")
     return row
@@ -121,7 +125,7 @@ def nodes(request: HttpRequest, user) -> JsonResponse:
 
 @api_view(("GET",))
 def node_detail(request: HttpRequest, user, name: str) -> JsonResponse:
-    row = Node.objects.select_related("topic").filter(name=name).first()
+    row = Node.objects.select_related("topic").filter(name=name).first() if NAME_RE.match(name) else None
     if row is None:
         raise UnknownObject(f"no node '{name}'", field="name")
     return JsonResponse(describe_nodes([row])[0])

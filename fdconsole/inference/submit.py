@@ -52,6 +52,8 @@ def submit_request(topic: Topic, body: Any, user=None) -> Request:
     request.request_id = request_id or f"req-{uuid.uuid4().hex}"
     request.topic = topic.name
     store = get_store()
+    if not store.has_config(topic.name):  # Redis restarted without persistence: the database knows
+        store.publish_config(topic.name, config)
     candidates = _candidate_nodes(topic, node_name, store)
     row = _insert_row(topic, request, candidates[0], user)
     try:

@@ -26,6 +26,8 @@ from fdconsole.embedded_redis import start_for_url
 from fdconsole.nodes.hooks import sync_many
 from fdconsole.redis_conn import get_store
 from fdconsole.topics.services import ensure_node, ensure_topic
+from scheduler.config import validate_name
+from scheduler.errors import ConfigError
 from scheduler.reaper import Reaper
 
 STOP_TIMEOUT_S = 15
@@ -44,9 +46,16 @@ class Command(BaseCommand):
     def handle(self, *args, **options) -> None:
         if options["nodes"] < 0:
             raise CommandError("--nodes must be 0 or more")
+        try:
+            self.topic = validate_name(options["topic"], "--topic")
+        except ConfigError as exc:
+            raise CommandError(exc.message) from None
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.stopping = threading.Event()
-        redis = start_for_url(settings.FD_REDIS_URL)
+        try:
+            redis = start_for_url(settings.FD_REDIS_URL)
+        except RuntimeError as exc:
+            raise CommandError(str(exc)) from None
         if redis:
             self.say(f"Started an embedded Redis at {settings.FD_REDIS_URL} (nothing answered there).")
         reaper = None
@@ -101,7 +110,7 @@ class Command(BaseCommand):
                     self.say(f"The console exited with code {code}; stopping everything.")
                     return
                 self.say(f"{label} exited with code {code}. Start it again with: "
-                         f"python manage.py fdnode --name {label}")
+                         f"python manage.py fdnode --topic {self.topic} --name {label}")
 
     def stop_children(self) -> None:
         for _, process in self.children:
