@@ -23,6 +23,8 @@ FD_MAX_MODEL_LEN = env_int("FD_MAX_MODEL_LEN", 1024)
 # Intra-op threads of a CPU node. Several nodes often share a machine; torch's default (one thread per
 # core each) makes them spin against each other and slows decoding by an order of magnitude.
 FD_TORCH_THREADS = env_int("FD_TORCH_THREADS", 1)
+# Demos and failover tests: every node waits this long after each token it streams.
+FD_TOKEN_DELAY_MS = env_int("FD_TOKEN_DELAY_MS", 0)
 
 INSTALLED_APPS = [
     "daphne",

@@ -12,28 +12,18 @@ nothing mathematically, but a row may differ from an unbatched run in the last f
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from gpu_worker.model import GPT, GPTConfig, KVCache, build_model
 from gpu_worker.sampling import advance_generator, check_sampling, make_generator, sample_next
+from gpu_worker.steps import GenerationStep
 from gpu_worker.tokenizer import ByteTokenizer
 from scheduler.messages import SamplingParams
 
 FINISH_LENGTH = "length"  # max_tokens reached; carried by the last token's step
 FINISH_STOP = "stop"  # the model produced end of text; carried by a final marker step
 FINISH_CANCELLED = "cancelled"  # should_stop() returned True; carried by a final marker step
-
-
-@dataclass(frozen=True)
-class GenerationStep:
-    """One step of ``Engine.generate``: a token, or (``token_id`` -1) a final marker with no token."""
-
-    index: int  # position in the output: 0 for the first generated token
-    token_id: int  # the generated token, or -1 for a final marker
-    text: str  # text this step completes (whole characters only; may be "")
-    finish_reason: str | None = None  # "length", "stop" or "cancelled" on the last step, else None
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

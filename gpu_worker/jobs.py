@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from gpu_worker.node import current_runtime
@@ -63,6 +64,8 @@ def _generate(runtime, topic: str, claim: Claim, output_ids: list[int]) -> dict[
             return {"status": "lease_lost", "tokens": len(output_ids)}
         if reply == 1:
             cancel.set()
+        if runtime.token_delay_s:
+            time.sleep(runtime.token_delay_s)
     status = "cancelled" if finish_reason == "cancelled" else "finished"
     final = store.finish(topic, uid, lease, status=status, finish_reason=finish_reason,
                          output_token_ids=output_ids)

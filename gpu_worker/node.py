@@ -52,6 +52,7 @@ class NodeRuntime:
     hooks: NodeHooks = field(default_factory=NodeHooks)
     held: dict[str, Claim] = field(default_factory=dict)  # uid -> claim of the requests it runs
     may_steal: bool = True
+    token_delay_s: float = 0.0  # a pause after each streamed token (demos, failover tests)
 
     @property
     def leases(self) -> dict[str, str]:

@@ -152,3 +152,25 @@ def run_node(engine, store):
         NodeWorker(runtime).work(burst=True, logging_level="WARNING")
 
     return run
+
+
+@pytest.fixture
+def node_processes(store, redis_url):
+    """Real ``fdnode`` processes (see tests/nodes.py); use with ``django_db(transaction=True)``."""
+    from tests.nodes import NodeProcesses
+
+    processes = NodeProcesses(store, redis_url)
+    yield processes
+    processes.stop_all()
+
+
+@pytest.fixture
+def global_topic(db, store):
+    """Topic ``default`` with the Global scheduler."""
+    from fdconsole.topics.services import ensure_topic
+
+    topic = ensure_topic("default")
+    topic.apply_config({"scheduler_name": "global"})
+    topic.save()
+    store.publish_config("default", topic.config)
+    return topic

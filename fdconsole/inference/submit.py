@@ -43,10 +43,10 @@ def submit_request(topic: Topic, body: Any, user=None) -> Request:
         body, max_model_len=settings.FD_MAX_MODEL_LEN, encode=_tokenizer.encode
     )
     config = topic.config
-    if config.scheduler_name != "local":
+    if config.scheduler_name == "splitwise":
         raise NoNodeAvailable(
-            f"topic '{topic.name}' uses the {config.scheduler_name} scheduler, which this version "
-            "does not run yet; set scheduler_name to local",
+            f"topic '{topic.name}' uses the splitwise scheduler, which this version does not run yet; "
+            "set scheduler_name to local or global",
             field="scheduler_name",
         )
     request.request_id = request_id or f"req-{uuid.uuid4().hex}"
@@ -82,7 +82,8 @@ def _queue_on_first_with_room(store, topic: Topic, config, row: Request, request
 
 
 def _candidate_nodes(topic: Topic, node_name: str | None, store) -> list[str]:
-    """The named node alone, else the enabled nodes in round-robin order from the next one."""
+    """The named node alone, else the enabled nodes in round-robin order from the next one (in global
+    mode only that next one matters: its queue is never full, and idle nodes steal from it)."""
     if node_name is not None:
         node = Node.objects.filter(name=node_name, topic=topic).first()
         if node is None:

@@ -28,9 +28,10 @@ class Command(BaseCommand):
                             help="node role (default: the record's, else mixed)")
         parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: FD_DEVICE)")
         parser.add_argument("--burst", action="store_true", help="run the queued work, then exit")
+        parser.add_argument("--fixed-work-ms", type=float, default=None,
+                            help="benchmarks: replace the model by a stand-in taking this long per request")
 
     def handle(self, *args, **options) -> None:
-        from gpu_worker.engine import Engine
         from gpu_worker.node import NodeRuntime, NodeWorker
 
         try:
@@ -38,6 +39,23 @@ class Command(BaseCommand):
             node = ensure_node(options["name"], topic, options["role"], options["device"])
         except ConfigError as exc:
             raise CommandError(exc.message) from None
+        engine = self.engine(node, options["fixed_work_ms"])
+        Node.objects.filter(pk=node.pk).update(host=socket.gethostname(), last_started_at=timezone.now())
+        runtime = NodeRuntime(topic=topic.name, name=node.name, role=node.role, store=get_store(),
+                              engine=engine, hooks=database_hooks(),
+                              token_delay_s=settings.FD_TOKEN_DELAY_MS / 1000)
+        log.info("node %s of topic %s ready on %s (role %s)", node.name, topic.name, engine.device, node.role)
+        NodeWorker(runtime).work(burst=options["burst"], logging_level=settings.LOGGING["root"]["level"])
+        log.info("node %s stopped", node.name)
+
+    def engine(self, node: Node, fixed_work_ms: float | None):
+        """The model on the node's device, loaded once (or the benchmarks' fixed-work stand-in)."""
+        if fixed_work_ms is not None:
+            from gpu_worker.fixed_work import FixedWorkEngine
+
+            return FixedWorkEngine(fixed_work_ms / 1000)
+        from gpu_worker.engine import Engine
+
         device = node.device if node.device != "auto" else settings.FD_DEVICE
         try:
             engine = Engine(device=device)
@@ -47,9 +65,4 @@ class Command(BaseCommand):
             import torch
 
             torch.set_num_threads(settings.FD_TORCH_THREADS)
-        Node.objects.filter(pk=node.pk).update(host=socket.gethostname(), last_started_at=timezone.now())
-        runtime = NodeRuntime(topic=topic.name, name=node.name, role=node.role, store=get_store(),
-                              engine=engine, hooks=database_hooks())
-        log.info("node %s of topic %s ready on %s (role %s)", node.name, topic.name, engine.device, node.role)
-        NodeWorker(runtime).work(burst=options["burst"], logging_level=settings.LOGGING["root"]["level"])
-        log.info("node %s stopped", node.name)
+        return engine

@@ -1,0 +1,65 @@
+"""Real node processes for tests: ``manage.py fdnode`` against the test database and test Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 60
+
+
+class NodeProcesses:
+    """Starts, kills and restarts fdnode processes; stops every one it started at the end."""
+
+    def __init__(self, store, redis_url: str) -> None:
+        self.store = store
+        self.env = {**os.environ, "FD_REDIS_URL": redis_url, "FD_LOG_LEVEL": "WARNING", "FD_DEVICE": "cpu",
+                    "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}"}
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, topic: str = "default", *args: str, wait: bool = True,
+              **env: str) -> subprocess.Popen:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "fdnode", "--topic", topic, "--name", name, *args],
+            cwd=ROOT, env={**self.env, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.processes[name] = process
+        if wait:
+            self.wait_alive(name, topic, process)
+        return process
+
+    def wait_alive(self, name: str, topic: str, process: subprocess.Popen) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        started = time.time()
+        while time.monotonic() < deadline:
+            beat = self.store.read_heartbeats(topic, [name])[name]
+            if float(beat.get("ts", 0)) > started and beat.get("state") != "stopped":
+                return
+            if process.poll() is not None:
+                raise AssertionError(f"fdnode {name} exited with {process.returncode}")
+            time.sleep(0.1)
+        raise AssertionError(f"fdnode {name} did not start within {START_TIMEOUT_S}s")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
+        process = self.processes.pop(name)
+        process.send_signal(sig)
+        return process.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()

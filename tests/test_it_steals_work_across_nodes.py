@@ -1,0 +1,88 @@
+"""Global scheduler with real node processes: idle nodes steal from a skewed node, never below
+scheduler_min_load_score, and the stolen work is recorded as such."""
+
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
+
+
+def submit(api, node: str, **extra) -> str:
+    body = {"prompt": "x", "max_tokens": 4, "node": node, **extra}
+    answer = api.post("/api/v1/topics/default/requests", body)
+    assert answer.status_code == 202, answer.content
+    return answer.json()["request_id"]
+
+
+def wait_final(api, request_ids, timeout: float = 60) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        bodies = [api.get(f"/api/v1/requests/{rid}").json() for rid in request_ids]
+        if all(b["status"] not in ("queued", "running") for b in bodies):
+            return bodies
+        time.sleep(0.2)
+    raise AssertionError(f"not final after {timeout}s: {[b['status'] for b in bodies]}")
+
+
+def test_idle_nodes_steal_from_a_skewed_node(api, global_topic, store, node_processes):
+    from fdconsole.topics.services import ensure_node
+
+    for name in ("node-a", "node-b", "node-c"):
+        ensure_node(name, global_topic)
+        node_processes.start(name, "default", "--fixed-work-ms", "100")
+    request_ids = [submit(api, "node-a") for _ in range(30)]
+    bodies = wait_final(api, request_ids)
+    assert {b["status"] for b in bodies} == {"finished"}
+    runners = {b["executed_by"] for b in bodies}
+    assert {"node-b", "node-c"} <= runners, runners
+    assert all(b["home_node"] == "node-a" for b in bodies)
+    assert all(b["stolen"] == (b["executed_by"] != "node-a") for b in bodies)
+    nodes = {n["name"]: n for n in api.get("/api/v1/nodes").json()["nodes"]}
+    assert sum(n["requests_run"] for n in nodes.values()) == 30
+    assert nodes["node-b"]["requests_stolen"] > 0 and nodes["node-c"]["requests_stolen"] > 0
+    assert nodes["node-a"]["requests_stolen"] == 0
+    names = list(nodes)
+    assert store.load_scores("default", names) == {name: 0 for name in names}
+
+
+def test_nobody_steals_below_the_minimum_load_score(api, global_topic, store, node_processes):
+    from fdconsole.topics.services import ensure_node
+
+    for name in ("node-a", "node-b"):
+        ensure_node(name, global_topic)
+    node_processes.start("node-a", "default", "--fixed-work-ms", "3000")
+    node_processes.start("node-b", "default", "--fixed-work-ms", "100")
+    first = submit(api, "node-a")
+    deadline = time.monotonic() + 10
+    while api.get(f"/api/v1/requests/{first}").json()["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    waiting = [submit(api, "node-a") for _ in range(2)]  # score 2 < scheduler_min_load_score=3
+    time.sleep(1.0)
+    assert store.load_scores("default", ["node-a"]) == {"node-a": 2}
+    assert all(api.get(f"/api/v1/requests/{rid}").json()["status"] == "queued" for rid in waiting)
+
+    waiting.append(submit(api, "node-a"))  # score 3: node-b may steal now
+    bodies = wait_final(api, waiting, timeout=30)
+    assert "node-b" in {b["executed_by"] for b in bodies}
+
+
+def test_a_hot_shard_change_keeps_scores_and_stealing(api, global_topic, store, node_processes):
+    from fdconsole.topics.services import ensure_node
+    from scheduler import keys
+    from scheduler.loadtable import shard_of
+
+    for name in ("node-a", "node-b"):
+        ensure_node(name, global_topic)
+    node_processes.start("node-a", "default", "--fixed-work-ms", "2000")
+    for _ in range(6):
+        submit(api, "node-a")
+    assert api.patch("/api/v1/topics/default", {"scheduler_load_shards_num": 4}).status_code == 200
+    table = keys.load_table("default", shard_of("node-a", 4))
+    assert store.redis.zscore(table, "node-a") == store.queue_length("default", "node-a") >= 5
+    node_processes.start("node-b", "default", "--fixed-work-ms", "50")  # steals through the new tables
+    deadline = time.monotonic() + 15
+    while store.queue_length("default", "node-a") > 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert store.queue_length("default", "node-a") <= 2
+    assert store.redis.zscore(table, "node-a") == store.queue_length("default", "node-a")
