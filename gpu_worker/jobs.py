@@ -27,7 +27,6 @@ def run_request(topic: str, uid: str) -> dict[str, Any]:
     if claim is None:
         log.warning("request %s was not claimed by node %s; not running it", uid, runtime.name)
         return {"status": "not_claimed"}
-    runtime.hooks.on_change(topic, uid)
     output_ids: list[int] = []  # filled as tokens stream, so that a failure keeps what was sent
     try:
         return _generate(runtime, topic, claim, output_ids)
@@ -57,8 +56,6 @@ def _generate(runtime, topic: str, claim: Claim, output_ids: list[int]) -> dict[
             continue  # the end marker of a stop or cancel: nothing to stream
         output_ids.append(step.token_id)
         reply = store.emit(topic, uid, lease, step.index, step.token_id, step.text)
-        if step.index == 0:
-            runtime.hooks.on_change(topic, uid)  # first_token_at reaches the database early
         if reply < 0:
             log.warning("request %s: lease %s lost (%d); another node carries on", uid, lease, reply)
             return {"status": "lease_lost", "tokens": len(output_ids)}

@@ -86,11 +86,11 @@ def redis_bench_topic(url: str, scheduler_name: str = "global") -> Iterator[tupl
     try:
         yield redis, config
     finally:
-        _delete_topic_keys(redis, topic)
+        delete_topic_keys(redis, topic)
         redis.close()
 
 
-def _delete_topic_keys(redis: Redis, topic: str) -> None:
+def delete_topic_keys(redis: Redis, topic: str) -> None:
     """Every key of ``topic`` (its hash tag needs escaping in a SCAN pattern) and its rq jobs."""
     pattern = "*" + keys.topic_prefix(topic).replace("{", "\\{").replace("}", "\\}") + "*"
     doomed = [key.decode() for key in redis.scan_iter(match=pattern, count=1000)]

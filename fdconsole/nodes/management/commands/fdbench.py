@@ -22,6 +22,11 @@ class Command(BaseCommand):
         model.add_argument("--max-tokens", type=int, default=128)
         model.add_argument("--repeats", type=int, default=5)
         model.add_argument("--device", default=None, help="default: FD_DEVICE")
+        skew = sub.add_parser("skew", help="real nodes, all requests on one node: makespan over ideal")
+        skew.add_argument("--nodes", type=int, default=4)
+        skew.add_argument("--requests", type=int, default=200)
+        skew.add_argument("--work-ms", type=float, default=100.0,
+                          help="fixed work of each request, ms (default 100: a short generation)")
         scheduler = sub.add_parser("scheduler", help="the scheduler interface alone, no-op engine")
         scheduler.add_argument("--scheduler", default="local", choices=["local", "global", "splitwise"])
         scheduler.add_argument("--requests", type=int, default=10_000)
@@ -39,6 +44,13 @@ class Command(BaseCommand):
         return bench_model(device=options["device"] or settings.FD_DEVICE, batch=options["batch"],
                            prompt_tokens=options["prompt_tokens"], max_tokens=options["max_tokens"],
                            repeats=options["repeats"])
+
+    def bench_skew(self, options) -> dict:
+        from fdconsole.nodes.skew import bench_skew
+
+        if options["nodes"] < 2 or options["requests"] < 1 or options["work_ms"] <= 0:
+            raise CommandError("--nodes must be at least 2, --requests at least 1, --work-ms above 0")
+        return bench_skew(options["nodes"], options["requests"], options["work_ms"], self.stderr.write)
 
     def bench_scheduler(self, options) -> dict:
         from scheduler.bench import bench_scheduler, redis_bench_topic
