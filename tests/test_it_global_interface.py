@@ -1,0 +1,94 @@
+"""The Global scheduler behind FastDeploy's four calls, over a real Redis: synchronous answers,
+FIFO within budgets, stealing at and above scheduler_min_load_score (changed at run time), results
+routed to the origin, error results among the others, TTL."""
+
+import time
+
+import pytest
+
+from scheduler.config import parse_config
+from scheduler.global_ import GlobalScheduler
+from scheduler.messages import Request, Result
+
+
+def config(**changes):
+    return parse_config({"scheduler_name": "global", "scheduler_topic": "g", **changes})
+
+
+@pytest.fixture
+def pair(redis_conn):
+    """Two nodes of topic g; each is also the origin of what it puts."""
+    return GlobalScheduler(config(), redis_conn, node="a"), GlobalScheduler(config(), redis_conn, node="b")
+
+
+def requests(*ids, prompt_len=3):
+    return [Request(i, list(range(prompt_len))) for i in ids]
+
+
+def take(scheduler, batch=8):
+    return [r.request_id for r in scheduler.get_requests(100, 16, 1, 4096, batch)]
+
+
+def test_put_answers_exactly_the_requests_passed_in_order(pair):
+    a, _ = pair
+    assert a.put_requests(requests("r1", "r2")) == [("r1", None), ("r2", None)]
+    assert a.put_requests(requests("r3", "r1", "r4")) == [
+        ("r3", None), ("r1", "duplicate request id 'r1'"), ("r4", None)]
+    assert take(a) == ["r1", "r2", "r3", "r4"]
+
+
+def test_get_requests_respects_budgets_and_batch(pair):
+    a, _ = pair
+    a.put_requests(requests("r1", "r2", "r3", prompt_len=40))  # 3 blocks of 16 + 1 reserved each
+    assert a.get_requests(1, 16, 1, 4096, 8) == []  # available <= reserved
+    assert a.get_requests(100, 16, 1, 4096, 0) == []
+    assert [r.request_id for r in a.get_requests(9, 16, 1, 4096, 8)] == ["r1", "r2"]
+    assert [r.request_id for r in a.get_requests(100, 16, 1, 10, 8)] == ["r3"]  # first fits alone
+
+
+def test_an_idle_node_steals_only_from_a_loaded_one_and_a_new_minimum_applies_at_once(pair):
+    a, b = pair
+    a.put_requests(requests("r1", "r2"))
+    assert take(b) == []  # a's score 2 < scheduler_min_load_score 3
+    b.apply_config(config(scheduler_min_load_score=1))
+    stolen = take(b, batch=2)
+    assert stolen == ["r1"]  # half of b's batch of 2, oldest first
+    assert a.stats()["load_scores"] == {"a": 1.0} and b.stats()["load_scores"] == {"b": 0.0}
+
+
+def test_results_reach_the_origin_whoever_ran_the_request(pair):
+    a, b = pair
+    a.put_requests(requests("r1", "r2", "r3", "r4"))
+    assert take(b, batch=2) == ["r1"]  # b steals one
+    b.put_results([Result("r1", index=0, token_id=65, text="A"),
+                   Result("r1", finished=True, finish_reason="length")])
+    assert take(a) == ["r2", "r3", "r4"]
+    a.put_results([Result("r2", finished=True, error={"code": "engine_error", "message": "boom"}),
+                   Result("r3", index=0, token_id=66, text="B"),
+                   Result("r3", finished=True, finish_reason="stop"),
+                   Result("r4", finished=True, finish_reason="length")])
+    results = a.get_results()
+    assert [(r.index, r.token_id, r.finished) for r in results["r1"]] == [(0, 65, False), (-1, None, True)]
+    assert results["r2"][0].error == {"code": "engine_error", "message": "boom"}
+    assert [r.finish_reason for r in results["r3"]] == [None, "stop"]
+    assert results["r4"][0].finished
+    assert b.get_results() == {}  # b ran r1 but is not its origin
+    assert a.put_requests(requests("r1")) == [("r1", None)]  # a finished id may be used again
+
+
+def test_a_waiting_request_expires_with_a_final_result(pair, redis_conn):
+    a, _ = pair
+    a.apply_config(config(scheduler_ttl=1))
+    a.put_requests(requests("r1"))
+    time.sleep(1.1)
+    assert take(a) == []  # the claim expires it instead of handing it out
+    [result] = a.get_results()["r1"]
+    assert result.finished and result.error["code"] == "expired"
+
+
+def test_cancel_of_a_waiting_request(pair):
+    a, _ = pair
+    a.put_requests(requests("r1", "r2"))
+    assert a.cancel("r1") is True
+    assert take(a) == ["r2"]
+    assert a.get_results()["r1"][0].error["code"] == "cancelled"
