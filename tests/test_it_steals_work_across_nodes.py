@@ -86,3 +86,21 @@ def test_a_hot_shard_change_keeps_scores_and_stealing(api, global_topic, store, 
         time.sleep(0.1)
     assert store.queue_length("default", "node-a") <= 2
     assert store.redis.zscore(table, "node-a") == store.queue_length("default", "node-a")
+
+
+def test_requests_waiting_behind_a_busy_node_expire(api, global_topic, store, node_processes):
+    from fdconsole.topics.services import ensure_node
+
+    ensure_node("node-a", global_topic)
+    node_processes.start("node-a", "default", "--fixed-work-ms", "4000")
+    api.patch("/api/v1/topics/default", {"scheduler_ttl": 1})
+    busy = submit(api, "node-a")
+    deadline = time.monotonic() + 10
+    while api.get(f"/api/v1/requests/{busy}").json()["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    behind = submit(api, "node-a")
+    time.sleep(1.6)
+    body = api.get(f"/api/v1/requests/{behind}").json()
+    assert body["status"] == "expired" and body["error"]["code"] == "expired"
+    assert api.get(f"/api/v1/requests/{busy}").json()["status"] == "running"  # running work never expires
+    assert store.load_scores("default", ["node-a"]) == {"node-a": 0}
