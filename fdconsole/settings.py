@@ -52,6 +52,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "fdconsole.nodes.rq_queues.NodeQueuesMiddleware",
 ]
 
 ROOT_URLCONF = "fdconsole.urls"
