@@ -17,6 +17,9 @@ from scheduler.config import validate_name
 from scheduler.errors import ConfigError
 
 MAX_REQUEST_ID_LEN = 128
+# A request's statuses by rank: it only ever moves to a higher rank, and rank 2 is final.
+STATUS_RANK = {"queued": 0, "running": 1, "finished": 2, "failed": 2, "expired": 2, "cancelled": 2}
+FINAL_STATUSES = tuple(status for status, rank in STATUS_RANK.items() if rank == 2)
 MAX_PROMPT_CHARS = 1_000_000
 
 

@@ -42,7 +42,6 @@ RUN_REQUEST_JOB = "gpu_worker.jobs.run_request"
 RETENTION_S = 3600  # how long Redis keeps a finished request's hash and stream (the database keeps it all)
 JOB_TIMEOUT_S = 3600
 LEASE_S = 5.0  # a running request whose node has not renewed it for this long goes to another node
-FINAL_STATUSES = ("finished", "failed", "expired", "cancelled")
 SCRIPTS = ("SUBMIT", "CLAIM", "EMIT", "FINISH", "CANCEL", "EXPIRE_DUE", "RECOVER", "RECLAIM", "REHOME",
            "RENEW", "PUBLISH_CONFIG")
 

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import models
 
 from gpu_worker.tokenizer import streamed_text
-from scheduler.store import FINAL_STATUSES
+from scheduler.messages import FINAL_STATUSES
 
 
 class Request(models.Model):

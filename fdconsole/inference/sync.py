@@ -14,10 +14,10 @@ from django.utils import timezone
 
 from fdconsole.inference.models import Request
 from fdconsole.redis_conn import get_store
-from scheduler.store import FINAL_STATUSES, RETENTION_S, RequestStore
+from scheduler.messages import FINAL_STATUSES, STATUS_RANK
+from scheduler.store import RETENTION_S, RequestStore
 
 log = logging.getLogger(__name__)
-RANK = {"queued": 0, "running": 1, "finished": 2, "failed": 2, "expired": 2, "cancelled": 2}
 LOST_GRACE_S = 60
 
 
@@ -66,8 +66,8 @@ def _changes_from_state(row: Request, state: dict[str, str], store: RequestStore
 
 
 def _conditional_update(row: Request, changes: dict) -> None:
-    new_rank = RANK.get(changes["status"], 0)
-    allowed = [s for s, rank in RANK.items() if rank < new_rank or (rank == new_rank and rank < 2)]
+    new_rank = STATUS_RANK.get(changes["status"], 0)
+    allowed = [s for s, rank in STATUS_RANK.items() if rank < new_rank or (rank == new_rank and rank < 2)]
     updated = Request.objects.filter(pk=row.pk, status__in=allowed).update(**changes)
     if updated:
         for name, value in changes.items():
