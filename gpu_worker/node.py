@@ -42,6 +42,7 @@ class NodeHooks:
     on_change: Callable[[str, str], None] = lambda topic, uid: None  # a request's state moved
     on_finished: Callable[[str, bool], None] = lambda node, stolen: None  # ran one (stolen or not)
     on_expired: Callable[[str, list[str]], None] = lambda topic, uids: None  # the reaper ended these
+    admin_state: Callable[[str], str] = lambda node: "enabled"  # enabled, draining or disabled
 
 
 @dataclass
@@ -53,8 +54,16 @@ class NodeRuntime:
     engine: Any  # gpu_worker.engine.Engine, loaded once
     hooks: NodeHooks = field(default_factory=NodeHooks)
     held: dict[str, Claim] = field(default_factory=dict)  # uid -> claim of the requests it runs
-    may_steal: bool = True
+    admin_state: str = "enabled"  # draining: finishes its own queue, steals nothing; disabled: claims nothing
     token_delay_s: float = 0.0  # a pause after each streamed token (demos, failover tests)
+
+    @property
+    def may_claim(self) -> bool:
+        return self.admin_state != "disabled"
+
+    @property
+    def may_steal(self) -> bool:
+        return self.admin_state == "enabled"
 
     @property
     def leases(self) -> dict[str, str]:
@@ -84,6 +93,7 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(HEARTBEAT_INTERVAL_S):
             try:
+                self.runtime.admin_state = self.runtime.hooks.admin_state(self.runtime.name)
                 self.beat("busy" if self.runtime.held else "idle")
             except Exception:  # top-level loop: a Redis hiccup must not kill the heartbeat
                 log.exception("heartbeat failed")
@@ -92,7 +102,7 @@ class Heartbeat(threading.Thread):
         rt = self.runtime
         rt.store.write_heartbeat(rt.topic, rt.name, {
             "state": state, "role": rt.role, "host": socket.gethostname(), "pid": os.getpid(),
-            "device": str(rt.engine.device), "running": ",".join(rt.held),
+            "device": str(rt.engine.device), "running": ",".join(rt.held), "admin_state": rt.admin_state,
         }, rt.leases, ttl_s=HEARTBEAT_KEY_TTL_S)
 
     def stop(self) -> None:
@@ -118,6 +128,7 @@ class NodeWorker(SimpleWorker):
     def work(self, burst: bool = False, **kwargs: Any) -> bool:
         rt = self.runtime
         install_runtime(rt)
+        rt.admin_state = rt.hooks.admin_state(rt.name)
         taken = rt.store.reclaim(rt.topic, rt.name)
         if taken:
             log.info("node %s took back %d request(s) it held before it stopped", rt.name, len(taken))
@@ -140,7 +151,7 @@ class NodeWorker(SimpleWorker):
         idle_since = time.monotonic()
         while True:
             self.heartbeat()
-            claims = rt.store.claim(rt.topic, rt.name, 1, may_steal=rt.may_steal)
+            claims = rt.store.claim(rt.topic, rt.name, 1, may_steal=rt.may_steal) if rt.may_claim else []
             if claims:
                 claim = claims[0]
                 rt.held[claim.uid] = claim

@@ -104,3 +104,21 @@ def test_requests_waiting_behind_a_busy_node_expire(api, global_topic, store, no
     assert body["status"] == "expired" and body["error"]["code"] == "expired"
     assert api.get(f"/api/v1/requests/{busy}").json()["status"] == "running"  # running work never expires
     assert store.load_scores("default", ["node-a"]) == {"node-a": 0}
+
+
+def test_a_draining_node_steals_nothing_until_enabled_again(api, global_topic, store, node_processes):
+    from fdconsole.nodes.models import Node
+    from fdconsole.topics.services import ensure_node
+
+    ensure_node("node-a", global_topic)
+    ensure_node("node-b", global_topic)
+    Node.objects.filter(name="node-b").update(admin_state="draining")
+    node_processes.start("node-a", "default", "--fixed-work-ms", "500")
+    node_processes.start("node-b", "default", "--fixed-work-ms", "50")
+    request_ids = [submit(api, "node-a") for _ in range(8)]
+    time.sleep(1.5)
+    runners = {api.get(f"/api/v1/requests/{rid}").json()["executed_by"] for rid in request_ids}
+    assert runners <= {None, "node-a"}
+    Node.objects.filter(name="node-b").update(admin_state="enabled")  # the admin's "enable" action
+    bodies = wait_final(api, request_ids, timeout=30)
+    assert "node-b" in {b["executed_by"] for b in bodies}

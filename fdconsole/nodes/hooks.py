@@ -46,5 +46,16 @@ def count_run(node: str, stolen: bool) -> None:
     Node.objects.filter(name=node).update(**counters)
 
 
+def admin_state(node: str) -> str:
+    """What the console's admin says the node may do (enable, drain, disable take effect within a
+    heartbeat); "enabled" when the database cannot be asked."""
+    close_old_connections()
+    try:
+        return Node.objects.filter(name=node).values_list("admin_state", flat=True).first() or "enabled"
+    except Exception:  # the database is down: keep working, Redis drives the scheduling
+        log.warning("could not read node %s's admin state", node)
+        return "enabled"
+
+
 def database_hooks() -> NodeHooks:
-    return NodeHooks(on_change=sync_one, on_finished=count_run, on_expired=sync_many)
+    return NodeHooks(on_change=sync_one, on_finished=count_run, on_expired=sync_many, admin_state=admin_state)
