@@ -14,7 +14,7 @@ TOPICS = f"{PREFIX}:topics"  # set of topic names known to the cluster (the reap
 # Suffixes after the topic prefix, shared by the Python builders and the Lua ones.
 REQ, OUT, WAITING, CONFIG, RR, HB = "req:", "out:", "waiting", "config", "rr", "hb:"
 NODE, LOAD, INFLIGHT, ALIVE, BELL, RESULTS = "node:", "load:", "inflight", "alive", "bell:", "results:"
-IDS, CRC = "ids", "crc"
+IDS, CRC, KV = "ids", "crc", "kv:"
 
 
 def topic_prefix(topic: str) -> str:
@@ -84,6 +84,11 @@ def request_ids(topic: str) -> str:
 def node_crcs(topic: str) -> str:
     """Hash: node -> CRC-16 of its name (one entry per node name; the scripts' shard lookup)."""
     return topic_prefix(topic) + CRC
+
+
+def kv_handoff(topic: str, uid: str) -> str:
+    """String: the KV cache a prefill node hands to a decode node (safetensors bytes, with a TTL)."""
+    return topic_prefix(topic) + KV + uid
 
 
 def node_queue_name(topic: str, node: str) -> str:

@@ -12,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 
 class Command(BaseCommand):
-    help = "Run a benchmark and print its figures as one JSON object (model, scheduler)."
+    help = "Run a benchmark and print its figures as one JSON object (model, scheduler, skew, handoff)."
 
     def add_arguments(self, parser) -> None:
         sub = parser.add_subparsers(dest="kind", required=True)
@@ -27,6 +27,10 @@ class Command(BaseCommand):
         skew.add_argument("--requests", type=int, default=200)
         skew.add_argument("--work-ms", type=float, default=100.0,
                           help="fixed work of each request, ms (default 100: a short generation)")
+        handoff = sub.add_parser("handoff", help="KV-cache handoff from a prefill to a decode node")
+        handoff.add_argument("--prompt-tokens", type=int, default=128)
+        handoff.add_argument("--repeats", type=int, default=50)
+        handoff.add_argument("--device", default="cpu")
         scheduler = sub.add_parser("scheduler", help="the scheduler interface alone, no-op engine")
         scheduler.add_argument("--scheduler", default="local", choices=["local", "global", "splitwise"])
         scheduler.add_argument("--requests", type=int, default=10_000)
@@ -51,6 +55,15 @@ class Command(BaseCommand):
         if options["nodes"] < 2 or options["requests"] < 1 or options["work_ms"] <= 0:
             raise CommandError("--nodes must be at least 2, --requests at least 1, --work-ms above 0")
         return bench_skew(options["nodes"], options["requests"], options["work_ms"], self.stderr.write)
+
+    def bench_handoff(self, options) -> dict:
+        from gpu_worker.handoff_bench import bench_handoff
+
+        if not 1 <= options["prompt_tokens"] <= 1008 or options["repeats"] < 1:
+            raise CommandError("--prompt-tokens must be 1 to 1008 (the context, less room to decode); "
+                               "--repeats at least 1")
+        return bench_handoff(settings.FD_REDIS_URL, options["prompt_tokens"], repeats=options["repeats"],
+                             device=options["device"])
 
     def bench_scheduler(self, options) -> dict:
         from scheduler.bench import bench_scheduler, redis_bench_topic
