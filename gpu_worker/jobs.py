@@ -28,8 +28,10 @@ def run_request(topic: str, uid: str) -> dict[str, Any]:
         log.warning("request %s was not claimed by node %s; not running it", uid, runtime.name)
         return {"status": "not_claimed"}
     output_ids: list[int] = []  # filled as tokens stream, so that a failure keeps what was sent
+    summary: dict[str, Any] = {"status": "failed"}
     try:
-        return _generate(runtime, topic, claim, output_ids)
+        summary = _generate(runtime, topic, claim, output_ids)
+        return summary
     except Exception as exc:
         log.exception("request %s failed", uid)
         runtime.store.finish(topic, uid, claim.lease, status="failed", finish_reason=None,
@@ -39,7 +41,8 @@ def run_request(topic: str, uid: str) -> dict[str, Any]:
     finally:
         runtime.held.pop(uid, None)
         runtime.hooks.on_change(topic, uid)
-        runtime.hooks.on_finished(runtime.name, claim.home != runtime.name)
+        if summary["status"] != "lease_lost":  # another node carries it on, and counts it
+            runtime.hooks.on_finished(runtime.name, claim.home != runtime.name)
 
 
 def _generate(runtime, topic: str, claim: Claim, output_ids: list[int]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -93,7 +94,6 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(HEARTBEAT_INTERVAL_S):
             try:
-                self.runtime.admin_state = self.runtime.hooks.admin_state(self.runtime.name)
                 self.beat("busy" if self.runtime.held else "idle")
             except Exception:  # top-level loop: a Redis hiccup must not kill the heartbeat
                 log.exception("heartbeat failed")
@@ -103,7 +103,7 @@ class Heartbeat(threading.Thread):
         rt.store.write_heartbeat(rt.topic, rt.name, {
             "state": state, "role": rt.role, "host": socket.gethostname(), "pid": os.getpid(),
             "device": str(rt.engine.device), "running": ",".join(rt.held), "admin_state": rt.admin_state,
-        }, rt.leases, ttl_s=HEARTBEAT_KEY_TTL_S)
+        }, rt.leases, ttl_s=HEARTBEAT_KEY_TTL_S, accepts_work=rt.admin_state == "enabled")
 
     def stop(self) -> None:
         self.stopped.set()
@@ -112,6 +112,23 @@ class Heartbeat(threading.Thread):
             self.beat("stopped")
         except Exception:
             log.warning("could not write the final heartbeat")
+
+
+class AdminStatePoller(threading.Thread):
+    """Follows the node's admin state (enable, drain, disable) from the console. Apart from the
+    heartbeat, so that a slow database can never delay a lease renewal and lose running work."""
+
+    def __init__(self, runtime: NodeRuntime) -> None:
+        super().__init__(name="fd-admin-state", daemon=True)
+        self.runtime = runtime
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_INTERVAL_S):
+            try:
+                self.runtime.admin_state = self.runtime.hooks.admin_state(self.runtime.name)
+            except Exception:  # top-level loop: keep the last known state
+                log.exception("could not read the admin state")
 
 
 class NodeWorker(SimpleWorker):
@@ -135,11 +152,13 @@ class NodeWorker(SimpleWorker):
         heartbeat = Heartbeat(rt)
         heartbeat.beat("idle")  # alive before the first claim, so failover never picks a dead node over it
         reaper = Reaper(rt.store, rt.hooks.on_expired)
-        heartbeat.start()
-        reaper.start()
+        poller = AdminStatePoller(rt)
+        for thread in (heartbeat, reaper, poller):
+            thread.start()
         try:
             return super().work(burst=burst, **kwargs)
         finally:
+            poller.stopped.set()
             reaper.stop()
             heartbeat.stop()
 
@@ -149,9 +168,17 @@ class NodeWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
         self.procline(f"Listening on {self.node_queue.name}")
         idle_since = time.monotonic()
+        backoff = 1.0
         while True:
-            self.heartbeat()
-            claims = rt.store.claim(rt.topic, rt.name, 1, may_steal=rt.may_steal) if rt.may_claim else []
+            try:
+                self.heartbeat()
+                claims = rt.store.claim(rt.topic, rt.name, 1, may_steal=rt.may_steal) if rt.may_claim else []
+            except redis.exceptions.ConnectionError as exc:
+                log.error("Redis did not answer (%s); trying again in %.0f s", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 1.0
             if claims:
                 claim = claims[0]
                 rt.held[claim.uid] = claim
@@ -160,7 +187,10 @@ class NodeWorker(SimpleWorker):
                 return None
             if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
                 return None
-            rt.store.wait_for_work(rt.topic, rt.name, IDLE_WAIT_S)
+            try:
+                rt.store.wait_for_work(rt.topic, rt.name, IDLE_WAIT_S)
+            except redis.exceptions.ConnectionError:
+                continue  # handled with a backoff on the next claim
 
     def _job_for(self, claim: Claim) -> Job:
         try:

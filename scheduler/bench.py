@@ -16,6 +16,7 @@ from typing import Any
 
 from redis import Redis
 from rq import Queue
+from rq import results as rq_results
 from rq.job import Job
 
 from scheduler import keys
@@ -95,7 +96,8 @@ def delete_topic_keys(redis: Redis, topic: str) -> None:
     pattern = "*" + keys.topic_prefix(topic).replace("{", "\\{").replace("}", "\\}") + "*"
     doomed = [key.decode() for key in redis.scan_iter(match=pattern, count=1000)]
     req_prefix = keys.request(topic, "")
-    doomed += [Job.key_for(key[len(req_prefix):]) for key in doomed if key.startswith(req_prefix)]
+    uids = [key[len(req_prefix):] for key in doomed if key.startswith(req_prefix)]
+    doomed += [Job.key_for(uid) for uid in uids] + [rq_results.get_key(uid) for uid in uids]
     for start in range(0, len(doomed), 1000):
         redis.delete(*doomed[start:start + 1000])
     redis.srem(keys.TOPICS, topic)

@@ -10,6 +10,7 @@ batch size.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import defaultdict
 from typing import Any
@@ -18,13 +19,17 @@ from redis import Redis
 
 from scheduler.base import Scheduler
 from scheduler.config import SchedulerConfig
+from scheduler.liveness import HEARTBEAT_INTERVAL_S
 from scheduler.messages import Request, Result
+from scheduler.reaper import Reaper
 from scheduler.store import Budget, Claim, RequestStore, new_uid
+
+log = logging.getLogger(__name__)
 
 
 class GlobalScheduler(Scheduler):
     def __init__(self, config: SchedulerConfig, redis: Redis, node: str = "node-0",
-                 origin: str | None = None) -> None:
+                 origin: str | None = None, liveness: bool = True) -> None:
         self.config = config
         self.topic = config.scheduler_topic
         self.node = node
@@ -33,7 +38,38 @@ class GlobalScheduler(Scheduler):
         self.store.publish_config(self.topic, config)
         self.running: dict[str, Claim] = {}  # request_id -> claim, for the results this node puts
         self.uids: dict[str, str] = {}  # request_id -> uid of the requests this origin put
+        self.cancelled: set[str] = set()  # running requests whose client cancelled: the engine stops them
         self._lock = threading.Lock()
+        # Like any node: a heartbeat that renews the leases it holds (else its work would be taken
+        # back after LEASE_S) and a reaper (TTL eviction, failover of dead nodes' work).
+        self._stopped = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name=f"fd-heartbeat-{node}", daemon=True)
+        self._reaper = Reaper(self.store)
+        if liveness:
+            self._beat_once()
+            self._heartbeat.start()
+            self._reaper.start()
+
+    def _beat_once(self) -> None:
+        with self._lock:
+            held = {claim.uid: claim.lease for claim in self.running.values()}
+        self.store.write_heartbeat(self.topic, self.node, {"state": "busy" if held else "idle",
+                                                           "role": "interface"}, held)
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_INTERVAL_S):
+            try:
+                self._beat_once()
+            except Exception:  # top-level loop: a Redis hiccup must not stop the heartbeat
+                log.exception("heartbeat of %s failed", self.node)
+
+    def close(self) -> None:
+        """Stop the heartbeat and the reaper (the node then counts as dead)."""
+        self._stopped.set()
+        self._reaper.stop()
+        for thread in (self._heartbeat, self._reaper):
+            if thread.is_alive():
+                thread.join(timeout=2)
 
     def put_requests(self, requests: list[Request]) -> list[tuple[str, str | None]]:
         items = [(new_uid(), request, self.node) for request in requests]
@@ -61,21 +97,36 @@ class GlobalScheduler(Scheduler):
         """Stream results of requests this node claimed; a final result ends its request."""
         with self._lock:
             claims = [(result, self.running.get(result.request_id)) for result in results]
+        emitted: list[str] = []  # request id of each EMIT, in pipeline order
+
         def build(pipe) -> None:
+            emitted.clear()
             for result, claim in claims:
                 if claim is not None:
-                    self._stream(pipe, result, claim)
+                    self._stream(pipe, result, claim, emitted)
 
-        self.store.execute(build)
+        replies = iter(reply for reply in self.store.execute(build) if isinstance(reply, int))
         with self._lock:
+            for request_id, reply in zip(emitted, replies, strict=False):
+                if reply == 1:
+                    self.cancelled.add(request_id)
+                elif reply < 0:
+                    log.warning("result for %s dropped: this node no longer holds it (%d)", request_id, reply)
             for result, _ in claims:
                 if result.finished:
                     self.running.pop(result.request_id, None)
+                    self.cancelled.discard(result.request_id)
 
-    def _stream(self, pipe, result: Result, claim: Claim) -> None:
+    def is_cancelled(self, request_id: str) -> bool:
+        """Whether the client cancelled a request this node runs (stop it and put a final result)."""
+        with self._lock:
+            return request_id in self.cancelled
+
+    def _stream(self, pipe, result: Result, claim: Claim, emitted: list[str]) -> None:
         if result.token_id is not None and result.token_id >= 0:
             self.store.emit(self.topic, claim.uid, claim.lease, result.index, result.token_id, result.text,
                             client=pipe)
+            emitted.append(result.request_id)
         if result.finished:
             status = "failed" if result.error else "finished"
             error = (result.error["code"], result.error.get("message", "")) if result.error else None

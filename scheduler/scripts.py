@@ -111,12 +111,27 @@ local function least_loaded(nodes, cfg)
   end
   return best
 end
+local function oldest_first(uids)  -- by first enqueue time, the order they were put in
+  local entries = {}
+  for _, uid in ipairs(uids) do
+    table.insert(entries, {uid, tonumber(redis.call('HGET', k_req(uid), 'enqueued_at') or 0)})
+  end
+  table.sort(entries, function(a, b) return a[2] < b[2] end)
+  local sorted = {}
+  for i, entry in ipairs(entries) do sorted[i] = entry[1] end
+  return sorted
+end
 local function requeue(uid, target, cfg, t)
   local req = k_req(uid)
   redis.call('ZREM', K_INFLIGHT, uid)
+  if redis.call('HGET', req, 'cancel_requested') == '1' then  -- cancelled while its node was dying
+    close(uid, 'cancelled', 'cancelled', 'cancelled', 'cancelled by the client', {})
+    return false
+  end
   redis.call('HSET', req, 'executed_by', '', 'lease', '')
   redis.call('HINCRBY', req, 'requeues', 1)
   enqueue(uid, target, true, cfg, t)
+  return true
 end
 """
 
@@ -134,8 +149,7 @@ local t = now()
 redis.call('HSET', req, 'request_id', ARGV[4], 'home_node', home, 'enqueued_at', fmt(t),
            'ttl', cfg.scheduler_ttl, 'prompt_tokens', ARGV[7], 'payload', ARGV[6], 'origin', ARGV[9],
            'attempt', 0, 'num_output_tokens', 0)
-redis.call('EXPIRE', req, cfg.scheduler_ttl + RETENTION)
-enqueue(uid, home, false, cfg, t)
+enqueue(uid, home, false, cfg, t)  -- no EXPIRE while it waits: TTL eviction ends it (a raised TTL too)
 return {'ok', fmt(t)}
 """
 
@@ -252,8 +266,12 @@ local uid, lease = ARGV[3], ARGV[4]
 local req = k_req(uid)
 local status = redis.call('HGET', req, 'status')
 if status ~= 'running' or redis.call('HGET', req, 'lease') ~= lease then return status or 'missing' end
-close(uid, ARGV[5], ARGV[6], ARGV[8], ARGV[9], {'output_token_ids', ARGV[7]})
-return ARGV[5]
+local final, reason = ARGV[5], ARGV[6]
+if final == 'finished' and redis.call('HGET', req, 'cancel_requested') == '1' then
+  final, reason = 'cancelled', 'cancelled'  -- the client cancelled; the runner did not notice in time
+end
+close(uid, final, reason, ARGV[8], ARGV[9], {'output_token_ids', ARGV[7]})
+return final
 """
 
 # ARGV: prefix, retention, uid. Returns 'cancelled' (was waiting), 'cancelling' (running: the node
@@ -295,20 +313,20 @@ return expired
 # mode), else the least loaded live node. Returns {uid, node} pairs.
 RECOVER = PRELUDE + """
 local cfg, t = config(), now()
-local due = redis.call('ZRANGEBYSCORE', K_INFLIGHT, '-inf', t, 'LIMIT', 0, tonumber(ARGV[3]))
+local due = oldest_first(redis.call('ZRANGEBYSCORE', K_INFLIGHT, '-inf', t, 'LIMIT', 0, tonumber(ARGV[3])))
 local live = live_nodes(t, tonumber(ARGV[4]))
 local is_live = {}
 for _, node in ipairs(live) do is_live[node] = true end
 local moved = {}
-for _, uid in ipairs(due) do
+for i = #due, 1, -1 do  -- backwards: each goes to the front, so the oldest ends up first
+  local uid = due[i]
   local req = k_req(uid)
   if redis.call('HGET', req, 'status') == 'running' then
     local target = redis.call('HGET', req, 'home_node')
     if cfg.scheduler_name == 'global' and not is_live[target] and #live > 0 then
       target = least_loaded(live, cfg)
     end
-    requeue(uid, target, cfg, t)
-    table.insert(moved, {uid, target})
+    if requeue(uid, target, cfg, t) then table.insert(moved, {uid, target}) end
   else
     redis.call('ZREM', K_INFLIGHT, uid)
   end
@@ -321,11 +339,12 @@ return moved
 RECLAIM = PRELUDE + """
 local cfg, t, node = config(), now(), ARGV[3]
 local taken = {}
-for _, uid in ipairs(redis.call('ZRANGE', K_INFLIGHT, 0, -1)) do
+local held = oldest_first(redis.call('ZRANGE', K_INFLIGHT, 0, -1))
+for i = #held, 1, -1 do  -- backwards: each goes to the front, so the oldest ends up first
+  local uid = held[i]
   local req = k_req(uid)
   if redis.call('HGET', req, 'status') == 'running' and redis.call('HGET', req, 'executed_by') == node then
-    requeue(uid, node, cfg, t)
-    table.insert(taken, uid)
+    if requeue(uid, node, cfg, t) then table.insert(taken, uid) end
   end
 end
 return taken
@@ -359,13 +378,14 @@ end
 return moved
 """
 
-# ARGV: prefix, retention, lease seconds, node, then uid, lease pairs. The node's heartbeat: marks
-# it alive and renews the leases it still holds.
+# ARGV: prefix, retention, lease seconds, node, accepts work ('1'/'0'), then uid, lease pairs. The
+# node's heartbeat: renews the leases it still holds, and marks it alive for failover and re-homing
+# only while it takes new work (a draining or disabled node is not a target).
 RENEW = PRELUDE + """
 local t, lease_s, node = now(), tonumber(ARGV[3]), ARGV[4]
-redis.call('ZADD', K_ALIVE, t, node)
+if ARGV[5] == '1' then redis.call('ZADD', K_ALIVE, t, node) else redis.call('ZREM', K_ALIVE, node) end
 local renewed = 0
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   if redis.call('HGET', k_req(ARGV[i]), 'lease') == ARGV[i + 1] then
     redis.call('ZADD', K_INFLIGHT, 'XX', t + lease_s, ARGV[i])
     renewed = renewed + 1

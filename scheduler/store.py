@@ -253,10 +253,11 @@ class RequestStore:
         """The token ids already streamed, in index order (what a resumed run continues after)."""
         return [e.token_id for e in self.read_output(topic, uid, count=100_000) if e.kind == "token"]
 
-    def renew(self, topic: str, node: str, held: dict[str, str]) -> int:
-        """Heartbeat: mark ``node`` alive and extend the leases it holds (uid -> lease)."""
+    def renew(self, topic: str, node: str, held: dict[str, str], accepts_work: bool = True) -> int:
+        """Heartbeat: extend the leases ``node`` holds (uid -> lease), and mark it alive for failover
+        while it ``accepts_work``."""
         pairs = [item for uid_lease in held.items() for item in uid_lease]
-        return int(self._run("RENEW", topic, LEASE_S, node, *pairs))
+        return int(self._run("RENEW", topic, LEASE_S, node, "1" if accepts_work else "0", *pairs))
 
     def reclaim(self, topic: str, node: str) -> list[str]:
         """A node starting under its old name takes back the requests it held when it died."""
@@ -322,7 +323,8 @@ class RequestStore:
 
     # -- heartbeats -----------------------------------------------------------------------------
     def write_heartbeat(self, topic: str, node: str, fields: dict[str, Any],
-                        held: dict[str, str] | None = None, ttl_s: int = 3600) -> None:
+                        held: dict[str, str] | None = None, ttl_s: int = 3600,
+                        accepts_work: bool = True) -> None:
         """The node's heartbeat hash (for the console) plus liveness and lease renewal (for failover)."""
         key = keys.heartbeat(topic, node)
 
@@ -331,7 +333,7 @@ class RequestStore:
             pipe.expire(key, ttl_s)
             if fields.get("state") != "stopped":
                 pairs = [item for uid_lease in (held or {}).items() for item in uid_lease]
-                self._run("RENEW", topic, LEASE_S, node, *pairs, client=pipe)
+                self._run("RENEW", topic, LEASE_S, node, "1" if accepts_work else "0", *pairs, client=pipe)
             else:
                 pipe.zrem(keys.alive(topic), node)
 

@@ -18,7 +18,10 @@ def config(**changes):
 @pytest.fixture
 def pair(redis_conn):
     """Two nodes of topic g; each is also the origin of what it puts."""
-    return GlobalScheduler(config(), redis_conn, node="a"), GlobalScheduler(config(), redis_conn, node="b")
+    nodes = GlobalScheduler(config(), redis_conn, node="a"), GlobalScheduler(config(), redis_conn, node="b")
+    yield nodes
+    for node in nodes:
+        node.close()
 
 
 def requests(*ids, prompt_len=3):
@@ -92,3 +95,28 @@ def test_cancel_of_a_waiting_request(pair):
     assert a.cancel("r1") is True
     assert take(a) == ["r2"]
     assert a.get_results()["r1"][0].error["code"] == "cancelled"
+
+
+def test_a_live_interface_node_keeps_its_queue_and_its_leases(pair, redis_conn):
+    from scheduler.store import LEASE_S
+
+    a, b = pair
+    a.put_requests(requests("r1", "r2"))
+    assert take(a, batch=1) == ["r1"]
+    time.sleep(LEASE_S + 1.5)  # its heartbeat renews the lease; the reapers run all along
+    assert a.store.recover("g") == [] and a.store.rehome("g") == 0
+    assert a.stats()["queue_lengths"] == {"a": 1}
+    a.put_results([Result("r1", finished=True, finish_reason="length")])
+    assert a.get_results()["r1"][0].finished
+
+
+def test_a_running_request_cancelled_by_its_client_is_reported_to_the_engine(pair):
+    a, _ = pair
+    a.put_requests(requests("r1"))
+    take(a)
+    assert a.cancel("r1") is True
+    a.put_results([Result("r1", index=0, token_id=65, text="A")])
+    assert a.is_cancelled("r1")
+    a.put_results([Result("r1", finished=True, finish_reason="cancelled")])
+    [token, final] = a.get_results()["r1"]
+    assert final.finished and final.finish_reason == "cancelled"

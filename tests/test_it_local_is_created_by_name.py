@@ -24,6 +24,7 @@ def test_global_is_created_over_redis(redis_conn) -> None:
 
     s = create_scheduler(parse_config({"scheduler_name": "global", "scheduler_topic": "g"}), redis=redis_conn)
     assert isinstance(s, GlobalScheduler) and s.stats()["scheduler"] == "global"
+    s.close()
 
 
 @pytest.mark.parametrize("name", ["splitwise", "nonsense"])

@@ -49,7 +49,8 @@ def test_finished_keys_get_a_ttl(lifecycle):
     from scheduler import keys
 
     uid = put(lifecycle)
-    assert 0 < lifecycle.redis.ttl(keys.request("t", uid)) <= 900 + 3600
+    # Waiting, it has none: TTL eviction ends it, even after scheduler_ttl was raised past any TTL.
+    assert lifecycle.redis.ttl(keys.request("t", uid)) == -1
     [claim] = lifecycle.claim("t", "n1")
     lifecycle.emit("t", uid, claim.lease, 0, 65, "A")
     lifecycle.finish("t", uid, claim.lease, status="finished", finish_reason="length")
@@ -108,3 +109,45 @@ def test_claims_are_fifo_and_respect_the_kv_budget(lifecycle):
     assert [c.uid for c in claims] == uids[:2]
     assert lifecycle.claim("t", "n1", 5, budget=Budget(1, 16, 1, 8192)) == []  # blocks <= reserved
     assert [c.uid for c in lifecycle.claim("t", "n1", 5)] == uids[2:]
+
+
+def run_out_leases(store: RequestStore) -> None:
+    """What time does to a dead node: every lease it held is past its deadline."""
+    from scheduler import keys
+
+    for uid in store.redis.zrange(keys.inflight("t"), 0, -1):
+        store.redis.zadd(keys.inflight("t"), {uid: 0})
+
+
+def test_a_cancel_that_lands_while_the_node_dies_ends_the_request(lifecycle):
+    uid = put(lifecycle)
+    lifecycle.claim("t", "n1")
+    assert lifecycle.cancel("t", uid) == "cancelling"
+    run_out_leases(lifecycle)
+    assert lifecycle.recover("t") == []  # not requeued: cancelled
+    assert lifecycle.state("t", uid)["status"] == "cancelled"
+    assert [e.kind for e in lifecycle.read_output("t", uid)] == ["done"]
+    assert lifecycle.queue_length("t", "n1") == 0
+
+
+def test_failover_puts_requests_back_in_their_order(lifecycle):
+    uids = [put(lifecycle) for _ in range(4)]
+    lifecycle.claim("t", "n1", 3)
+    run_out_leases(lifecycle)
+    assert [uid for uid, _ in lifecycle.recover("t")] == list(reversed(uids[:3]))  # pushed front, last first
+    assert [c.uid for c in lifecycle.claim("t", "n1", 4)] == uids  # the original order again
+
+
+def test_a_running_request_cancelled_late_is_recorded_cancelled(lifecycle):
+    uid = put(lifecycle)
+    [claim] = lifecycle.claim("t", "n1")
+    lifecycle.cancel("t", uid)
+    assert lifecycle.finish("t", uid, claim.lease, status="finished", finish_reason="length") == "cancelled"
+
+
+def test_a_node_that_takes_no_work_is_no_failover_target(lifecycle):
+    from scheduler import keys
+
+    lifecycle.renew("t", "n1", {})
+    lifecycle.renew("t", "n2", {}, accepts_work=False)
+    assert lifecycle.redis.zrange(keys.alive("t"), 0, -1) == [b"n1"]

@@ -78,4 +78,7 @@ class Command(BaseCommand):
             from scheduler.global_ import GlobalScheduler
 
             scheduler = GlobalScheduler(config, redis, node="bench-node")
-            return bench_scheduler("global", options["requests"], scheduler=scheduler)
+            try:
+                return bench_scheduler("global", options["requests"], scheduler=scheduler)
+            finally:
+                scheduler.close()
