@@ -44,6 +44,11 @@ def test_a_storm_leaves_every_request_done_once_and_every_score_exact(global_top
     node_processes.start("node-b", "default", "--fixed-work-ms", "20", wait=False)
     time.sleep(0.3)
     node_processes.kill("node-a")
+    samples = 0
+    while any(putter.is_alive() for putter in putters) or samples < 3:
+        assert_scores_equal_queues(store, keys)  # mid-storm, in one atomic snapshot
+        samples += 1
+        time.sleep(0.05)
     for putter in putters:
         putter.join(timeout=60)
     node_processes.start("node-a", "default", "--fixed-work-ms", "20")
@@ -65,3 +70,15 @@ def test_a_storm_leaves_every_request_done_once_and_every_score_exact(global_top
     assert scores == {n: float(lengths[n]) for n in NODES} == dict.fromkeys(NODES, 0.0)
     assert store.redis.zcard(keys.inflight("default")) == 0
     assert store.redis.zcard(keys.waiting("default")) == 0
+
+
+def assert_scores_equal_queues(store, keys) -> None:
+    from scheduler.loadtable import shard_of
+
+    with store.redis.pipeline(transaction=True) as pipe:  # MULTI: one consistent moment
+        for name in NODES:
+            pipe.llen(keys.rq_queue(keys.node_queue_name("default", name)))
+            pipe.zscore(keys.load_table("default", shard_of(name, 1)), name)
+        replies = pipe.execute()
+    for name, length, score in zip(NODES, replies[::2], replies[1::2], strict=True):
+        assert float(score or 0) == length, (name, score, length)

@@ -62,7 +62,8 @@ def test_nobody_steals_below_the_minimum_load_score(api, global_topic, store, no
     assert store.load_scores("default", ["node-a"]) == {"node-a": 2}
     assert all(api.get(f"/api/v1/requests/{rid}").json()["status"] == "queued" for rid in waiting)
 
-    waiting.append(submit(api, "node-a"))  # score 3: node-b may steal now
+    # A lower minimum reaches the running nodes without a restart: node-b may steal a score of 2 now.
+    assert api.patch("/api/v1/topics/default", {"scheduler_min_load_score": 2}).status_code == 200
     bodies = wait_final(api, waiting, timeout=30)
     assert "node-b" in {b["executed_by"] for b in bodies}
 
@@ -122,3 +123,25 @@ def test_a_draining_node_steals_nothing_until_enabled_again(api, global_topic, s
     Node.objects.filter(name="node-b").update(admin_state="enabled")  # the admin's "enable" action
     bodies = wait_final(api, request_ids, timeout=30)
     assert "node-b" in {b["executed_by"] for b in bodies}
+
+
+def test_work_a_thief_dies_with_goes_back_and_finishes(api, global_topic, store, node_processes):
+    from fdconsole.topics.services import ensure_node
+
+    for name in ("node-a", "node-b"):
+        ensure_node(name, global_topic)
+    node_processes.start("node-a", "default", "--fixed-work-ms", "1500")
+    node_processes.start("node-b", "default", "--fixed-work-ms", "20000")  # whatever it steals, it sits on
+    request_ids = [submit(api, "node-a") for _ in range(6)]
+    deadline = time.monotonic() + 15
+    stolen = []
+    while not stolen and time.monotonic() < deadline:
+        runners = {rid: api.get(f"/api/v1/requests/{rid}").json()["executed_by"] for rid in request_ids}
+        stolen = [rid for rid, runner in runners.items() if runner == "node-b"]
+        time.sleep(0.05)
+    assert stolen, "node-b never stole"
+    node_processes.kill("node-b")  # the thief dies holding stolen work
+    bodies = wait_final(api, request_ids, timeout=60)
+    assert [b["status"] for b in bodies] == ["finished"] * 6
+    assert api.get(f"/api/v1/requests/{stolen[0]}").json()["executed_by"] == "node-a"
+    assert store.load_scores("default", ["node-a", "node-b"]) == {"node-a": 0, "node-b": 0}

@@ -66,6 +66,10 @@ def test_a_request_resumes_on_a_live_node_with_every_token_once(api, global_topi
     wait_for_tokens(store, uid_of(request_id), 50)
     node_processes.kill("node-a")  # SIGKILL: no goodbye, no handing back
     killed_at = time.monotonic()
+    uid = uid_of(request_id)
+    while store.state("default", uid).get("executed_by") != "node-b":
+        assert time.monotonic() - killed_at < FAILOVER_LIMIT_S, "no live node took the request over"
+        time.sleep(0.05)
     reader.join(timeout=FAILOVER_LIMIT_S + 30)
     assert results, "the stream never ended"
     events = results[0]
@@ -76,7 +80,6 @@ def test_a_request_resumes_on_a_live_node_with_every_token_once(api, global_topi
     assert done["status"] == "finished" and done["executed_by"] == "node-b" and done["stolen"] is True
     assert done["output_token_ids"] == greedy(engine, "Failover, take one.", 300)
     assert [t["token_id"] for t in tokens] == done["output_token_ids"]
-    assert time.monotonic() - killed_at < FAILOVER_LIMIT_S + 300 * 0.010 + 5
 
 
 def test_a_dead_nodes_queue_moves_to_live_nodes(api, global_topic, store, node_processes, engine):
