@@ -14,7 +14,7 @@ TOPICS = f"{PREFIX}:topics"  # set of topic names known to the cluster (the reap
 # Suffixes after the topic prefix, shared by the Python builders and the Lua ones.
 REQ, OUT, WAITING, CONFIG, RR, HB = "req:", "out:", "waiting", "config", "rr", "hb:"
 NODE, LOAD, INFLIGHT, ALIVE, BELL, RESULTS = "node:", "load:", "inflight", "alive", "bell:", "results:"
-IDS, CRC, KV = "ids", "crc", "kv:"
+IDS, CRC, KV, SCHED = "ids", "crc", "kv:", "sched"
 
 
 def topic_prefix(topic: str) -> str:
@@ -39,6 +39,11 @@ def waiting(topic: str) -> str:
 def config(topic: str) -> str:
     """String: the topic's scheduler configuration as JSON, published on every save."""
     return topic_prefix(topic) + CONFIG
+
+
+def scheduling_config(topic: str) -> str:
+    """String: the few parameters the scripts read on every call, as small JSON (beside ``config``)."""
+    return topic_prefix(topic) + SCHED
 
 
 def round_robin(topic: str) -> str:
@@ -116,4 +121,5 @@ local K_INFLIGHT = P .. '{INFLIGHT}'
 local K_ALIVE = P .. '{ALIVE}'
 local K_IDS = P .. '{IDS}'
 local K_CRC = P .. '{CRC}'
+local K_SCHED = P .. '{SCHED}'
 """

@@ -47,7 +47,12 @@ class Request:
         return len(self.prompt_token_ids)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # By hand rather than dataclasses.asdict, which deep-copies the prompt: this runs per put.
+        s = self.sampling
+        return {"request_id": self.request_id, "prompt_token_ids": self.prompt_token_ids,
+                "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
+                             "top_k": s.top_k, "seed": s.seed},
+                "topic": self.topic, "arrival_time": self.arrival_time}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Request:

@@ -26,8 +26,8 @@ local function now()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local function fmt(x) return string.format('%.6f', x) end
-local function config()
-  local raw = redis.call('GET', K_CONFIG)
+local function config()  -- the small copy first: every script reads it, and decoding costs
+  local raw = redis.call('GET', K_SCHED) or redis.call('GET', K_CONFIG)
   local cfg = raw and cjson.decode(raw) or {}
   cfg.scheduler_name = cfg.scheduler_name or 'local'
   cfg.scheduler_ttl = tonumber(cfg.scheduler_ttl or 900)
@@ -400,6 +400,10 @@ PUBLISH_CONFIG = PRELUDE + """
 local old = config()
 local new = cjson.decode(ARGV[3])
 redis.call('SET', K_CONFIG, ARGV[3])
+redis.call('SET', K_SCHED, cjson.encode({
+  scheduler_name = new.scheduler_name, scheduler_ttl = new.scheduler_ttl,
+  scheduler_load_shards_num = new.scheduler_load_shards_num,
+  scheduler_min_load_score = new.scheduler_min_load_score}))
 local new_n = tonumber(new.scheduler_load_shards_num or 1)
 if new_n == old.scheduler_load_shards_num then return 0 end
 local scores = {}

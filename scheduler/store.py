@@ -144,7 +144,7 @@ class RequestStore:
         self.redis.sadd(keys.TOPICS, topic)
 
     def has_config(self, topic: str) -> bool:
-        return bool(self.redis.exists(keys.config(topic)))
+        return self.redis.exists(keys.config(topic), keys.scheduling_config(topic)) == 2
 
     def config_of(self, topic: str) -> dict[str, Any]:
         raw = self.redis.get(keys.config(topic))

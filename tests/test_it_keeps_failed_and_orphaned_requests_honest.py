@@ -38,7 +38,7 @@ def test_a_topic_config_lost_by_redis_is_published_again_on_submit(api, node, st
     from scheduler import keys
 
     api.patch("/api/v1/topics/default", {"scheduler_ttl": 7})
-    store.redis.delete(keys.config("default"))  # Redis restarted without persistence
+    store.redis.delete(keys.config("default"), keys.scheduling_config("default"))  # Redis restarted
     assert api.post("/api/v1/topics/default/requests", {"prompt": "x"}).status_code == 202
     assert store.config_of("default")["scheduler_ttl"] == 7
 
