@@ -32,7 +32,7 @@ def bench_model(device: str = "auto", batch: int = 1, prompt_tokens: int = 128, 
         raise ValueError(f"prompt_tokens + max_tokens must be at most {engine.max_model_len}")
     # Different bytes per row, so that no row is a copy of another.
     prompts = [[(31 * row + 7 * i) % 256 for i in range(prompt_tokens)] for row in range(batch)]
-    _log(f"bench model: device={engine.device} batch={batch} prompt_tokens={prompt_tokens} "
+    log(f"bench model: device={engine.device} batch={batch} prompt_tokens={prompt_tokens} "
          f"max_tokens={max_tokens}; warm-up")
     _run_once(engine, prompts, max_tokens)
     prefill_s, decode_s = [], []
@@ -40,7 +40,7 @@ def bench_model(device: str = "auto", batch: int = 1, prompt_tokens: int = 128, 
         prefill, decode = _run_once(engine, prompts, max_tokens)
         prefill_s.append(prefill)
         decode_s.append(decode)
-        _log(f"repeat {repeat + 1}/{repeats}: prefill {prefill * 1e3:.2f} ms, decode {decode * 1e3:.1f} ms")
+        log(f"repeat {repeat + 1}/{repeats}: prefill {prefill * 1e3:.2f} ms, decode {decode * 1e3:.1f} ms")
     return {
         "bench": "model",
         "device": str(engine.device),
@@ -56,23 +56,23 @@ def _run_once(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tupl
     """Seconds of one prefill and of ``max_tokens`` decode steps after it."""
     greedy = [SamplingParams(max_tokens=max_tokens)] * len(prompts)
     no_generators = [None] * len(prompts)
-    start = _now(engine.device)
+    start = now(engine.device)
     kv_cache, logits = engine.prefill(prompts, max_len=len(prompts[0]) + max_tokens)  # [B, V]
-    prefilled = _now(engine.device)
+    prefilled = now(engine.device)
     for _ in range(max_tokens):
         token_ids = sample_next(logits, greedy, no_generators)  # [B]
         logits = engine.decode_step(kv_cache, token_ids)  # [B, V]
-    done = _now(engine.device)
+    done = now(engine.device)
     return prefilled - start, done - prefilled
 
 
-def _now(device: torch.device) -> float:
+def now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # kernels run asynchronously; time what has finished
     return time.perf_counter()
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 

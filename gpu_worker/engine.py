@@ -125,40 +125,59 @@ class Engine:
         decoder = self.tokenizer.stream_decoder()
         for token_id in resumed:
             decoder.push(token_id)  # already sent; primes a character split across the resume point
-        kv_cache: KVCache | None = None
-        last_index = sampling.max_tokens - 1
-        for index in range(len(resumed), sampling.max_tokens):
+        index = len(resumed)
+        if index == sampling.max_tokens:
+            yield GenerationStep(index, -1, decoder.flush(), FINISH_LENGTH)
+            return
+        if should_stop is not None and should_stop():
+            yield GenerationStep(index, -1, decoder.flush(), FINISH_CANCELLED)
+            return
+        kv_cache, token_id = self._first_token(prompt_ids, resumed, sampling, generator)
+        step = self.step(index, token_id, sampling, decoder)
+        yield step
+        if step.finish_reason is None:
+            yield from self.continue_decoding(kv_cache, token_id, index + 1, sampling, generator, decoder,
+                                              should_stop)
+
+    def step(self, index: int, token_id: int, sampling: SamplingParams, decoder) -> GenerationStep:
+        """The step for a freshly sampled ``token_id``: a token, or the end (stop, length)."""
+        if token_id == self.tokenizer.eos_token_id:
+            return GenerationStep(index, -1, decoder.flush(), FINISH_STOP)
+        if index < sampling.max_tokens - 1:
+            return GenerationStep(index, token_id, decoder.push(token_id))
+        return GenerationStep(index, token_id, decoder.push(token_id) + decoder.flush(), FINISH_LENGTH)
+
+    def continue_decoding(self, kv_cache: KVCache, last_token: int, index: int, sampling: SamplingParams,
+                          generator: torch.Generator | None, decoder,
+                          should_stop: Callable[[], bool] | None) -> Iterator[GenerationStep]:
+        """Decode steps from ``index`` on: ``last_token`` (index - 1) was yielded and is not yet in
+        ``kv_cache``; ``generator`` and ``decoder`` are where the run left them. Shared by ``generate``
+        and a decode node continuing after a KV handoff."""
+        token_id = last_token
+        for i in range(index, sampling.max_tokens):
             if should_stop is not None and should_stop():
-                yield GenerationStep(index, -1, decoder.flush(), FINISH_CANCELLED)
+                yield GenerationStep(i, -1, decoder.flush(), FINISH_CANCELLED)
                 return
-            if kv_cache is None:
-                kv_cache, token_id = self._first_token(prompt_ids, resumed, sampling, generator)
-            else:
-                token_id = self._next_token(kv_cache, token_id, sampling, generator)
-            if token_id == self.tokenizer.eos_token_id:
-                yield GenerationStep(index, -1, decoder.flush(), FINISH_STOP)
+            token_id = self._next_token(kv_cache, token_id, sampling, generator)
+            step = self.step(i, token_id, sampling, decoder)
+            yield step
+            if step.finish_reason is not None:
                 return
-            if index < last_index:
-                yield GenerationStep(index, token_id, decoder.push(token_id))
-            else:
-                yield GenerationStep(index, token_id, decoder.push(token_id) + decoder.flush(), FINISH_LENGTH)
-        if len(resumed) == sampling.max_tokens:
-            yield GenerationStep(len(resumed), -1, decoder.flush(), FINISH_LENGTH)
 
     def _first_token(self, prompt_ids: list[int], resumed: list[int], sampling: SamplingParams,
                      generator: torch.Generator | None) -> tuple[KVCache, int]:
         # The cache must hold the prompt and every token generated but the last (never fed back).
         max_len = len(prompt_ids) + sampling.max_tokens
         kv_cache, logits = self.prefill([prompt_ids + resumed], max_len)  # step 1: prefill, logits [1, V]
-        return kv_cache, self._sample(logits, sampling, generator)
+        return kv_cache, self.sample(logits, sampling, generator)
 
     def _next_token(self, kv_cache: KVCache, token_id: int, sampling: SamplingParams,
                     generator: torch.Generator | None) -> int:
         logits = self.decode_step(kv_cache, [token_id])  # steps 2..n: decode, logits [1, V]
-        return self._sample(logits, sampling, generator)
+        return self.sample(logits, sampling, generator)
 
     @staticmethod
-    def _sample(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> int:
+    def sample(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> int:
         with torch.inference_mode():
             return int(sample_next(logits, [sampling], [generator])[0])
 

@@ -16,14 +16,13 @@ import json
 import math
 import statistics
 import sys
-import time
 import uuid
 from dataclasses import replace
 from typing import Any
 
-import torch
 from redis import Redis
 
+from gpu_worker.bench import log, now
 from gpu_worker.engine import Engine
 from gpu_worker.kv_transfer import KVHandoff, RedisKVStore, cache_from_kv, kv_from_cache, prefill_for_handoff
 from gpu_worker.model import KVCache
@@ -51,7 +50,7 @@ def bench_handoff(redis_url: str, prompt_tokens: int, repeats: int = 50, device:
     redis = Redis.from_url(redis_url)
     store = RedisKVStore(redis)
     topic, uid = f"bench-handoff-{uuid.uuid4().hex[:12]}", "request-0"
-    _log(f"bench handoff: device={engine.device} prompt_tokens={prompt_tokens} repeats={repeats} "
+    log(f"bench handoff: device={engine.device} prompt_tokens={prompt_tokens} repeats={repeats} "
          f"topic={topic}; warm-up")
     template = prefill_for_handoff(engine, prompt, sampling)  # warm-up, and the scalar fields of each repeat
     prefill_ms, kv_cache = _time_prefill(engine, prompt, max_tokens)
@@ -62,7 +61,7 @@ def bench_handoff(redis_url: str, prompt_tokens: int, repeats: int = 50, device:
             seconds, num_bytes = _hand_over(engine, store, topic, uid, template, kv_cache, max_tokens)
             handoff_s.append(seconds)
             if (repeat + 1) % 10 == 0 or repeat + 1 == repeats:
-                _log(f"repeat {repeat + 1}/{repeats}: {seconds * 1e3:.3f} ms, {num_bytes} bytes")
+                log(f"repeat {repeat + 1}/{repeats}: {seconds * 1e3:.3f} ms, {num_bytes} bytes")
     finally:
         store.delete(topic, uid)
         redis.close()
@@ -81,22 +80,22 @@ def _time_prefill(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[f
     """Median milliseconds of the prompt's prefill, and the KV cache of the last one."""
     times = []
     for _ in range(PREFILL_REPEATS):
-        start = _now(engine.device)
+        start = now(engine.device)
         kv_cache, _ = engine.prefill([prompt], len(prompt) + max_tokens)
-        times.append(_now(engine.device) - start)
+        times.append(now(engine.device) - start)
     return statistics.median(times) * 1e3, kv_cache
 
 
 def _hand_over(engine: Engine, store: RedisKVStore, topic: str, uid: str, template: KVHandoff,
                kv_cache: KVCache, max_tokens: int) -> tuple[float, int]:
     """Seconds of one handoff (prefill side to a decode-ready cache) and the bytes it wrote."""
-    start = _now(engine.device)
+    start = now(engine.device)
     handoff = replace(template, kv=kv_from_cache(kv_cache, template.prompt_len))  # prefill node
     num_bytes = store.put(topic, uid, handoff, ttl_s=KEY_TTL_S)
     received = store.get(topic, uid, engine.device, engine.config)  # decode node
     assert received is not None, "the handoff expired within its own repeat"
     cache_from_kv(received.kv, engine.config, engine.device, received.prompt_len + max_tokens)
-    seconds = _now(engine.device) - start
+    seconds = now(engine.device) - start
     store.delete(topic, uid)
     return seconds, num_bytes
 
@@ -105,16 +104,6 @@ def _percentile(values: list[float], q: float) -> float:
     """Nearest rank: the smallest value with at least ``q`` of them at or below it."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # copies run asynchronously; time what has finished
-    return time.perf_counter()
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

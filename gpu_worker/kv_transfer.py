@@ -32,9 +32,9 @@ import torch
 from redis import Redis
 from safetensors import SafetensorError
 
-from gpu_worker.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine
+from gpu_worker.engine import Engine
 from gpu_worker.model import GPTConfig, KVCache
-from gpu_worker.sampling import advance_generator, check_sampling, make_generator, sample_next
+from gpu_worker.sampling import advance_generator, check_sampling, make_generator
 from gpu_worker.steps import GenerationStep
 from scheduler import keys
 from scheduler.messages import SamplingParams
@@ -279,7 +279,8 @@ def prefill_for_handoff(engine: Engine, prompt_ids: Sequence[int], sampling: Sam
     max_len = len(prompt_ids) + sampling.max_tokens
     kv_cache, logits = engine.prefill([prompt_ids], max_len)  # step 1: prefill, logits [1, V]
     kv = kv_from_cache(kv_cache, len(prompt_ids))
-    return KVHandoff(kv=kv, first_token=_sample(logits, sampling, generator), prompt_len=len(prompt_ids),
+    first_token = Engine.sample(logits, sampling, generator)
+    return KVHandoff(kv=kv, first_token=first_token, prompt_len=len(prompt_ids),
                      prompt_digest=prompt_digest(prompt_ids), config=engine.config,
                      dtype=str(kv["k.0"].dtype).removeprefix("torch."))
 
@@ -287,13 +288,7 @@ def prefill_for_handoff(engine: Engine, prompt_ids: Sequence[int], sampling: Sam
 def first_step(engine: Engine, handoff: KVHandoff, sampling: SamplingParams) -> GenerationStep:
     """Prefill node: what ``engine.generate`` yields at index 0 for the handoff's token 0. When it
     carries a finish reason the request is complete and needs no decode node."""
-    decoder = engine.tokenizer.stream_decoder()
-    token_id = handoff.first_token
-    if token_id == engine.tokenizer.eos_token_id:
-        return GenerationStep(0, -1, decoder.flush(), FINISH_STOP)
-    if sampling.max_tokens == 1:
-        return GenerationStep(0, token_id, decoder.push(token_id) + decoder.flush(), FINISH_LENGTH)
-    return GenerationStep(0, token_id, decoder.push(token_id))
+    return engine.step(0, handoff.first_token, sampling, engine.tokenizer.stream_decoder())
 
 
 def continue_from_handoff(engine: Engine, handoff: KVHandoff, prompt_ids: Sequence[int],
@@ -326,25 +321,8 @@ def _continue(engine: Engine, handoff: KVHandoff, sampling: SamplingParams,
     decoder.push(token_id)  # already sent; primes a character split across the handoff
     max_len = handoff.prompt_len + sampling.max_tokens  # as Engine.generate's cache
     kv_cache = cache_from_kv(handoff.kv, engine.config, engine.device, max_len)
-    last_index = sampling.max_tokens - 1
-    for index in range(1, sampling.max_tokens):
-        if should_stop is not None and should_stop():
-            yield GenerationStep(index, -1, decoder.flush(), FINISH_CANCELLED)
-            return
-        logits = engine.decode_step(kv_cache, [token_id])  # steps 2..n: decode, logits [1, V]
-        token_id = _sample(logits, sampling, generator)
-        if token_id == engine.tokenizer.eos_token_id:
-            yield GenerationStep(index, -1, decoder.flush(), FINISH_STOP)
-            return
-        if index < last_index:
-            yield GenerationStep(index, token_id, decoder.push(token_id))
-        else:
-            yield GenerationStep(index, token_id, decoder.push(token_id) + decoder.flush(), FINISH_LENGTH)
+    yield from engine.continue_decoding(kv_cache, token_id, 1, sampling, generator, decoder, should_stop)
 
-
-def _sample(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> int:
-    with torch.inference_mode():  # as Engine._sample
-        return int(sample_next(logits, [sampling], [generator])[0])
 
 
 def _check_request(engine: Engine, prompt_ids: list[int], sampling: SamplingParams) -> None:
