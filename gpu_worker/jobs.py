@@ -42,18 +42,35 @@ def run_request(topic: str, uid: str) -> dict[str, Any]:
         runtime.held.pop(uid, None)
         runtime.hooks.on_change(topic, uid)
         if summary["status"] != "lease_lost":  # another node carries it on, and counts it
-            runtime.hooks.on_finished(runtime.name, claim.home != runtime.name)
+            # Stolen: run by a node other than the one it was placed on (a splitwise decode node runs
+            # what its prefill node handed it: that is no steal).
+            runtime.hooks.on_finished(runtime.name, not claim.phase and claim.home != runtime.name)
 
 
 def _generate(runtime, topic: str, claim: Claim, output_ids: list[int]) -> dict[str, Any]:
-    store, uid, lease = runtime.store, claim.uid, claim.lease
     if claim.streamed:
-        output_ids.extend(store.streamed_tokens(topic, uid))
+        output_ids.extend(runtime.store.streamed_tokens(topic, claim.uid))
     cancel = threading.Event()  # set when Redis says the client cancelled; checked before each token
+    if claim.phase == "prefill":
+        steps = _prefill_and_hand_off(runtime, topic, claim)
+    elif claim.phase == "decode":
+        steps = _decode_after_handoff(runtime, topic, claim, list(output_ids), cancel)
+    else:
+        steps = runtime.engine.generate(claim.request.prompt_token_ids, claim.request.sampling, cancel.is_set,
+                                        resume_token_ids=list(output_ids))
+    return _stream(runtime, topic, claim, steps, output_ids, cancel)
+
+
+def _stream(runtime, topic: str, claim: Claim, steps, output_ids: list[int],
+            cancel: threading.Event) -> dict[str, Any]:
+    """Stream ``steps`` under the claim's lease, then record the end (unless handed off)."""
+    store, uid, lease = runtime.store, claim.uid, claim.lease
     finish_reason = None
-    steps = runtime.engine.generate(claim.request.prompt_token_ids, claim.request.sampling, cancel.is_set,
-                                    resume_token_ids=list(output_ids))
     for step in steps:
+        if step is HANDED_OFF:
+            return {"status": "handed_off", "tokens": len(output_ids)}
+        if step is LEASE_LOST:
+            return {"status": "lease_lost", "tokens": len(output_ids)}
         finish_reason = step.finish_reason or finish_reason
         if step.token_id < 0:
             continue  # the end marker of a stop or cancel: nothing to stream
@@ -70,3 +87,51 @@ def _generate(runtime, topic: str, claim: Claim, output_ids: list[int]) -> dict[
     final = store.finish(topic, uid, lease, status=status, finish_reason=finish_reason,
                          output_token_ids=output_ids)
     return {"status": final, "tokens": len(output_ids), "finish_reason": finish_reason}
+
+
+HANDED_OFF = object()  # what a prefill run yields last when a decode node carries the request on
+LEASE_LOST = object()  # ... or when it lost the request before it could hand it off
+KV_TTL_S = 600  # an abandoned handoff (its decode node never came) is gone after this
+
+
+def _prefill_and_hand_off(runtime, topic: str, claim: Claim):
+    """Splitwise prefill node: the KV cache and the first token; then the KV cache goes to Redis and
+    the request to its decode node's queue. Yields the first step (and HANDED_OFF after it)."""
+    from gpu_worker.kv_transfer import RedisKVStore, first_step, prefill_for_handoff
+
+    request = claim.request
+    if claim.streamed:  # a resumed prefill whose first token is out: the decode side resumes
+        yield HANDED_OFF if _hand_off(runtime, topic, claim, 0, 0.0) else LEASE_LOST
+        return
+    handoff = prefill_for_handoff(runtime.engine, request.prompt_token_ids, request.sampling)
+    step = first_step(runtime.engine, handoff, request.sampling)
+    yield step
+    if step.finish_reason is not None:
+        return  # the first token ended it: no decode node needed
+    started = time.perf_counter()
+    num_bytes = RedisKVStore(runtime.store.redis).put(topic, claim.uid, handoff, ttl_s=KV_TTL_S)
+    moved = _hand_off(runtime, topic, claim, num_bytes, (time.perf_counter() - started) * 1000)
+    yield HANDED_OFF if moved else LEASE_LOST
+
+
+def _hand_off(runtime, topic: str, claim: Claim, num_bytes: int, ms: float) -> bool:
+    moved = runtime.store.hand_off(topic, claim.uid, claim.lease, num_bytes, ms)
+    if not moved:
+        log.warning("request %s: lease %s lost before the handoff", claim.uid, claim.lease)
+    return moved
+
+
+def _decode_after_handoff(runtime, topic: str, claim: Claim, streamed: list[int], cancel: threading.Event):
+    """Splitwise decode node: continue from the prefill node's KV cache when only the first token is
+    out; after a failover (more tokens out, or the KV cache gone) re-prefill and resume instead."""
+    from gpu_worker.kv_transfer import RedisKVStore, continue_from_handoff
+
+    request, kv_store = claim.request, RedisKVStore(runtime.store.redis)
+    handoff = kv_store.get(topic, claim.uid, runtime.engine.device) if len(streamed) == 1 else None
+    if handoff is not None:
+        yield from continue_from_handoff(runtime.engine, handoff, request.prompt_token_ids, request.sampling,
+                                         cancel.is_set)
+    else:
+        yield from runtime.engine.generate(request.prompt_token_ids, request.sampling, cancel.is_set,
+                                           resume_token_ids=streamed)
+    kv_store.delete(topic, claim.uid)

@@ -15,6 +15,7 @@ TOPICS = f"{PREFIX}:topics"  # set of topic names known to the cluster (the reap
 REQ, OUT, WAITING, CONFIG, RR, HB = "req:", "out:", "waiting", "config", "rr", "hb:"
 NODE, LOAD, INFLIGHT, ALIVE, BELL, RESULTS = "node:", "load:", "inflight", "alive", "bell:", "results:"
 IDS, CRC, KV, SCHED = "ids", "crc", "kv:", "sched"
+ROLES, PDLOAD, PENDING = "roles", "pdload", "pending"
 
 
 def topic_prefix(topic: str) -> str:
@@ -96,6 +97,22 @@ def kv_handoff(topic: str, uid: str) -> str:
     return topic_prefix(topic) + KV + uid
 
 
+def roles(topic: str) -> str:
+    """Hash: node -> role (prefill, decode, mixed), written by each node's heartbeat."""
+    return topic_prefix(topic) + ROLES
+
+
+def pd_load(topic: str) -> str:
+    """Hash: node -> splitwise load (prompt tokens in flight on prefill and mixed nodes, requests in
+    flight on decode nodes)."""
+    return topic_prefix(topic) + PDLOAD
+
+
+def pending(topic: str) -> str:
+    """List: splitwise requests waiting for an eligible prefill or decode node (TTL still applies)."""
+    return topic_prefix(topic) + PENDING
+
+
 def node_queue_name(topic: str, node: str) -> str:
     """The rq queue name of a node (rq stores it under ``rq:queue:<name>``)."""
     return topic_prefix(topic) + NODE + node
@@ -122,4 +139,7 @@ local K_ALIVE = P .. '{ALIVE}'
 local K_IDS = P .. '{IDS}'
 local K_CRC = P .. '{CRC}'
 local K_SCHED = P .. '{SCHED}'
+local K_ROLES = P .. '{ROLES}'
+local K_PDLOAD = P .. '{PDLOAD}'
+local K_PENDING = P .. '{PENDING}'
 """

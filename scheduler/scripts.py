@@ -33,6 +33,7 @@ local function config()  -- the small copy first: every script reads it, and dec
   cfg.scheduler_ttl = tonumber(cfg.scheduler_ttl or 900)
   cfg.scheduler_load_shards_num = tonumber(cfg.scheduler_load_shards_num or 1)
   cfg.scheduler_min_load_score = tonumber(cfg.scheduler_min_load_score or 3)
+  cfg.scheduler_sync_period = tonumber(cfg.scheduler_sync_period or 5)
   return cfg
 end
 local crc_of = {}  -- a node's CRC: the CRC loop in Lua costs ~10 us, so it is kept in K_CRC
@@ -79,10 +80,28 @@ local function dequeue(uid, req, cfg)
   if holder and holder ~= '' then
     add_load(holder, -redis.call('LREM', k_queue(holder), 0, uid), cfg)
     redis.call('HSET', req, 'queue_node', '')
+  else
+    redis.call('LREM', K_PENDING, 0, uid)  -- splitwise: it was waiting for an eligible node
   end
+end
+local function release_charge(req, field, node_field)
+  local charge = tonumber(redis.call('HGET', req, field) or 0)
+  if charge ~= 0 then
+    redis.call('HINCRBY', K_PDLOAD, redis.call('HGET', req, node_field), -charge)
+    redis.call('HSET', req, field, 0)
+  end
+end
+local function expiry_message(req, ttl)
+  local missing = redis.call('HGET', req, 'waiting_for')
+  if missing and missing ~= '' then
+    return 'no ' .. missing .. ' was available within scheduler_ttl=' .. ttl .. 's'
+  end
+  return 'waited longer than scheduler_ttl=' .. ttl .. 's'
 end
 local function close(uid, status, reason, code, message, extra)
   local req, out = k_req(uid), k_out(uid)
+  release_charge(req, 'charge_p', 'prefill_node')
+  release_charge(req, 'charge_d', 'decode_node')
   redis.call('HSET', req, 'status', status, 'finish_reason', reason, 'error_code', code,
              'error_message', message, 'finished_at', fmt(now()), 'lease', '', unpack(extra))
   redis.call('ZREM', K_WAITING, uid)
@@ -111,6 +130,66 @@ local function least_loaded(nodes, cfg)
   end
   return best
 end
+local function live_roles(t, cfg)
+  -- splitwise: live (not stale: heard from within three sync periods) nodes by role
+  local by_role = {prefill = {}, decode = {}, mixed = {}}
+  local live = redis.call('ZRANGEBYSCORE', K_ALIVE, t - 3 * cfg.scheduler_sync_period, '+inf')
+  if #live == 0 then return by_role end
+  local roles = redis.call('HMGET', K_ROLES, unpack(live))
+  for i, node in ipairs(live) do
+    local role = roles[i] or 'mixed'
+    if by_role[role] then table.insert(by_role[role], node) end
+  end
+  return by_role
+end
+local function pick(nodes, rand)
+  -- least loaded, at random among the best two so that placements do not herd
+  local ranked = {}
+  for _, node in ipairs(nodes) do
+    table.insert(ranked, {node, tonumber(redis.call('HGET', K_PDLOAD, node) or 0)})
+  end
+  table.sort(ranked, function(a, b) return a[2] < b[2] end)
+  return ranked[1 + math.floor(rand * math.min(#ranked, 2))][1]
+end
+local function place(uid, cfg, t, rand)
+  -- splitwise placement: a prefill (or mixed) node and a decode node by load; only mixed nodes
+  -- alive: one mixed node does it all. Returns the node it is queued on, or nil: it must wait.
+  local req = k_req(uid)
+  local prompt = tonumber(redis.call('HGET', req, 'prompt_tokens'))
+  local by_role = live_roles(t, cfg)
+  local missing
+  if #by_role.prefill == 0 and #by_role.decode == 0 then
+    if #by_role.mixed == 0 then
+      missing = 'live node'
+    else
+      local node = pick(by_role.mixed, rand)
+      redis.call('HSET', req, 'phase', '', 'home_node', node, 'prefill_node', node, 'decode_node', node,
+                 'charge_p', prompt, 'waiting_for', '')
+      redis.call('HINCRBY', K_PDLOAD, node, prompt)
+      enqueue(uid, node, false, cfg, t)
+      return node
+    end
+  else
+    local capable = {}
+    for _, node in ipairs(by_role.prefill) do table.insert(capable, node) end
+    for _, node in ipairs(by_role.mixed) do table.insert(capable, node) end
+    if #capable == 0 then
+      missing = 'prefill node'
+    elseif #by_role.decode == 0 then
+      missing = 'decode node'
+    else
+      local p, d = pick(capable, rand), pick(by_role.decode, rand)
+      redis.call('HSET', req, 'phase', 'prefill', 'home_node', p, 'prefill_node', p, 'decode_node', d,
+                 'charge_p', prompt, 'charge_d', 1, 'waiting_for', '')
+      redis.call('HINCRBY', K_PDLOAD, p, prompt)
+      redis.call('HINCRBY', K_PDLOAD, d, 1)
+      enqueue(uid, p, false, cfg, t)
+      return p
+    end
+  end
+  redis.call('HSET', req, 'status', 'queued', 'queue_node', '', 'home_node', '', 'waiting_for', missing)
+  return nil
+end
 local function oldest_first(uids)  -- by first enqueue time, the order they were put in
   local entries = {}
   for _, uid in ipairs(uids) do
@@ -135,8 +214,9 @@ local function requeue(uid, target, cfg, t)
 end
 """
 
-# ARGV: prefix, retention, uid, request_id, home, payload, prompt_tokens, max_size, origin.
-# Returns {'ok', enqueue time} or {'full'} or {'duplicate'}.
+# ARGV: prefix, retention, uid, request_id, home, payload, prompt_tokens, max_size, origin, rand.
+# Returns {'ok', enqueue time} or {'full'} or {'duplicate'}. In splitwise mode the home is chosen here,
+# from the live nodes' roles and loads; with no eligible node the request waits in K_PENDING.
 SUBMIT = PRELUDE + """
 local cfg = config()
 local uid, home, max_size = ARGV[3], ARGV[5], tonumber(ARGV[8])
@@ -149,7 +229,13 @@ local t = now()
 redis.call('HSET', req, 'request_id', ARGV[4], 'home_node', home, 'enqueued_at', fmt(t),
            'ttl', cfg.scheduler_ttl, 'prompt_tokens', ARGV[7], 'payload', ARGV[6], 'origin', ARGV[9],
            'attempt', 0, 'num_output_tokens', 0)
-enqueue(uid, home, false, cfg, t)  -- no EXPIRE while it waits: TTL eviction ends it (a raised TTL too)
+-- no EXPIRE while it waits: TTL eviction ends it (a raised TTL too)
+if cfg.scheduler_name ~= 'splitwise' then
+  enqueue(uid, home, false, cfg, t)
+elseif not place(uid, cfg, t, tonumber(ARGV[10])) then
+  redis.call('RPUSH', K_PENDING, uid)
+  redis.call('ZADD', K_WAITING, t, uid)
+end
 return {'ok', fmt(t)}
 """
 
@@ -188,7 +274,7 @@ end
 #       available_blocks (-1: no budget), block_size, reserved_output_blocks, max_num_batched_tokens.
 # Claims up to n requests from the node's own queue (stealing once when it is empty, in global mode),
 # FIFO, within the KV-block and token budgets. Overdue ones are expired instead of handed out.
-# Returns a list of {uid, lease, payload, tokens already streamed, home node}.
+# Returns a list of {uid, lease, payload, tokens already streamed, home node, splitwise phase}.
 CLAIM = PRELUDE + _STEAL + """
 local cfg = config()
 local node, n, lease_s = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[7])
@@ -206,7 +292,7 @@ while #claimed < n do
   else
     local req = k_req(uid)
     local f = redis.call('HMGET', req, 'status', 'prompt_tokens', 'attempt', 'started_at', 'payload',
-                        'num_output_tokens', 'home_node')
+                        'num_output_tokens', 'home_node', 'phase')
     local waited = tonumber(redis.call('ZSCORE', K_WAITING, uid) or t)
     if f[1] ~= 'queued' then
       redis.call('LPOP', own)  -- a stale id whose request ended elsewhere
@@ -214,7 +300,7 @@ while #claimed < n do
     elseif t - waited >= cfg.scheduler_ttl then
       add_load(node, -popped, cfg)
       popped = 0
-      close_waiting(uid, 'expired', 'waited longer than scheduler_ttl=' .. cfg.scheduler_ttl .. 's', cfg)
+      close_waiting(uid, 'expired', expiry_message(req, cfg.scheduler_ttl), cfg)
     else
       if budgeted then
         local prompt = tonumber(f[2])
@@ -230,7 +316,7 @@ while #claimed < n do
       redis.call('EXPIRE', req, 86400 + RETENTION)
       redis.call('ZREM', K_WAITING, uid)
       redis.call('ZADD', K_INFLIGHT, t + lease_s, uid)
-      table.insert(claimed, {uid, lease, f[5], f[6], f[7]})
+      table.insert(claimed, {uid, lease, f[5], f[6], f[7], f[8] or ''})
     end
   end
 end
@@ -299,7 +385,7 @@ local due = redis.call('ZRANGEBYSCORE', K_WAITING, '-inf', now() - ttl, 'LIMIT',
 local expired = {}
 for _, uid in ipairs(due) do
   if redis.call('HGET', k_req(uid), 'status') == 'queued' then
-    close_waiting(uid, 'expired', 'waited longer than scheduler_ttl=' .. ttl .. 's', cfg)
+    close_waiting(uid, 'expired', expiry_message(k_req(uid), ttl), cfg)
     table.insert(expired, uid)
   else
     redis.call('ZREM', K_WAITING, uid)
@@ -308,10 +394,33 @@ end
 return expired
 """
 
-# ARGV: prefix, retention, limit, dead_after seconds. Running requests whose lease ran out (their
+# ARGV: prefix, retention, limit, dead_after seconds, rand. Running requests whose lease ran out (their
 # node died) go back to the front of a queue: their home node's when it is alive (always, in local
 # mode), else the least loaded live node. Returns {uid, node} pairs.
 RECOVER = PRELUDE + """
+local function splitwise_target(req, cfg, t, rand)
+  -- the node of the phase it is in when still live, else a live node of the right role (its load
+  -- charge moves along), else the same node: the request waits for it (and for its TTL)
+  local decode = redis.call('HGET', req, 'phase') == 'decode'
+  local field, charge = decode and 'decode_node' or 'prefill_node', decode and 'charge_d' or 'charge_p'
+  local current = redis.call('HGET', req, field)
+  local by_role = live_roles(t, cfg)
+  local candidates = decode and by_role.decode or {}
+  if not decode then
+    for _, node in ipairs(by_role.prefill) do table.insert(candidates, node) end
+    for _, node in ipairs(by_role.mixed) do table.insert(candidates, node) end
+  end
+  for _, node in ipairs(candidates) do
+    if node == current then return current end
+  end
+  if #candidates == 0 then return current end
+  local target = pick(candidates, rand)
+  local amount = tonumber(redis.call('HGET', req, charge) or 0)
+  redis.call('HINCRBY', K_PDLOAD, current, -amount)
+  redis.call('HINCRBY', K_PDLOAD, target, amount)
+  redis.call('HSET', req, field, target)
+  return target
+end
 local cfg, t = config(), now()
 local due = oldest_first(redis.call('ZRANGEBYSCORE', K_INFLIGHT, '-inf', t, 'LIMIT', 0, tonumber(ARGV[3])))
 local live = live_nodes(t, tonumber(ARGV[4]))
@@ -325,6 +434,8 @@ for i = #due, 1, -1 do  -- backwards: each goes to the front, so the oldest ends
     local target = redis.call('HGET', req, 'home_node')
     if cfg.scheduler_name == 'global' and not is_live[target] and #live > 0 then
       target = least_loaded(live, cfg)
+    elseif cfg.scheduler_name == 'splitwise' then
+      target = splitwise_target(req, cfg, t, tonumber(ARGV[5]))
     end
     if requeue(uid, target, cfg, t) then table.insert(moved, {uid, target}) end
   else
@@ -378,14 +489,15 @@ end
 return moved
 """
 
-# ARGV: prefix, retention, lease seconds, node, accepts work ('1'/'0'), then uid, lease pairs. The
+# ARGV: prefix, retention, lease seconds, node, accepts work ('1'/'0'), role, then uid, lease pairs. The
 # node's heartbeat: renews the leases it still holds, and marks it alive for failover and re-homing
 # only while it takes new work (a draining or disabled node is not a target).
 RENEW = PRELUDE + """
 local t, lease_s, node = now(), tonumber(ARGV[3]), ARGV[4]
 if ARGV[5] == '1' then redis.call('ZADD', K_ALIVE, t, node) else redis.call('ZREM', K_ALIVE, node) end
+redis.call('HSET', K_ROLES, node, ARGV[6])
 local renewed = 0
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   if redis.call('HGET', k_req(ARGV[i]), 'lease') == ARGV[i + 1] then
     redis.call('ZADD', K_INFLIGHT, 'XX', t + lease_s, ARGV[i])
     renewed = renewed + 1
@@ -403,7 +515,8 @@ redis.call('SET', K_CONFIG, ARGV[3])
 redis.call('SET', K_SCHED, cjson.encode({
   scheduler_name = new.scheduler_name, scheduler_ttl = new.scheduler_ttl,
   scheduler_load_shards_num = new.scheduler_load_shards_num,
-  scheduler_min_load_score = new.scheduler_min_load_score}))
+  scheduler_min_load_score = new.scheduler_min_load_score,
+  scheduler_sync_period = new.scheduler_sync_period}))
 local new_n = tonumber(new.scheduler_load_shards_num or 1)
 if new_n == old.scheduler_load_shards_num then return 0 end
 local scores = {}
@@ -416,4 +529,41 @@ for _, entry in ipairs(scores) do
   redis.call('ZINCRBY', k_load(crc16(entry[1]) % new_n), entry[2], entry[1])
 end
 return #scores
+"""
+
+# ARGV: prefix, retention, uid, lease, bytes, milliseconds. The prefill node wrote the KV cache and
+# streamed the first token: the request goes to its decode node's queue, the prefill load is released.
+HANDOFF = PRELUDE + """
+local uid, lease = ARGV[3], ARGV[4]
+local req = k_req(uid)
+if redis.call('HGET', req, 'status') ~= 'running' or redis.call('HGET', req, 'lease') ~= lease then
+  return 0
+end
+local cfg, t = config(), now()
+release_charge(req, 'charge_p', 'prefill_node')
+redis.call('ZREM', K_INFLIGHT, uid)
+redis.call('HSET', req, 'lease', '', 'executed_by', '', 'phase', 'decode', 'handoff_bytes', ARGV[5],
+           'handoff_ms', ARGV[6])
+enqueue(uid, redis.call('HGET', req, 'decode_node'), false, cfg, t)
+return 1
+"""
+
+# ARGV: prefix, retention, rand, limit. Splitwise: places waiting requests once eligible nodes are
+# live (their TTL clock keeps running from when they were put). Returns how many were placed.
+PLACE_PENDING = PRELUDE + """
+local cfg = config()
+if cfg.scheduler_name ~= 'splitwise' then return 0 end
+local t, placed = now(), 0
+for _, uid in ipairs(redis.call('LRANGE', K_PENDING, 0, tonumber(ARGV[4]) - 1)) do
+  local req = k_req(uid)
+  if redis.call('HGET', req, 'status') ~= 'queued' or redis.call('HGET', req, 'queue_node') ~= '' then
+    redis.call('LREM', K_PENDING, 0, uid)
+  else
+    local since = tonumber(redis.call('ZSCORE', K_WAITING, uid) or t)
+    if not place(uid, cfg, since, tonumber(ARGV[3])) then break end
+    redis.call('LREM', K_PENDING, 0, uid)
+    placed = placed + 1
+  end
+end
+return placed
 """

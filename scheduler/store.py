@@ -43,7 +43,7 @@ RETENTION_S = 3600  # how long Redis keeps a finished request's hash and stream 
 JOB_TIMEOUT_S = 3600
 LEASE_S = 5.0  # a running request whose node has not renewed it for this long goes to another node
 SCRIPTS = ("SUBMIT", "CLAIM", "EMIT", "FINISH", "CANCEL", "EXPIRE_DUE", "RECOVER", "RECLAIM", "REHOME",
-           "RENEW", "PUBLISH_CONFIG")
+           "RENEW", "PUBLISH_CONFIG", "HANDOFF", "PLACE_PENDING")
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class Claim:
     request: Request
     streamed: int
     home: str  # the node it was placed on; another node running it has stolen it
+    phase: str = ""  # splitwise: "prefill" or "decode"; "" for a whole request
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ class RequestStore:
                     self._save_job(pipe, topic, uid, request, home, config)
                 positions.append(len(pipe.command_stack))
                 self._run("SUBMIT", topic, uid, request.request_id, home, json.dumps(request.to_dict()),
-                          request.prompt_len, max_size, origin, client=pipe)
+                          request.prompt_len, max_size, origin, random.random(), client=pipe)
 
         replies = self.execute(build)
         outcome = [replies[i][0].decode() for i in positions]
@@ -232,7 +233,7 @@ class RequestStore:
                           b.available_blocks, b.block_size, b.reserved_output_blocks,
                           b.max_num_batched_tokens)
         return [Claim(uid.decode(), lease.decode(), Request.from_dict(json.loads(payload)), int(streamed),
-                      home.decode()) for uid, lease, payload, streamed, home in reply]
+                      home.decode(), phase.decode()) for uid, lease, payload, streamed, home, phase in reply]
 
     def emit(self, topic: str, uid: str, lease: str, index: int, token_id: int, text: str,
              client=None) -> Any:
@@ -253,11 +254,12 @@ class RequestStore:
         """The token ids already streamed, in index order (what a resumed run continues after)."""
         return [e.token_id for e in self.read_output(topic, uid, count=100_000) if e.kind == "token"]
 
-    def renew(self, topic: str, node: str, held: dict[str, str], accepts_work: bool = True) -> int:
-        """Heartbeat: extend the leases ``node`` holds (uid -> lease), and mark it alive for failover
-        while it ``accepts_work``."""
+    def renew(self, topic: str, node: str, held: dict[str, str], accepts_work: bool = True,
+              role: str = "mixed") -> int:
+        """Heartbeat: extend the leases ``node`` holds (uid -> lease), record its role, and mark it
+        alive for failover and placement while it ``accepts_work``."""
         pairs = [item for uid_lease in held.items() for item in uid_lease]
-        return int(self._run("RENEW", topic, LEASE_S, node, "1" if accepts_work else "0", *pairs))
+        return int(self._run("RENEW", topic, LEASE_S, node, "1" if accepts_work else "0", role, *pairs))
 
     def reclaim(self, topic: str, node: str) -> list[str]:
         """A node starting under its old name takes back the requests it held when it died."""
@@ -274,7 +276,17 @@ class RequestStore:
 
     def recover(self, topic: str, limit: int = 500) -> list[tuple[str, str]]:
         """Requeue running requests whose lease ran out; returns (uid, node it went to) pairs."""
-        return [(u.decode(), n.decode()) for u, n in self._run("RECOVER", topic, limit, DEAD_AFTER_S)]
+        reply = self._run("RECOVER", topic, limit, DEAD_AFTER_S, random.random())
+        return [(u.decode(), n.decode()) for u, n in reply]
+
+    def hand_off(self, topic: str, uid: str, lease: str, num_bytes: int, ms: float) -> bool:
+        """Splitwise: the prefill node is done (KV cache written, first token streamed); the request
+        moves to its decode node's queue. False when the lease is no longer the caller's."""
+        return bool(self._run("HANDOFF", topic, uid, lease, num_bytes, f"{ms:.3f}"))
+
+    def place_pending(self, topic: str, limit: int = 500) -> int:
+        """Splitwise: place requests that waited for an eligible node; returns how many were placed."""
+        return int(self._run("PLACE_PENDING", topic, random.random(), limit))
 
     def rehome(self, topic: str, limit: int = 1000) -> int:
         """Global mode: move the queues of dead nodes to live ones; returns how many moved."""
@@ -333,7 +345,9 @@ class RequestStore:
             pipe.expire(key, ttl_s)
             if fields.get("state") != "stopped":
                 pairs = [item for uid_lease in (held or {}).items() for item in uid_lease]
-                self._run("RENEW", topic, LEASE_S, node, "1" if accepts_work else "0", *pairs, client=pipe)
+                role = str(fields.get("role", "mixed"))
+                self._run("RENEW", topic, LEASE_S, node, "1" if accepts_work else "0", role, *pairs,
+                          client=pipe)
             else:
                 pipe.zrem(keys.alive(topic), node)
 

@@ -46,6 +46,8 @@ class Request(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     first_token_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    handoff_bytes = models.PositiveBigIntegerField(null=True, blank=True, help_text="KV handoff bytes.")
+    handoff_ms = models.FloatField(null=True, blank=True, help_text="Splitwise KV handoff time, ms.")
 
     class Meta:
         ordering = ["-created_at"]
@@ -65,7 +67,8 @@ class Request(models.Model):
 
     @property
     def stolen(self) -> bool:
-        return bool(self.executed_by) and self.executed_by != self.home_node
+        # A splitwise decode node runs what its prefill (home) node handed it: that is no steal.
+        return bool(self.executed_by) and self.executed_by not in (self.home_node, self.decode_node)
 
     def as_api(self) -> dict[str, Any]:
         """The request object exactly as the HTTP contract gives it."""
@@ -88,6 +91,8 @@ class Request(models.Model):
             "started_at": _iso(self.started_at),
             "first_token_at": _iso(self.first_token_at),
             "finished_at": _iso(self.finished_at),
+            "handoff": ({"bytes": self.handoff_bytes, "ms": self.handoff_ms}
+                        if self.handoff_bytes is not None else None),
         }
 
 

@@ -20,7 +20,7 @@ from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_store
 from fdconsole.topics.models import Topic
 from gpu_worker.tokenizer import ByteTokenizer
-from scheduler.errors import ConfigError, DuplicateRequest, NoNodeAvailable, QueueFull, SchedulerError
+from scheduler.errors import ConfigError, DuplicateRequest, QueueFull, SchedulerError
 from scheduler.messages import parse_submission
 from scheduler.store import new_uid
 
@@ -43,12 +43,6 @@ def submit_request(topic: Topic, body: Any, user=None) -> Request:
         body, max_model_len=settings.FD_MAX_MODEL_LEN, encode=_tokenizer.encode
     )
     config = topic.config
-    if config.scheduler_name == "splitwise":
-        raise NoNodeAvailable(
-            f"topic '{topic.name}' uses the splitwise scheduler, which this version does not run yet; "
-            "set scheduler_name to local or global",
-            field="scheduler_name",
-        )
     request.request_id = request_id or f"req-{uuid.uuid4().hex}"
     request.topic = topic.name
     store = get_store()

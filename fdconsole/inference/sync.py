@@ -50,6 +50,11 @@ def _changes_from_state(row: Request, state: dict[str, str], store: RequestStore
     changes = {
         "status": status,
         "executed_by": state.get("executed_by", ""),
+        "home_node": state.get("home_node", row.home_node),
+        "prefill_node": state.get("prefill_node", ""),
+        "decode_node": state.get("decode_node", ""),
+        "handoff_bytes": int(state["handoff_bytes"]) if state.get("handoff_bytes") else None,
+        "handoff_ms": float(state["handoff_ms"]) if state.get("handoff_ms") else None,
         "started_at": _time(state.get("started_at")),
         "first_token_at": _time(state.get("first_token_at")),
         "finished_at": _time(state.get("finished_at")),

@@ -1,0 +1,105 @@
+"""Splitwise with real node processes: a prefill node builds the KV cache and the first token, a
+decode node continues from it, and the output equals the same request in local mode token for token.
+Only mixed nodes: one does it all. No decode node: the request waits, then expires saying why. A decode
+node killed after the handoff loses nothing."""
+
+import time
+from urllib.parse import quote
+
+import pytest
+
+from scheduler.messages import SamplingParams
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
+LONG = ("Prefill, then decode. " + "Ünïcödé ✓ 日本語 🚀 " * 40).encode()[:900].decode(errors="ignore")
+PROMPTS = ["Hello, splitwise.", "Grüße, 世界! 🚀", LONG]
+
+
+@pytest.fixture
+def splitwise_topic(db, store):
+    from fdconsole.topics.services import ensure_topic
+
+    topic = ensure_topic("default")
+    topic.apply_config({"scheduler_name": "splitwise", "scheduler_sync_period": 0.5})
+    topic.save()
+    store.publish_config("default", topic.config)
+    return topic
+
+
+def submit(api, prompt: str, max_tokens: int = 40, **extra) -> str:
+    body = {"prompt": prompt, "max_tokens": max_tokens, **extra}
+    answer = api.post("/api/v1/topics/default/requests", body)
+    assert answer.status_code == 202, answer.content
+    return answer.json()["request_id"]
+
+
+def wait_status(api, request_id: str, statuses: tuple[str, ...], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = api.get(f"/api/v1/requests/{quote(request_id, safe='')}").json()
+        if body["status"] in statuses:
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"{request_id} is {body['status']}, not {statuses}")
+
+
+def greedy(engine, prompt: str, max_tokens: int) -> list[int]:
+    steps = engine.generate(list(prompt.encode()), SamplingParams(max_tokens=max_tokens))
+    return [s.token_id for s in steps if s.token_id >= 0]
+
+
+def test_prefill_then_decode_equals_local_mode(api, splitwise_topic, node_processes, engine):
+    node_processes.start("pre-1", "default", "--role", "prefill")
+    node_processes.start("dec-1", "default", "--role", "decode")
+    request_ids = [submit(api, prompt) for prompt in PROMPTS]
+    request_ids.append(submit(api, "odd id", request_id="pd#1 ?/ü %"))
+    for request_id, prompt in zip(request_ids, [*PROMPTS, "odd id"], strict=True):
+        body = wait_status(api, request_id, ("finished", "failed", "expired"))
+        assert body["status"] == "finished", body
+        assert body["output_token_ids"] == greedy(engine, prompt, 40)
+        assert (body["prefill_node"], body["decode_node"], body["executed_by"]) == ("pre-1", "dec-1", "dec-1")
+        assert body["stolen"] is False
+        assert body["handoff"]["bytes"] > 0 and body["handoff"]["ms"] >= 0
+
+
+def test_only_mixed_nodes_run_whole_requests(api, splitwise_topic, node_processes, engine):
+    node_processes.start("mix-1", "default", "--role", "mixed")
+    body = wait_status(api, submit(api, PROMPTS[1]), ("finished",))
+    assert body["executed_by"] == "mix-1" and body["handoff"] is None
+    assert body["output_token_ids"] == greedy(engine, PROMPTS[1], 40)
+
+
+def test_without_a_decode_node_a_request_waits_then_expires_saying_why(api, splitwise_topic, node_processes):
+    node_processes.start("mix-1", "default", "--role", "mixed")
+    node_processes.start("pre-1", "default", "--role", "prefill")
+    api.patch("/api/v1/topics/default", {"scheduler_ttl": 2})
+    request_id = submit(api, "nobody decodes me")
+    time.sleep(1.0)
+    assert api.get(f"/api/v1/requests/{request_id}").json()["status"] == "queued"  # waiting, not lost
+    body = wait_status(api, request_id, ("expired",), timeout=10)
+    assert body["error"]["code"] == "expired" and "no decode node" in body["error"]["message"]
+
+
+def test_a_decode_node_killed_after_the_handoff_loses_nothing(api, splitwise_topic, store, node_processes,
+                                                              engine):
+    from fdconsole.inference.models import Request
+
+    slow = {"FD_TOKEN_DELAY_MS": "10"}
+    node_processes.start("pre-1", "default", "--role", "prefill", **slow)
+    node_processes.start("dec-1", "default", "--role", "decode", **slow)
+    request_id = submit(api, PROMPTS[0], max_tokens=200)
+    uid = Request.objects.get(request_id=request_id).uid
+    deadline = time.monotonic() + 30
+    while True:
+        state = store.state("default", uid)
+        if state.get("executed_by") in ("dec-1",) and int(state.get("num_output_tokens", 0)) >= 10:
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(0.02)
+    node_processes.start("dec-2", "default", "--role", "decode", **slow)
+    node_processes.kill("dec-1")
+    body = wait_status(api, request_id, ("finished", "failed", "expired"), timeout=60)
+    assert body["status"] == "finished" and body["executed_by"] == "dec-2" and body["decode_node"] == "dec-2"
+    assert body["output_token_ids"] == greedy(engine, PROMPTS[0], 200)
+    events = store.read_output("default", uid)
+    assert [e.index for e in events if e.kind == "token"] == list(range(200))
