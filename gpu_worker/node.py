@@ -103,6 +103,7 @@ class Heartbeat(threading.Thread):
         rt.store.write_heartbeat(rt.topic, rt.name, {
             "state": state, "role": rt.role, "host": socket.gethostname(), "pid": os.getpid(),
             "device": str(rt.engine.device), "running": ",".join(rt.held), "admin_state": rt.admin_state,
+            "transfer": "redis", "load": rt.store.pd_load(rt.topic, rt.name),
         }, rt.leases, ttl_s=HEARTBEAT_KEY_TTL_S, accepts_work=rt.admin_state == "enabled")
 
     def stop(self) -> None:

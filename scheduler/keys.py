@@ -15,7 +15,7 @@ TOPICS = f"{PREFIX}:topics"  # set of topic names known to the cluster (the reap
 REQ, OUT, WAITING, CONFIG, RR, HB = "req:", "out:", "waiting", "config", "rr", "hb:"
 NODE, LOAD, INFLIGHT, ALIVE, BELL, RESULTS = "node:", "load:", "inflight", "alive", "bell:", "results:"
 IDS, CRC, KV, SCHED = "ids", "crc", "kv:", "sched"
-ROLES, PDLOAD, PENDING = "roles", "pdload", "pending"
+ROLES, PDLOAD, PENDING, SEEN, CHARGES = "roles", "pdload", "pending", "seen", "charges"
 
 
 def topic_prefix(topic: str) -> str:
@@ -113,6 +113,16 @@ def pending(topic: str) -> str:
     return topic_prefix(topic) + PENDING
 
 
+def seen(topic: str) -> str:
+    """Sorted set: node -> time of its last heartbeat, whatever its admin state (splitwise expiry)."""
+    return topic_prefix(topic) + SEEN
+
+
+def charges(topic: str) -> str:
+    """Sorted set: uid -> when its splitwise load charge was last confirmed (the leak guard)."""
+    return topic_prefix(topic) + CHARGES
+
+
 def node_queue_name(topic: str, node: str) -> str:
     """The rq queue name of a node (rq stores it under ``rq:queue:<name>``)."""
     return topic_prefix(topic) + NODE + node
@@ -142,4 +152,6 @@ local K_SCHED = P .. '{SCHED}'
 local K_ROLES = P .. '{ROLES}'
 local K_PDLOAD = P .. '{PDLOAD}'
 local K_PENDING = P .. '{PENDING}'
+local K_SEEN = P .. '{SEEN}'
+local K_CHARGES = P .. '{CHARGES}'
 """

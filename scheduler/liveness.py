@@ -14,6 +14,14 @@ DEAD_AFTER_S = 6.0  # also when the scheduler moves a dead node's queue to live 
 HEARTBEAT_KEY_TTL_S = 3600  # the key outlives death so the console can say how long ago it died
 
 
+def limits(config: dict) -> tuple[float, float]:
+    """(stale after, dead after) in seconds for a topic's published configuration."""
+    if config.get("scheduler_name") == "splitwise":
+        sync, expire = config.get("scheduler_sync_period", 5), config.get("scheduler_expire_period", 3000)
+        return 3 * float(sync), float(expire)
+    return STALE_AFTER_S, DEAD_AFTER_S
+
+
 def heartbeat_age(heartbeat: dict[str, str], now: float | None = None) -> float | None:
     """Seconds since the node's last heartbeat, or None when it never sent one (or it expired)."""
     if "ts" not in heartbeat:
@@ -21,12 +29,14 @@ def heartbeat_age(heartbeat: dict[str, str], now: float | None = None) -> float 
     return max(0.0, (now or time.time()) - float(heartbeat["ts"]))
 
 
-def node_state(heartbeat: dict[str, str], admin_state: str, now: float | None = None) -> str:
-    """The state the console shows for a node."""
+def node_state(heartbeat: dict[str, str], admin_state: str, now: float | None = None,
+               stale_after: float = STALE_AFTER_S, dead_after: float = DEAD_AFTER_S) -> str:
+    """The state the console shows for a node. Splitwise topics pass their own limits: stale after
+    three ``scheduler_sync_period``, expired (shown dead) after ``scheduler_expire_period``."""
     age = heartbeat_age(heartbeat, now)
-    if age is None or age > DEAD_AFTER_S or heartbeat.get("state") == "stopped":
+    if age is None or age > dead_after or heartbeat.get("state") == "stopped":
         return "dead"
-    if age > STALE_AFTER_S:
+    if age > stale_after:
         return "stale"
     if admin_state != "enabled":
         return "draining"

@@ -38,6 +38,9 @@ class Reaper(threading.Thread):
         for topic in self.store.topics():
             for uid, node in self.store.recover(topic):
                 log.warning("request %s of %s lost its node; requeued on %s", uid, topic, node)
+            moved = self.store.splitwise_upkeep(topic)
+            if moved:
+                log.warning("moved %d request(s) of %s off expired nodes", moved, topic)
             placed = self.store.place_pending(topic)
             if placed:
                 log.info("placed %d waiting request(s) of %s", placed, topic)

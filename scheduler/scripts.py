@@ -34,6 +34,8 @@ local function config()  -- the small copy first: every script reads it, and dec
   cfg.scheduler_load_shards_num = tonumber(cfg.scheduler_load_shards_num or 1)
   cfg.scheduler_min_load_score = tonumber(cfg.scheduler_min_load_score or 3)
   cfg.scheduler_sync_period = tonumber(cfg.scheduler_sync_period or 5)
+  cfg.scheduler_expire_period = tonumber(cfg.scheduler_expire_period or 3000)
+  cfg.scheduler_release_load_expire_period = tonumber(cfg.scheduler_release_load_expire_period or 600)
   return cfg
 end
 local crc_of = {}  -- a node's CRC: the CRC loop in Lua costs ~10 us, so it is kept in K_CRC
@@ -91,6 +93,12 @@ local function release_charge(req, field, node_field)
     redis.call('HSET', req, field, 0)
   end
 end
+local function release_charges(uid)
+  local req = k_req(uid)
+  release_charge(req, 'charge_p', 'prefill_node')
+  release_charge(req, 'charge_d', 'decode_node')
+  redis.call('ZREM', K_CHARGES, uid)
+end
 local function expiry_message(req, ttl)
   local missing = redis.call('HGET', req, 'waiting_for')
   if missing and missing ~= '' then
@@ -100,8 +108,7 @@ local function expiry_message(req, ttl)
 end
 local function close(uid, status, reason, code, message, extra)
   local req, out = k_req(uid), k_out(uid)
-  release_charge(req, 'charge_p', 'prefill_node')
-  release_charge(req, 'charge_d', 'decode_node')
+  release_charges(uid)
   redis.call('HSET', req, 'status', status, 'finish_reason', reason, 'error_code', code,
              'error_message', message, 'finished_at', fmt(now()), 'lease', '', unpack(extra))
   redis.call('ZREM', K_WAITING, uid)
@@ -166,6 +173,7 @@ local function place(uid, cfg, t, rand)
       redis.call('HSET', req, 'phase', '', 'home_node', node, 'prefill_node', node, 'decode_node', node,
                  'charge_p', prompt, 'waiting_for', '')
       redis.call('HINCRBY', K_PDLOAD, node, prompt)
+      redis.call('ZADD', K_CHARGES, now(), uid)
       enqueue(uid, node, false, cfg, t)
       return node
     end
@@ -183,6 +191,7 @@ local function place(uid, cfg, t, rand)
                  'charge_p', prompt, 'charge_d', 1, 'waiting_for', '')
       redis.call('HINCRBY', K_PDLOAD, p, prompt)
       redis.call('HINCRBY', K_PDLOAD, d, 1)
+      redis.call('ZADD', K_CHARGES, now(), uid)
       enqueue(uid, p, false, cfg, t)
       return p
     end
@@ -340,6 +349,7 @@ redis.call('EXPIRE', out, 86400 + RETENTION)
 if index == 0 then redis.call('HSET', req, 'first_token_at', fmt(t)) end
 redis.call('HSET', req, 'num_output_tokens', index + 1)
 redis.call('ZADD', K_INFLIGHT, 'XX', t + tonumber(ARGV[8]), uid)
+redis.call('ZADD', K_CHARGES, 'XX', t, uid)
 push_result(req, {index = index, token_id = tonumber(ARGV[6]), text = ARGV[7]})
 if redis.call('HGET', req, 'cancel_requested') == '1' then return 1 end
 return 0
@@ -496,6 +506,7 @@ RENEW = PRELUDE + """
 local t, lease_s, node = now(), tonumber(ARGV[3]), ARGV[4]
 if ARGV[5] == '1' then redis.call('ZADD', K_ALIVE, t, node) else redis.call('ZREM', K_ALIVE, node) end
 redis.call('HSET', K_ROLES, node, ARGV[6])
+redis.call('ZADD', K_SEEN, t, node)
 local renewed = 0
 for i = 7, #ARGV, 2 do
   if redis.call('HGET', k_req(ARGV[i]), 'lease') == ARGV[i + 1] then
@@ -516,7 +527,9 @@ redis.call('SET', K_SCHED, cjson.encode({
   scheduler_name = new.scheduler_name, scheduler_ttl = new.scheduler_ttl,
   scheduler_load_shards_num = new.scheduler_load_shards_num,
   scheduler_min_load_score = new.scheduler_min_load_score,
-  scheduler_sync_period = new.scheduler_sync_period}))
+  scheduler_sync_period = new.scheduler_sync_period,
+  scheduler_expire_period = new.scheduler_expire_period,
+  scheduler_release_load_expire_period = new.scheduler_release_load_expire_period}))
 local new_n = tonumber(new.scheduler_load_shards_num or 1)
 if new_n == old.scheduler_load_shards_num then return 0 end
 local scores = {}
@@ -566,4 +579,52 @@ for _, uid in ipairs(redis.call('LRANGE', K_PENDING, 0, tonumber(ARGV[4]) - 1)) 
   end
 end
 return placed
+"""
+
+# ARGV: prefix, retention, rand, limit. Splitwise upkeep: a node silent for scheduler_expire_period is
+# removed from the registry and its queue goes back to placement (a decode-phase request to another
+# decode node); load charged to a request silent for scheduler_release_load_expire_period is released
+# (a leak guard). Returns how many requests moved.
+SPLITWISE_UPKEEP = PRELUDE + """
+local cfg = config()
+if cfg.scheduler_name ~= 'splitwise' then return 0 end
+local t, rand, moved = now(), tonumber(ARGV[3]), 0
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', K_SEEN, '-inf', t - cfg.scheduler_expire_period)) do
+  redis.call('HDEL', K_ROLES, node)
+  redis.call('ZREM', K_SEEN, node)
+  redis.call('ZREM', K_ALIVE, node)
+  while moved < tonumber(ARGV[4]) do
+    local uid = redis.call('LPOP', k_queue(node))
+    if not uid then break end
+    add_load(node, -1, cfg)
+    local req = k_req(uid)
+    redis.call('HSET', req, 'queue_node', '')
+    local decoders = live_roles(t, cfg).decode
+    if redis.call('HGET', req, 'phase') == 'decode' and #decoders > 0 then
+      local target = pick(decoders, rand)
+      local amount = tonumber(redis.call('HGET', req, 'charge_d') or 0)
+      redis.call('HINCRBY', K_PDLOAD, node, -amount)
+      redis.call('HINCRBY', K_PDLOAD, target, amount)
+      redis.call('HSET', req, 'decode_node', target)
+      enqueue(uid, target, false, cfg, tonumber(redis.call('ZSCORE', K_WAITING, uid) or t))
+    elseif redis.call('HGET', req, 'phase') ~= 'decode' then
+      release_charges(uid)
+      if not place(uid, cfg, tonumber(redis.call('ZSCORE', K_WAITING, uid) or t), rand) then
+        redis.call('RPUSH', K_PENDING, uid)
+      end
+    else
+      redis.call('HSET', req, 'waiting_for', 'decode node')
+      redis.call('RPUSH', K_PENDING, uid)  -- placed again (prefill included) once nodes are back
+      release_charges(uid)
+      redis.call('HSET', req, 'phase', '')
+    end
+    moved = moved + 1
+  end
+  redis.call('HDEL', K_PDLOAD, node)
+end
+local stale_before = t - cfg.scheduler_release_load_expire_period
+for _, uid in ipairs(redis.call('ZRANGEBYSCORE', K_CHARGES, '-inf', stale_before, 'LIMIT', 0, 500)) do
+  release_charges(uid)
+end
+return moved
 """

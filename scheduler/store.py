@@ -43,7 +43,7 @@ RETENTION_S = 3600  # how long Redis keeps a finished request's hash and stream 
 JOB_TIMEOUT_S = 3600
 LEASE_S = 5.0  # a running request whose node has not renewed it for this long goes to another node
 SCRIPTS = ("SUBMIT", "CLAIM", "EMIT", "FINISH", "CANCEL", "EXPIRE_DUE", "RECOVER", "RECLAIM", "REHOME",
-           "RENEW", "PUBLISH_CONFIG", "HANDOFF", "PLACE_PENDING")
+           "RENEW", "PUBLISH_CONFIG", "HANDOFF", "PLACE_PENDING", "SPLITWISE_UPKEEP")
 
 
 @dataclass(frozen=True)
@@ -288,6 +288,10 @@ class RequestStore:
         """Splitwise: place requests that waited for an eligible node; returns how many were placed."""
         return int(self._run("PLACE_PENDING", topic, random.random(), limit))
 
+    def splitwise_upkeep(self, topic: str, limit: int = 1000) -> int:
+        """Splitwise: drop expired nodes (their queues back to placement), release leaked load."""
+        return int(self._run("SPLITWISE_UPKEEP", topic, random.random(), limit))
+
     def rehome(self, topic: str, limit: int = 1000) -> int:
         """Global mode: move the queues of dead nodes to live ones; returns how many moved."""
         return int(self._run("REHOME", topic, DEAD_AFTER_S, limit))
@@ -328,6 +332,10 @@ class RequestStore:
             for node in nodes:
                 pipe.zscore(keys.load_table(topic, shard_of(node, shards)), node)
             return {node: float(s or 0) for node, s in zip(nodes, pipe.execute(), strict=True)}
+
+    def pd_load(self, topic: str, node: str) -> int:
+        """A node's splitwise load: prompt tokens in flight (prefill, mixed) or requests (decode)."""
+        return int(self.redis.hget(keys.pd_load(topic), node) or 0)
 
     def wait_for_work(self, topic: str, node: str, timeout_s: float) -> bool:
         """Block until work lands in ``node``'s queue (its bell rings) or ``timeout_s`` passes."""

@@ -103,3 +103,33 @@ def test_a_decode_node_killed_after_the_handoff_loses_nothing(api, splitwise_top
     assert body["output_token_ids"] == greedy(engine, PROMPTS[0], 200)
     events = store.read_output("default", uid)
     assert [e.index for e in events if e.kind == "token"] == list(range(200))
+
+
+def test_heartbeats_make_a_silent_node_stale_then_expired_and_its_work_moves(api, splitwise_topic, store,
+                                                                             node_processes, engine):
+    from scheduler import keys
+
+    api.patch("/api/v1/topics/default", {"scheduler_expire_period": 4})
+    node_processes.start("pre-1", "default", "--role", "prefill")
+    node_processes.start("dec-1", "default", "--role", "decode")
+    node = api.get("/api/v1/nodes/dec-1").json()
+    assert node["state"] == "idle" and node["transfer"] == "redis"
+    node_processes.kill("dec-1")
+    killed = time.monotonic()
+    request_id = submit(api, PROMPTS[0], max_tokens=20)  # placed on dec-1: not stale yet
+    states = set()
+    while time.monotonic() - killed < 8:
+        states.add(api.get("/api/v1/nodes/dec-1").json()["state"])
+        if "dead" in states:
+            break
+        time.sleep(0.1)
+    assert {"stale", "dead"} <= states  # stale after three sync periods, expired after four seconds
+    deadline = time.monotonic() + 3  # the next reaper pass (every 0.25 s) removes it from the registry
+    while store.redis.hget(keys.roles("default"), "dec-1") is not None:
+        assert time.monotonic() < deadline, "an expired node stayed in the registry"
+        time.sleep(0.05)
+    node_processes.start("dec-2", "default", "--role", "decode")
+    body = wait_status(api, request_id, ("finished", "failed", "expired"), timeout=30)
+    assert body["status"] == "finished" and body["decode_node"] == "dec-2"
+    assert body["output_token_ids"] == greedy(engine, PROMPTS[0], 20)
+    assert {int(v) for v in store.redis.hvals(keys.pd_load("default"))} == {0}  # every charge released

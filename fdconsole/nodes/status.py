@@ -8,7 +8,7 @@ from typing import Any
 
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_store
-from scheduler.liveness import heartbeat_age, node_state
+from scheduler.liveness import heartbeat_age, limits, node_state
 
 
 def describe_nodes(nodes: list[Node]) -> list[dict[str, Any]]:
@@ -17,16 +17,18 @@ def describe_nodes(nodes: list[Node]) -> list[dict[str, Any]]:
     by_topic: dict[str, list[Node]] = defaultdict(list)
     for node in nodes:
         by_topic[node.topic.name].append(node)
-    live: dict[str, tuple[dict[str, str], int]] = {}
+    live: dict[str, tuple[dict[str, str], int, tuple[float, float]]] = {}
     for topic, members in by_topic.items():
         names = [n.name for n in members]
         beats = store.read_heartbeats(topic, names)
         lengths = store.queue_lengths(topic, names)
-        live.update({name: (beats[name], lengths[name]) for name in names})
+        topic_limits = limits(store.config_of(topic))
+        live.update({name: (beats[name], lengths[name], topic_limits) for name in names})
     return [_describe(node, *live[node.name]) for node in nodes]
 
 
-def _describe(node: Node, heartbeat: dict[str, str], queue_length: int) -> dict[str, Any]:
+def _describe(node: Node, heartbeat: dict[str, str], queue_length: int,
+              topic_limits: tuple[float, float]) -> dict[str, Any]:
     age = heartbeat_age(heartbeat)
     return {
         "name": node.name,
@@ -34,7 +36,9 @@ def _describe(node: Node, heartbeat: dict[str, str], queue_length: int) -> dict[
         "role": node.role,
         "device": heartbeat.get("device") or node.device,
         "admin_state": node.admin_state,
-        "state": node_state(heartbeat, node.admin_state),
+        "state": node_state(heartbeat, node.admin_state, None, *topic_limits),
+        "splitwise_load": int(heartbeat["load"]) if heartbeat.get("load") else None,
+        "transfer": heartbeat.get("transfer") or None,
         "load_score": queue_length,
         "queue_length": queue_length,
         "running": heartbeat.get("running") or None,
