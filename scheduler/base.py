@@ -60,8 +60,11 @@ def create_scheduler(config: SchedulerConfig, **kwargs: Any) -> Scheduler:
     """The scheduler named by ``config.scheduler_name``."""
     from scheduler.global_ import GlobalScheduler
     from scheduler.local import LocalScheduler
+    from scheduler.splitwise import SplitwiseScheduler
 
-    schedulers: dict[str, type[Scheduler]] = {"local": LocalScheduler, "global": GlobalScheduler}
+    schedulers: dict[str, type[Scheduler]] = {
+        "local": LocalScheduler, "global": GlobalScheduler, "splitwise": SplitwiseScheduler,
+    }
     try:
         cls = schedulers[config.scheduler_name]
     except KeyError:

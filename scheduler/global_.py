@@ -28,9 +28,13 @@ log = logging.getLogger(__name__)
 
 
 class GlobalScheduler(Scheduler):
+    name = "global"
+    result_shards = 0  # one result list per origin
+
     def __init__(self, config: SchedulerConfig, redis: Redis, node: str = "node-0",
-                 origin: str | None = None, liveness: bool = True) -> None:
+                 origin: str | None = None, liveness: bool = True, role: str = "mixed") -> None:
         self.config = config
+        self.role = role
         self.topic = config.scheduler_topic
         self.node = node
         self.origin = origin or node
@@ -54,7 +58,7 @@ class GlobalScheduler(Scheduler):
         with self._lock:
             held = {claim.uid: claim.lease for claim in self.running.values()}
         self.store.write_heartbeat(self.topic, self.node, {"state": "busy" if held else "idle",
-                                                           "role": "interface"}, held)
+                                                           "role": self.role}, held)
 
     def _beat(self) -> None:
         while not self._stopped.wait(HEARTBEAT_INTERVAL_S):
@@ -73,7 +77,8 @@ class GlobalScheduler(Scheduler):
 
     def put_requests(self, requests: list[Request]) -> list[tuple[str, str | None]]:
         items = [(new_uid(), request, self.node) for request in requests]
-        _, outcome = self.store.submit_many(self.topic, items, self.config, origin=self.origin, rq_jobs=False)
+        _, outcome = self.store.submit_many(self.topic, items, self.config, origin=self.origin, rq_jobs=False,
+                                            result_shards=self.result_shards)
         answers = []
         with self._lock:
             for (uid, request, _), status in zip(items, outcome, strict=True):
@@ -155,7 +160,7 @@ class GlobalScheduler(Scheduler):
 
     def stats(self) -> dict[str, Any]:
         nodes = [self.node]
-        return {"scheduler": "global", "node": self.node,
+        return {"scheduler": self.name, "node": self.node,
                 "load_scores": self.store.load_scores(self.topic, nodes),
                 "queue_lengths": self.store.queue_lengths(self.topic, nodes), "running": len(self.running)}
 

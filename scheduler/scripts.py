@@ -63,7 +63,8 @@ local function push_result(req, result)
   local origin = redis.call('HGET', req, 'origin')
   if origin and origin ~= '' then
     result.request_id = redis.call('HGET', req, 'request_id')
-    local key = k_results(origin)
+    local shard = redis.call('HGET', req, 'result_shard')  -- splitwise: one list per origin reader
+    local key = k_results((shard and shard ~= '') and (origin .. ':' .. shard) or origin)
     redis.call('RPUSH', key, cjson.encode(result))
     redis.call('EXPIRE', key, RETENTION)
   end
@@ -223,7 +224,8 @@ local function requeue(uid, target, cfg, t)
 end
 """
 
-# ARGV: prefix, retention, uid, request_id, home, payload, prompt_tokens, max_size, origin, rand.
+# ARGV: prefix, retention, uid, request_id, home, payload, prompt_tokens, max_size, origin, rand,
+# result shard ('' for one result list per origin).
 # Returns {'ok', enqueue time} or {'full'} or {'duplicate'}. In splitwise mode the home is chosen here,
 # from the live nodes' roles and loads; with no eligible node the request waits in K_PENDING.
 SUBMIT = PRELUDE + """
@@ -237,7 +239,7 @@ end
 local t = now()
 redis.call('HSET', req, 'request_id', ARGV[4], 'home_node', home, 'enqueued_at', fmt(t),
            'ttl', cfg.scheduler_ttl, 'prompt_tokens', ARGV[7], 'payload', ARGV[6], 'origin', ARGV[9],
-           'attempt', 0, 'num_output_tokens', 0)
+           'attempt', 0, 'num_output_tokens', 0, 'result_shard', ARGV[11])
 -- no EXPIRE while it waits: TTL eviction ends it (a raised TTL too)
 if cfg.scheduler_name ~= 'splitwise' then
   enqueue(uid, home, false, cfg, t)

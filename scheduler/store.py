@@ -20,6 +20,7 @@ import json
 import random
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,11 @@ class Budget:
     block_size: int
     reserved_output_blocks: int
     max_num_batched_tokens: int
+
+
+def result_shard(request_id: str, shards: int) -> int:
+    """Which of ``shards`` result lists (and writer) carries a request's results: always the same."""
+    return zlib.crc32(request_id.encode()) % shards
 
 
 def new_uid() -> str:
@@ -179,11 +185,14 @@ class RequestStore:
         return expired
 
     def submit_many(self, topic: str, items: list[tuple[str, Request, str]], config: SchedulerConfig,
-                    origin: str = "", rq_jobs: bool = True) -> tuple[list[str], list[str]]:
+                    origin: str = "", rq_jobs: bool = True,
+                    result_shards: int = 0) -> tuple[list[str], list[str]]:
         """Queue several requests in one round trip: (expired uids, "ok"|"full"|"duplicate" per item).
 
         ``rq_jobs`` writes each request's rq job hash too, for node workers and django-rq's views; the
         bare scheduler interface (an engine claiming through ``claim``) has no use for it.
+        ``result_shards`` spreads the origin's results over that many lists, by request id
+        (``result_shard``), so that as many readers can take them without reordering a request's.
         """
         max_size = config.scheduler_max_size if config.scheduler_name == "local" else -1
         positions: list[int] = []  # where each SUBMIT's reply lands among the pipeline's replies
@@ -196,8 +205,9 @@ class RequestStore:
                 if rq_jobs:
                     self._save_job(pipe, topic, uid, request, home, config)
                 positions.append(len(pipe.command_stack))
+                shard = str(result_shard(request.request_id, result_shards)) if result_shards else ""
                 self._run("SUBMIT", topic, uid, request.request_id, home, json.dumps(request.to_dict()),
-                          request.prompt_len, max_size, origin, random.random(), client=pipe)
+                          request.prompt_len, max_size, origin, random.random(), shard, client=pipe)
 
         replies = self.execute(build)
         outcome = [replies[i][0].decode() for i in positions]
@@ -315,6 +325,11 @@ class RequestStore:
             pipe.ltrim(key, limit, -1)
             raw, _ = pipe.execute()
         return [json.loads(item) for item in raw]
+
+    def wait_for_results(self, topic: str, origin: str, limit: int, timeout_s: float) -> list[dict[str, Any]]:
+        """Like ``take_results``, but blocks up to ``timeout_s`` for the first one (BLMPOP)."""
+        reply = self.redis.blmpop(timeout_s, 1, keys.results(topic, origin), direction="LEFT", count=limit)
+        return [json.loads(item) for item in reply[1]] if reply else []
 
     def queue_length(self, topic: str, node: str) -> int:
         return int(self.redis.llen(keys.rq_queue(keys.node_queue_name(topic, node))))

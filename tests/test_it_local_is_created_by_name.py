@@ -27,7 +27,16 @@ def test_global_is_created_over_redis(redis_conn) -> None:
     s.close()
 
 
-@pytest.mark.parametrize("name", ["splitwise", "nonsense"])
+def test_splitwise_is_created_over_redis(redis_conn) -> None:
+    from scheduler.splitwise import SplitwiseScheduler
+
+    config = parse_config({"scheduler_name": "splitwise", "scheduler_topic": "s"})
+    s = create_scheduler(config, redis=redis_conn)
+    assert isinstance(s, SplitwiseScheduler) and s.stats()["scheduler"] == "splitwise"
+    s.close()
+
+
+@pytest.mark.parametrize("name", ["nonsense"])
 def test_an_unavailable_scheduler_is_a_config_error_naming_the_field(name: str) -> None:
     config = SchedulerConfig(scheduler_name=name)  # bypasses parse_config on purpose for "nonsense"
     with pytest.raises(ConfigError) as caught:

@@ -72,13 +72,12 @@ class Command(BaseCommand):
             raise CommandError("--requests must be at least 1")
         if options["scheduler"] == "local":
             return bench_scheduler("local", options["requests"])
-        if options["scheduler"] == "splitwise":
-            raise CommandError("the splitwise scheduler is not available in this version")
-        with redis_bench_topic(settings.FD_REDIS_URL) as (redis, config):
-            from scheduler.global_ import GlobalScheduler
+        name = options["scheduler"]
+        with redis_bench_topic(settings.FD_REDIS_URL, name) as (redis, config):
+            from scheduler.base import create_scheduler
 
-            scheduler = GlobalScheduler(config, redis, node="bench-node")
+            scheduler = create_scheduler(config, redis=redis, node="bench-node")
             try:
-                return bench_scheduler("global", options["requests"], scheduler=scheduler)
+                return bench_scheduler(name, options["requests"], scheduler=scheduler)
             finally:
                 scheduler.close()
