@@ -115,7 +115,7 @@ class Engine:
         parameters, and when the prompt plus ``max_tokens`` does not fit the context.
         """
         prompt_ids, resumed = list(prompt_ids), list(resume_token_ids)
-        self._check_request(prompt_ids, sampling, resumed)
+        self.check_request(prompt_ids, sampling, resumed)
         return self._generate(prompt_ids, sampling, should_stop, resumed)
 
     def _generate(self, prompt_ids: list[int], sampling: SamplingParams,
@@ -181,7 +181,9 @@ class Engine:
         with torch.inference_mode():
             return int(sample_next(logits, [sampling], [generator])[0])
 
-    def _check_request(self, prompt_ids: list[int], sampling: SamplingParams, resumed: list[int]) -> None:
+    def check_request(self, prompt_ids: list[int], sampling: SamplingParams,
+                      resumed: Sequence[int] = ()) -> None:
+        """Raise ValueError for what ``generate`` refuses (also used before a KV handoff)."""
         if not prompt_ids:
             raise ValueError("the prompt must hold at least one token")
         self._checked_ids(prompt_ids, "prompt")

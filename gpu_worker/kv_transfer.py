@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 
 from gpu_worker.engine import Engine
 from gpu_worker.model import GPTConfig, KVCache
-from gpu_worker.sampling import advance_generator, check_sampling, make_generator
+from gpu_worker.sampling import advance_generator, make_generator
 from gpu_worker.steps import GenerationStep
 from scheduler import keys
 from scheduler.messages import SamplingParams
@@ -272,7 +272,7 @@ class RedisKVStore:
 def prefill_for_handoff(engine: Engine, prompt_ids: Sequence[int], sampling: SamplingParams) -> KVHandoff:
     """Prefill node: step 1 (prefill) and token 0, sampled exactly as ``engine.generate`` samples it."""
     prompt_ids = list(prompt_ids)
-    _check_request(engine, prompt_ids, sampling)
+    engine.check_request(prompt_ids, sampling)
     generator = make_generator(sampling.seed) if sampling.temperature > 0 else None
     # The same cache size as Engine.generate, so that attention runs over identically strided views
     # and the prefill is bit-identical to the one of an uninterrupted run.
@@ -305,7 +305,7 @@ def continue_from_handoff(engine: Engine, handoff: KVHandoff, prompt_ids: Sequen
     if len(prompt_ids) != handoff.prompt_len or prompt_digest(prompt_ids) != handoff.prompt_digest:
         raise HandoffError(f"KV handoff is for another prompt ({handoff.prompt_len} tokens, digest "
                            f"{handoff.prompt_digest[:12]}), not this one of {len(prompt_ids)} tokens")
-    _check_request(engine, prompt_ids, sampling)
+    engine.check_request(prompt_ids, sampling)
     return _continue(engine, handoff, sampling, should_stop)
 
 
@@ -322,16 +322,3 @@ def _continue(engine: Engine, handoff: KVHandoff, sampling: SamplingParams,
     max_len = handoff.prompt_len + sampling.max_tokens  # as Engine.generate's cache
     kv_cache = cache_from_kv(handoff.kv, engine.config, engine.device, max_len)
     yield from engine.continue_decoding(kv_cache, token_id, 1, sampling, generator, decoder, should_stop)
-
-
-
-def _check_request(engine: Engine, prompt_ids: list[int], sampling: SamplingParams) -> None:
-    """The checks of ``Engine.generate`` (token ids are checked by ``Engine.prefill``)."""
-    if not prompt_ids:
-        raise ValueError("the prompt must hold at least one token")
-    check_sampling(sampling)
-    if sampling.max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {sampling.max_tokens}")
-    if len(prompt_ids) + sampling.max_tokens > engine.config.block_size:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
-                         f"exceeds the model's context of {engine.config.block_size} tokens")

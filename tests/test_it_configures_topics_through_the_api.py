@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from tests.api_errors import assert_error
+
 pytestmark = pytest.mark.django_db
 
 # The user's parameter table (shared/SCHEDULERS.md): names and defaults are fixed.
@@ -42,19 +44,6 @@ def scheduler_fields(obj: dict) -> dict:
 def published(store, topic: str = "default") -> dict | None:
     raw = store.redis.get(f"fd:{{{topic}}}:config")
     return json.loads(raw) if raw is not None else None
-
-
-def assert_error(answer, status: int, field: str | None = None) -> dict:
-    assert answer.status_code == status, answer.content
-    assert answer["Content-Type"].startswith("application/json")
-    body = answer.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) <= {"code", "message", "field"} and error["code"] and error["message"], error
-    if field is not None:
-        assert error.get("field") == field, error
-        assert field in error["message"], error
-    return error
 
 
 # -- reading -----------------------------------------------------------------------------------------

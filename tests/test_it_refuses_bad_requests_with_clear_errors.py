@@ -8,6 +8,8 @@ from urllib.parse import quote
 
 import pytest
 
+from tests.api_errors import assert_error
+
 pytestmark = pytest.mark.django_db
 
 URL = "/api/v1/topics/default/requests"
@@ -17,22 +19,6 @@ def request_count() -> int:
     from fdconsole.inference.models import Request
 
     return Request.objects.count()
-
-
-def assert_error(answer, status: int, field: str | None = None) -> dict:
-    """The answer is ``status`` with the contract's error shape; ``field`` named where given."""
-    assert answer.status_code == status, answer.content
-    assert answer["Content-Type"].startswith("application/json")
-    body = answer.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) <= {"code", "message", "field"}, error
-    assert isinstance(error["code"], str) and error["code"]
-    assert isinstance(error["message"], str) and error["message"]
-    if field is not None:
-        assert error.get("field") == field, error
-        assert field in error["message"], error
-    return error
 
 
 def assert_nothing_left(store, rows_before: int = 0, node: str = "node-a") -> None:
