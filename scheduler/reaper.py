@@ -36,18 +36,16 @@ class Reaper(threading.Thread):
     def reap_once(self) -> dict[str, list[str]]:
         expired: dict[str, list[str]] = {}
         for topic in self.store.topics():
-            for uid, node in self.store.recover(topic):
+            done = self.store.upkeep(topic)
+            for uid, node in done.recovered:
                 log.warning("request %s of %s lost its node; requeued on %s", uid, topic, node)
-            moved = self.store.splitwise_upkeep(topic)
-            if moved:
-                log.warning("moved %d request(s) of %s off expired nodes", moved, topic)
-            placed = self.store.place_pending(topic)
-            if placed:
-                log.info("placed %d waiting request(s) of %s", placed, topic)
-            moved = self.store.rehome(topic)
-            if moved:
-                log.warning("moved %d request(s) of %s from dead nodes to live ones", moved, topic)
-            uids = self.store.expire_due(topic)
+            if done.off_expired:
+                log.warning("moved %d request(s) of %s off expired nodes", done.off_expired, topic)
+            if done.placed:
+                log.info("placed %d waiting request(s) of %s", done.placed, topic)
+            if done.rehomed:
+                log.warning("moved %d request(s) of %s from dead nodes to live ones", done.rehomed, topic)
+            uids = done.expired
             if uids:
                 expired[topic] = uids
                 log.info("expired %d request(s) of topic %s", len(uids), topic)

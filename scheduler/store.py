@@ -89,6 +89,17 @@ class Budget:
     max_num_batched_tokens: int
 
 
+@dataclass(frozen=True)
+class Upkeep:
+    """What one reaper pass did to a topic."""
+
+    recovered: list[tuple[str, str]]  # (uid, node it went to) of work whose lease ran out
+    off_expired: int  # splitwise: requests moved off expired nodes
+    placed: int  # splitwise: waiting requests placed
+    rehomed: int  # global: requests moved from dead nodes' queues
+    expired: list[str]  # uids evicted by their TTL
+
+
 def result_shard(request_id: str, shards: int) -> int:
     """Which of ``shards`` result lists (and writer) carries a request's results: always the same."""
     return zlib.crc32(request_id.encode()) % shards
@@ -297,6 +308,21 @@ class RequestStore:
     def place_pending(self, topic: str, limit: int = 500) -> int:
         """Splitwise: place requests that waited for an eligible node; returns how many were placed."""
         return int(self._run("PLACE_PENDING", topic, random.random(), limit))
+
+    def upkeep(self, topic: str) -> Upkeep:
+        """One reaper pass over ``topic`` in one round trip: failover of expired leases, splitwise
+        upkeep and pending placement, global re-homing, then TTL eviction (in that order)."""
+
+        def build(pipe) -> None:
+            self._run("RECOVER", topic, 500, DEAD_AFTER_S, random.random(), client=pipe)
+            self._run("SPLITWISE_UPKEEP", topic, random.random(), 1000, client=pipe)
+            self._run("PLACE_PENDING", topic, random.random(), 500, client=pipe)
+            self._run("REHOME", topic, DEAD_AFTER_S, 1000, client=pipe)
+            self._run("EXPIRE_DUE", topic, 500, client=pipe)
+
+        recovered, off_expired, placed, rehomed, expired = self.execute(build)
+        return Upkeep([(u.decode(), n.decode()) for u, n in recovered], int(off_expired), int(placed),
+                      int(rehomed), [uid.decode() for uid in expired])
 
     def splitwise_upkeep(self, topic: str, limit: int = 1000) -> int:
         """Splitwise: drop expired nodes (their queues back to placement), release leaked load."""
