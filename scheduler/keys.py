@@ -16,6 +16,8 @@ REQ, OUT, WAITING, CONFIG, RR, HB = "req:", "out:", "waiting", "config", "rr", "
 NODE, LOAD, INFLIGHT, ALIVE, BELL, RESULTS = "node:", "load:", "inflight", "alive", "bell:", "results:"
 IDS, CRC, KV, SCHED = "ids", "crc", "kv:", "sched"
 ROLES, PDLOAD, PENDING, SEEN, CHARGES = "roles", "pdload", "pending", "seen", "charges"
+EVENTS, STATS, SERIES = "events", "stats", "series"
+EVENTS_KEPT = 1000  # the event stream is capped at about this many entries
 
 
 def topic_prefix(topic: str) -> str:
@@ -123,6 +125,21 @@ def charges(topic: str) -> str:
     return topic_prefix(topic) + CHARGES
 
 
+def events(topic: str) -> str:
+    """Stream, capped: what the console's event feed shows (steals, expiries, failovers, node changes)."""
+    return topic_prefix(topic) + EVENTS
+
+
+def stats(topic: str) -> str:
+    """Hash: running counters (requests submitted, tokens streamed, requests ended by status)."""
+    return topic_prefix(topic) + STATS
+
+
+def series(topic: str) -> str:
+    """List, trimmed: one JSON point per second (rates, queue depth, load per node) for the charts."""
+    return topic_prefix(topic) + SERIES
+
+
 def node_queue_name(topic: str, node: str) -> str:
     """The rq queue name of a node (rq stores it under ``rq:queue:<name>``)."""
     return topic_prefix(topic) + NODE + node
@@ -154,4 +171,7 @@ local K_PDLOAD = P .. '{PDLOAD}'
 local K_PENDING = P .. '{PENDING}'
 local K_SEEN = P .. '{SEEN}'
 local K_CHARGES = P .. '{CHARGES}'
+local K_EVENTS = P .. '{EVENTS}'
+local EVENTS_KEPT = {EVENTS_KEPT}
+local K_STATS = P .. '{STATS}'
 """

@@ -26,6 +26,10 @@ local function now()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local function fmt(x) return string.format('%.6f', x) end
+local function event(kind, ...)  -- the console's event feed: a capped stream, fields after the kind
+  redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_KEPT, '*', 'kind', kind, 'at', fmt(now()), ...)
+end
+local function count(field, n) redis.call('HINCRBY', K_STATS, field, n or 1) end
 local function config()  -- the small copy first: every script reads it, and decoding costs
   local raw = redis.call('GET', K_SCHED) or redis.call('GET', K_CONFIG)
   local cfg = raw and cjson.decode(raw) or {}
@@ -116,6 +120,11 @@ local function close(uid, status, reason, code, message, extra)
   redis.call('ZREM', K_INFLIGHT, uid)
   redis.call('HDEL', K_IDS, redis.call('HGET', req, 'request_id'))
   redis.call('XADD', out, '*', 'type', 'done', 'status', status)
+  count(status)
+  if status == 'expired' then
+    event('expired', 'request_id', redis.call('HGET', req, 'request_id'),
+          'node', redis.call('HGET', req, 'home_node') or '', 'message', message)
+  end
   local result = {finished = true, finish_reason = reason}
   if code ~= '' then result.error = {code = code, message = message} end
   push_result(req, result)
@@ -210,13 +219,15 @@ local function oldest_first(uids)  -- by first enqueue time, the order they were
   for i, entry in ipairs(entries) do sorted[i] = entry[1] end
   return sorted
 end
-local function requeue(uid, target, cfg, t)
+local function requeue(uid, target, cfg, t, why)
   local req = k_req(uid)
   redis.call('ZREM', K_INFLIGHT, uid)
   if redis.call('HGET', req, 'cancel_requested') == '1' then  -- cancelled while its node was dying
     close(uid, 'cancelled', 'cancelled', 'cancelled', 'cancelled by the client', {})
     return false
   end
+  event(why, 'request_id', redis.call('HGET', req, 'request_id'),
+        'from', redis.call('HGET', req, 'executed_by') or '', 'to', target)
   redis.call('HSET', req, 'executed_by', '', 'lease', '')
   redis.call('HINCRBY', req, 'requeues', 1)
   enqueue(uid, target, true, cfg, t)
@@ -240,6 +251,7 @@ local t = now()
 redis.call('HSET', req, 'request_id', ARGV[4], 'home_node', home, 'enqueued_at', fmt(t),
            'ttl', cfg.scheduler_ttl, 'prompt_tokens', ARGV[7], 'payload', ARGV[6], 'origin', ARGV[9],
            'attempt', 0, 'num_output_tokens', 0, 'result_shard', ARGV[11])
+count('submitted')
 -- no EXPIRE while it waits: TTL eviction ends it (a raised TTL too)
 if cfg.scheduler_name ~= 'splitwise' then
   enqueue(uid, home, false, cfg, t)
@@ -277,6 +289,7 @@ local function steal(node, cfg, rand, batch)
   end
   add_load(victim[1], -moved, cfg)
   add_load(node, moved, cfg)
+  if moved > 0 then event('steal', 'node', node, 'from', victim[1], 'count', moved) end
   return moved
 end
 """
@@ -350,6 +363,7 @@ redis.call('XADD', out, '*', 'type', 'token', 'index', index, 'token_id', ARGV[6
 redis.call('EXPIRE', out, 86400 + RETENTION)
 if index == 0 then redis.call('HSET', req, 'first_token_at', fmt(t)) end
 redis.call('HSET', req, 'num_output_tokens', index + 1)
+count('tokens')
 redis.call('ZADD', K_INFLIGHT, 'XX', t + tonumber(ARGV[8]), uid)
 redis.call('ZADD', K_CHARGES, 'XX', t, uid)
 push_result(req, {index = index, token_id = tonumber(ARGV[6]), text = ARGV[7]})
@@ -449,7 +463,7 @@ for i = #due, 1, -1 do  -- backwards: each goes to the front, so the oldest ends
     elseif cfg.scheduler_name == 'splitwise' then
       target = splitwise_target(req, cfg, t, tonumber(ARGV[5]))
     end
-    if requeue(uid, target, cfg, t) then table.insert(moved, {uid, target}) end
+    if requeue(uid, target, cfg, t, 'failover') then table.insert(moved, {uid, target}) end
   else
     redis.call('ZREM', K_INFLIGHT, uid)
   end
@@ -467,7 +481,7 @@ for i = #held, 1, -1 do  -- backwards: each goes to the front, so the oldest end
   local uid = held[i]
   local req = k_req(uid)
   if redis.call('HGET', req, 'status') == 'running' and redis.call('HGET', req, 'executed_by') == node then
-    if requeue(uid, node, cfg, t) then table.insert(taken, uid) end
+    if requeue(uid, node, cfg, t, 'reclaimed') then table.insert(taken, uid) end
   end
 end
 return taken
@@ -485,6 +499,7 @@ for _, node in ipairs(live) do is_live[node] = true end
 local moved, limit = 0, tonumber(ARGV[4])
 for shard = 0, cfg.scheduler_load_shards_num - 1 do
   for _, node in ipairs(redis.call('ZRANGEBYSCORE', k_load(shard), 1, '+inf')) do
+    local before = moved
     while not is_live[node] and moved < limit do
       local uid = redis.call('LPOP', k_queue(node))
       if not uid then break end
@@ -496,6 +511,7 @@ for shard = 0, cfg.scheduler_load_shards_num - 1 do
       ring(target)
       moved = moved + 1
     end
+    if moved > before then event('rehomed', 'from', node, 'count', moved - before) end
   end
 end
 return moved
@@ -592,6 +608,7 @@ local cfg = config()
 if cfg.scheduler_name ~= 'splitwise' then return 0 end
 local t, rand, moved = now(), tonumber(ARGV[3]), 0
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', K_SEEN, '-inf', t - cfg.scheduler_expire_period)) do
+  local before = moved
   redis.call('HDEL', K_ROLES, node)
   redis.call('ZREM', K_SEEN, node)
   redis.call('ZREM', K_ALIVE, node)
@@ -623,6 +640,7 @@ for _, node in ipairs(redis.call('ZRANGEBYSCORE', K_SEEN, '-inf', t - cfg.schedu
     moved = moved + 1
   end
   redis.call('HDEL', K_PDLOAD, node)
+  event('node_expired', 'node', node, 'moved', moved - before)
 end
 local stale_before = t - cfg.scheduler_release_load_expire_period
 for _, uid in ipairs(redis.call('ZRANGEBYSCORE', K_CHARGES, '-inf', stale_before, 'LIMIT', 0, 500)) do

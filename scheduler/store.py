@@ -42,6 +42,7 @@ from scheduler.messages import Request
 RUN_REQUEST_JOB = "gpu_worker.jobs.run_request"
 RETENTION_S = 3600  # how long Redis keeps a finished request's hash and stream (the database keeps it all)
 JOB_TIMEOUT_S = 3600
+SERIES_KEPT = 900  # chart points, one a second: the last 15 minutes
 LEASE_S = 5.0  # a running request whose node has not renewed it for this long goes to another node
 SCRIPTS = ("SUBMIT", "CLAIM", "EMIT", "FINISH", "CANCEL", "EXPIRE_DUE", "RECOVER", "RECLAIM", "REHOME",
            "RENEW", "PUBLISH_CONFIG", "HANDOFF", "PLACE_PENDING", "SPLITWISE_UPKEEP")
@@ -381,6 +382,44 @@ class RequestStore:
     def wait_for_work(self, topic: str, node: str, timeout_s: float) -> bool:
         """Block until work lands in ``node``'s queue (its bell rings) or ``timeout_s`` passes."""
         return self.redis.blpop([keys.bell(topic, node)], timeout=timeout_s) is not None
+
+    # -- what the console watches ----------------------------------------------------------------
+    def add_event(self, topic: str, kind: str, **fields: Any) -> None:
+        """An event the console noticed itself (a node joined, went stale, died), beside the scripts'."""
+        entry = {"kind": kind, "at": f"{time.time():.6f}", **{k: str(v) for k, v in fields.items()}}
+        self.redis.xadd(keys.events(topic), entry, maxlen=keys.EVENTS_KEPT, approximate=True)
+
+    def events(self, topic: str, after: str | None = None, count: int = 50) -> list[dict[str, str]]:
+        """Events after the id ``after``, oldest first; without it the latest ``count``."""
+        if after is None:
+            raw = list(reversed(self.redis.xrevrange(keys.events(topic), count=count)))
+        else:
+            raw = self.redis.xrange(keys.events(topic), min=f"({after}", count=count)
+        return [{"id": eid.decode(), **decode_hash(fields)} for eid, fields in raw]
+
+    def last_event_id(self, topic: str) -> str:
+        raw = self.redis.xrevrange(keys.events(topic), count=1)
+        return raw[0][0].decode() if raw else "0-0"
+
+    def counters(self, topic: str) -> dict[str, int]:
+        """Running totals the scripts keep: submitted, tokens, and one per final status."""
+        return {k: int(v) for k, v in decode_hash(self.redis.hgetall(keys.stats(topic))).items()}
+
+    def record_point(self, topic: str, point: dict[str, Any], keep: int = SERIES_KEPT) -> None:
+        """Append one chart point (newest first in Redis), keeping the last ``keep``."""
+        key = keys.series(topic)
+        with self.redis.pipeline() as pipe:
+            pipe.lpush(key, json.dumps(point, separators=(",", ":")))
+            pipe.ltrim(key, 0, keep - 1)
+            pipe.execute()
+
+    def series(self, topic: str, count: int = SERIES_KEPT) -> list[dict[str, Any]]:
+        """The last ``count`` chart points, oldest first."""
+        return [json.loads(item) for item in reversed(self.redis.lrange(keys.series(topic), 0, count - 1))]
+
+    def waiting_count(self, topic: str) -> int:
+        """Requests waiting anywhere in the topic: node queues and the splitwise pending list."""
+        return int(self.redis.zcard(keys.waiting(topic)))
 
     # -- heartbeats -----------------------------------------------------------------------------
     def write_heartbeat(self, topic: str, node: str, fields: dict[str, Any],
