@@ -4,8 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NODES ?= 2
 export NODES
+CHROMIUM := /usr/bin/chromium
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 
-.PHONY: install run test lint clean
+.PHONY: install browser run test lint clean
 
 install: $(VENV)/.installed
 
@@ -18,7 +20,18 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 run: install
 	$(PY) manage.py fdcluster --nodes $(NODES)
 
-test: install
+# The browser tests drive Debian's Chromium (never Playwright's download): install it when missing.
+browser:
+	@if [ -x $(CHROMIUM) ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "note: $(CHROMIUM) is missing and installing it needs root; the browser tests will be skipped."; exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+	  echo "note: $(CHROMIUM) is missing and there is no apt-get; the browser tests will be skipped."; exit 0; fi; \
+	$$sudo env $(APT_INSTALL) || { $$sudo apt-get update && $$sudo env $(APT_INSTALL); } || \
+	echo "note: installing chromium failed; the browser tests will be skipped."
+
+test: install browser
 	$(PY) -m pytest -q
 
 lint: install

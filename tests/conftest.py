@@ -159,7 +159,7 @@ def node_processes(store, redis_url):
     """Real ``fdnode`` processes (see tests/nodes.py); use with ``django_db(transaction=True)``."""
     from tests.nodes import NodeProcesses
 
-    processes = NodeProcesses(store, redis_url)
+    processes = NodeProcesses(redis_url)
     yield processes
     processes.stop_all()
 
@@ -174,3 +174,60 @@ def global_topic(db, store):
     topic.save()
     store.publish_config("default", topic.config)
     return topic
+
+
+# -- browser tests (tests/browser.py) ----------------------------------------------------------------
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"report_{report.when}", report)  # lets browser_page screenshot a failed test
+    return report
+
+
+@pytest.fixture
+def console(transactional_db, store, redis_url, tmp_path):
+    """The real console (``fdcluster --nodes 0``) on a free port; ``.url``, ``.restart()``, ``.stop()``."""
+    from django.db import connection
+
+    from tests.browser import Console, require_browser
+
+    require_browser()  # no point starting a console for a test that will skip
+    running = Console(tmp_path, redis_url, connection.settings_dict["NAME"], free_port())
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def shot(request):
+    """``shot(page, name)`` saves tests/artifacts/<test name>-<name>.png and returns its path."""
+    from tests.browser import screenshot_path
+
+    def save(page, name: str) -> Path:
+        path = screenshot_path(request.node.name, name)
+        page.screenshot(path=str(path), full_page=True)
+        return path
+
+    return save
+
+
+@pytest.fixture
+def browser_page(request, transactional_db, monkeypatch, shot):
+    """A fresh 1366x800 page in headless Chromium; a failed test leaves a ``-failure`` screenshot."""
+    from tests.browser import TIMEOUT_MS, VIEWPORT, expect, launch, require_browser, sync_playwright
+
+    require_browser()
+    # Playwright's sync API keeps an event loop running in this thread, which Django's ORM takes for
+    # async code; the test's own queries are plain synchronous ones.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        context = browser.new_context(viewport=VIEWPORT)
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        yield page
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            shot(page, "failure")
+        browser.close()
