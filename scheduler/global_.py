@@ -19,6 +19,7 @@ from redis import Redis
 
 from scheduler.base import Scheduler
 from scheduler.config import SchedulerConfig
+from scheduler.connection import connect, topic_redis_url
 from scheduler.liveness import HEARTBEAT_INTERVAL_S
 from scheduler.messages import Request, Result
 from scheduler.reaper import Reaper
@@ -31,14 +32,16 @@ class GlobalScheduler(Scheduler):
     name = "global"
     result_shards = 0  # one result list per origin
 
-    def __init__(self, config: SchedulerConfig, redis: Redis, node: str = "node-0",
+    def __init__(self, config: SchedulerConfig, redis: Redis | None = None, node: str = "node-0",
                  origin: str | None = None, liveness: bool = True, role: str = "mixed") -> None:
+        """Without ``redis``, connect where the config's scheduler_host/port/db/password say, as
+        FastDeploy's schedulers do."""
         self.config = config
         self.role = role
         self.topic = config.scheduler_topic
         self.node = node
         self.origin = origin or node
-        self.store = RequestStore(redis)
+        self.store = RequestStore(redis if redis is not None else connect(topic_redis_url(config)))
         self.store.publish_config(self.topic, config)
         self.running: dict[str, Claim] = {}  # request_id -> claim, for the results this node puts
         self.uids: dict[str, str] = {}  # request_id -> uid of the requests this origin put

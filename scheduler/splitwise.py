@@ -33,7 +33,7 @@ GATHER_S = 0.002  # a writer gathers results this long for one round trip (a tok
 class SplitwiseScheduler(GlobalScheduler):
     name = "splitwise"
 
-    def __init__(self, config: SchedulerConfig, redis: Redis, node: str = "node-0",
+    def __init__(self, config: SchedulerConfig, redis: Redis | None = None, node: str = "node-0",
                  origin: str | None = None, liveness: bool = True, role: str = "mixed") -> None:
         self.result_shards = config.scheduler_reader_parallel
         super().__init__(config, redis, node, origin, liveness, role)
