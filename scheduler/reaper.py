@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+from redis.exceptions import RedisError
 
 from scheduler.store import RequestStore
 
@@ -18,10 +20,13 @@ REAP_INTERVAL_S = 0.25  # expired requests get their final status within this of
 
 
 class Reaper(threading.Thread):
-    def __init__(self, store: RequestStore, on_expired: Callable[[str, list[str]], None] | None = None,
+    def __init__(self, stores: RequestStore | Callable[[], Iterable[RequestStore]],
+                 on_expired: Callable[[str, list[str]], None] | None = None,
                  interval: float = REAP_INTERVAL_S) -> None:
+        """``stores``: a node's one store, or a function giving the stores to walk on each pass (the
+        console's: one per distinct topic Redis, as topics come, go and move)."""
         super().__init__(name="fd-reaper", daemon=True)
-        self.store = store
+        self.stores = stores if callable(stores) else lambda: (stores,)
         self.on_expired = on_expired
         self.interval = interval
         self.stopped = threading.Event()
@@ -34,9 +39,19 @@ class Reaper(threading.Thread):
                 log.exception("reaper pass failed")
 
     def reap_once(self) -> dict[str, list[str]]:
+        """One pass over every topic of every store; returns the uids it expired, per topic."""
         expired: dict[str, list[str]] = {}
-        for topic in self.store.topics():
-            done = self.store.upkeep(topic)
+        for store in self.stores():
+            try:
+                expired.update(self._reap_store(store))
+            except RedisError as exc:  # one topic Redis being down must not hold up the others
+                log.warning("reaper pass failed: %s", exc)
+        return expired
+
+    def _reap_store(self, store: RequestStore) -> dict[str, list[str]]:
+        expired: dict[str, list[str]] = {}
+        for topic in store.topics():
+            done = store.upkeep(topic)
             for uid, node in done.recovered:
                 log.warning("request %s of %s lost its node; requeued on %s", uid, topic, node)
             if done.off_expired:

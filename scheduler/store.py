@@ -172,6 +172,14 @@ class RequestStore:
     def topics(self) -> list[str]:
         return sorted(t.decode() for t in self.redis.smembers(keys.TOPICS))
 
+    def forget_topic(self, topic: str) -> None:
+        """The topic now lives in another Redis: this one stops announcing it (no reaper walks it
+        here, no node finds its configuration here)."""
+        with self.redis.pipeline() as pipe:
+            pipe.srem(keys.TOPICS, topic)
+            pipe.delete(keys.config(topic), keys.scheduling_config(topic))
+            pipe.execute()
+
     def node_queue(self, topic: str, node: str) -> Queue:
         return Queue(keys.node_queue_name(topic, node), connection=self.redis, serializer=JSONSerializer)
 

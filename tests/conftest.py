@@ -14,6 +14,7 @@ from fdconsole.embedded_redis import EmbeddedRedis
 
 _redis: EmbeddedRedis | None = None
 E2E_DB = 1  # end-to-end clusters use their own Redis database, untouched by per-test flushes
+LOCKED_PASSWORDS = ("s3cret", "hunter2-secret", "pa55word")  # what the ``locked_redis`` server takes
 
 
 def free_port() -> int:
@@ -63,6 +64,20 @@ def redis_conn(redis_url):
     conn.flushdb()
     yield conn
     conn.close()
+
+
+@pytest.fixture(scope="session")
+def locked_redis():
+    """A second Redis server that takes any of ``LOCKED_PASSWORDS`` and refuses clients without one,
+    for topics that set their own scheduler_port and scheduler_password."""
+    from redis import Redis
+
+    server = EmbeddedRedis(free_port()).start()
+    with Redis.from_url(server.url) as conn:
+        conn.execute_command("ACL", "SETUSER", "default", "on", "resetpass",
+                             *(f">{password}" for password in LOCKED_PASSWORDS))
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from django.db import connection
 
+from fdconsole.redis_conn import get_topic_store
+
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 60
 
@@ -18,8 +20,7 @@ START_TIMEOUT_S = 60
 class NodeProcesses:
     """Starts, kills and restarts fdnode processes; stops every one it started at the end."""
 
-    def __init__(self, store, redis_url: str) -> None:
-        self.store = store
+    def __init__(self, redis_url: str) -> None:
         self.env = {**os.environ, "FD_REDIS_URL": redis_url, "FD_LOG_LEVEL": "WARNING", "FD_DEVICE": "cpu",
                     "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}"}
         self.processes: dict[str, subprocess.Popen] = {}
@@ -39,7 +40,7 @@ class NodeProcesses:
         deadline = time.monotonic() + START_TIMEOUT_S
         started = time.time()
         while time.monotonic() < deadline:
-            beat = self.store.read_heartbeats(topic, [name])[name]
+            beat = get_topic_store(topic).read_heartbeats(topic, [name])[name]  # where the node beats
             if float(beat.get("ts", 0)) > started and beat.get("state") != "stopped":
                 return
             if process.poll() is not None:

@@ -262,9 +262,7 @@ def test_a_valid_patch_is_saved_and_published(api, topic, store):
         {"scheduler_name": "global", "scheduler_min_load_score": 1, "scheduler_load_shards_num": 16},
         {"scheduler_max_size": -1},
         {"scheduler_max_size": 1},
-        {"scheduler_port": 1},
-        {"scheduler_port": 65535},
-        {"scheduler_db": 15, "scheduler_host": "redis.internal"},
+        {"scheduler_db": 15},
         {"scheduler_expire_period": 0.001, "scheduler_release_load_expire_period": 1.5},
         {"scheduler_reader_parallel": 1, "scheduler_writer_parallel": 1},
         {"scheduler_reader_batch_size": 1, "scheduler_writer_batch_size": 1},
@@ -274,21 +272,38 @@ def test_a_valid_patch_is_saved_and_published(api, topic, store):
     ],
 )
 def test_a_valid_patch_at_the_bounds_is_accepted(api, topic, store, changes):
+    from fdconsole.redis_conn import get_topic_store
+
     answer = api.patch("/api/v1/topics/default", changes)
     assert answer.status_code == 200, answer.content
     expected = {**TABLE_DEFAULTS, **{k: v for k, v in changes.items() if k != "name"}}
     assert scheduler_fields(answer.json()) == expected
-    assert published(store) == expected
+    topic_store = get_topic_store("default")  # scheduler_db=15 moved the topic to database 15
+    assert published(topic_store) == expected
+    if topic_store is not store:
+        topic_store.redis.flushdb()
 
 
-def test_a_topic_read_back_and_patched_unchanged_stays_the_same(api, topic, store):
-    changed = api.patch("/api/v1/topics/default", {"scheduler_password": "s3cret", "scheduler_ttl": 5})
+@pytest.mark.parametrize("changes", [{"scheduler_port": 1}, {"scheduler_port": 65535},
+                                     {"scheduler_host": "redis.internal"}])
+def test_connection_parameters_at_the_bounds_are_valid(changes):
+    """Valid values; a PATCH to them also needs a Redis that answers there, else it answers 503."""
+    from scheduler.config import parse_config
+
+    assert parse_config(changes).as_dict() == {**TABLE_DEFAULTS, **changes}
+
+
+def test_a_topic_read_back_and_patched_unchanged_stays_the_same(api, topic, locked_redis):
+    from fdconsole.redis_conn import get_topic_store
+
+    changed = api.patch("/api/v1/topics/default", {"scheduler_port": locked_redis.port,
+                                                   "scheduler_password": "s3cret", "scheduler_ttl": 5})
     assert changed.status_code == 200, changed.content
     shown = api.get("/api/v1/topics/default").json()
     answer = api.patch("/api/v1/topics/default", shown)
     assert answer.status_code == 200, answer.content
     assert scheduler_fields(answer.json()) == scheduler_fields(shown)
-    assert published(store)["scheduler_password"] == "s3cret"
+    assert published(get_topic_store("default"))["scheduler_password"] == "s3cret"
 
 
 @pytest.mark.parametrize(
@@ -320,10 +335,12 @@ def test_a_patch_body_that_is_not_a_json_object_is_refused(api, topic, store, ra
 
 
 # -- the password ------------------------------------------------------------------------------------
-def test_the_password_is_never_shown_and_the_mask_leaves_it_unchanged(api, topic, store):
+def test_the_password_is_never_shown_and_the_mask_leaves_it_unchanged(api, topic, store, locked_redis):
+    from fdconsole.redis_conn import get_topic_store
     from fdconsole.topics.models import Topic
 
-    answer = api.patch("/api/v1/topics/default", {"scheduler_password": "hunter2-secret"})
+    answer = api.patch("/api/v1/topics/default", {"scheduler_port": locked_redis.port,
+                                                  "scheduler_password": "hunter2-secret"})
     assert answer.status_code == 200, answer.content
     mask = answer.json()["scheduler_password"]
     assert mask and "hunter2" not in mask and "secret" not in mask
@@ -333,20 +350,25 @@ def test_the_password_is_never_shown_and_the_mask_leaves_it_unchanged(api, topic
     masked_back = api.patch("/api/v1/topics/default", {"scheduler_password": mask, "scheduler_ttl": 9})
     assert masked_back.status_code == 200, masked_back.content
     assert Topic.objects.get(name="default").scheduler_password == "hunter2-secret"
-    assert published(store)["scheduler_password"] == "hunter2-secret"
-    assert published(store)["scheduler_ttl"] == 9
+    assert published(get_topic_store("default"))["scheduler_password"] == "hunter2-secret"
+    assert published(get_topic_store("default"))["scheduler_ttl"] == 9
 
-    assert api.patch("/api/v1/topics/default", {"scheduler_password": ""}).status_code == 200
+    back_home = {"scheduler_password": "", "scheduler_port": 6379}  # the console's Redis, no password
+    assert api.patch("/api/v1/topics/default", back_home).status_code == 200
+    assert published(store)["scheduler_password"] == ""
     assert Topic.objects.get(name="default").scheduler_password == ""
     assert api.get("/api/v1/topics/default").json()["scheduler_password"] == ""
 
 
-def test_a_created_topic_hides_its_password(api, topic, store):
-    answer = api.post("/api/v1/topics", {"name": "locked", "scheduler_password": "pa55word"})
+def test_a_created_topic_hides_its_password(api, topic, locked_redis):
+    from fdconsole.redis_conn import get_topic_store
+
+    answer = api.post("/api/v1/topics", {"name": "locked", "scheduler_port": locked_redis.port,
+                                         "scheduler_password": "pa55word"})
     assert answer.status_code == 201, answer.content
     assert b"pa55word" not in answer.content
     assert b"pa55word" not in api.get("/api/v1/topics/locked").content
-    assert published(store, "locked")["scheduler_password"] == "pa55word"
+    assert published(get_topic_store("locked"), "locked")["scheduler_password"] == "pa55word"
 
 
 # -- routing -----------------------------------------------------------------------------------------

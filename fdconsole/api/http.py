@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from fdconsole.api.models import ApiToken
 from fdconsole.inference.submit import UnknownObject
+from fdconsole.redis_conn import TopicRedisUnavailable
 from scheduler.errors import (
     ConfigError,
     DuplicateRequest,
@@ -33,6 +34,7 @@ STATUS_OF: dict[type[SchedulerError], int] = {
     DuplicateRequest: 409,
     QueueFull: 429,
     NoNodeAvailable: 503,
+    TopicRedisUnavailable: 503,
 }
 
 

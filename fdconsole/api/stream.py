@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from redis.exceptions import RedisError
 
@@ -22,6 +21,7 @@ from fdconsole.api.views import get_request_row
 from fdconsole.inference.models import Request
 from fdconsole.inference.submit import UnknownObject
 from fdconsole.inference.sync import sync_request
+from fdconsole.redis_conn import TopicRedisUnavailable, topic_url
 from gpu_worker.tokenizer import ByteTokenizer
 from scheduler.store import AsyncOutputReader
 
@@ -51,7 +51,8 @@ def sse(event: str, data: dict) -> str:
 
 
 async def sse_events(row: Request) -> AsyncIterator[str]:
-    reader = AsyncOutputReader(settings.FD_REDIS_URL)
+    url = topic_url(row.topic)
+    reader = AsyncOutputReader(url)
     topic = row.topic.name
     after, delivered = "0-0", -1
     started = last_sent = time.monotonic()
@@ -60,7 +61,7 @@ async def sse_events(row: Request) -> AsyncIterator[str]:
             try:
                 events = await reader.read(topic, row.uid, after, POLL_MS)
             except RedisError as exc:
-                yield sse("error", {"code": "redis_unavailable", "message": str(exc)})
+                yield sse("error", TopicRedisUnavailable.of(topic, url, exc).as_dict())
                 return
             for event in events:
                 after = event.entry_id

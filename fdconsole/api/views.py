@@ -15,8 +15,9 @@ from fdconsole.inference.submit import UnknownObject, submit_request
 from fdconsole.inference.sync import sync_request
 from fdconsole.nodes.models import Node
 from fdconsole.nodes.status import describe_nodes
-from fdconsole.redis_conn import get_redis, get_store
+from fdconsole.redis_conn import get_redis, get_topic_store, topic_redis_errors
 from fdconsole.topics.models import Topic
+from fdconsole.topics.services import publish_topic
 from scheduler.config import NAME_RE, validate_name
 from scheduler.errors import ConfigError
 
@@ -44,23 +45,27 @@ def get_request_row(request_id: str) -> Request:
 # -- requests ---------------------------------------------------------------------------------------
 @api_view(("POST",))
 def topic_requests(request: HttpRequest, user, topic: str) -> JsonResponse:
-    row = submit_request(get_topic(topic), json_body(request), user)
-    return JsonResponse(row.as_api(), status=202)
+    row = get_topic(topic)
+    body = json_body(request)
+    with topic_redis_errors(row):
+        submitted = submit_request(row, body, user)
+    return JsonResponse(submitted.as_api(), status=202)
 
 
 @api_view(("GET", "DELETE"))
 def request_detail(request: HttpRequest, user, request_id: str) -> JsonResponse:
     row = get_request_row(request_id)
-    if request.method == "DELETE":
-        return _cancel(row)
-    return JsonResponse(sync_request(row).as_api())
+    with topic_redis_errors(row.topic):
+        if request.method == "DELETE":
+            return _cancel(row)
+        return JsonResponse(sync_request(row).as_api())
 
 
 def _cancel(row: Request) -> JsonResponse:
     """Cancel; a running request stops at its next token, so wait a moment for the final status."""
     if row.is_final:
         return JsonResponse(row.as_api())
-    store = get_store()
+    store = get_topic_store(row.topic)
     store.cancel(row.topic.name, row.uid)
     deadline = time.monotonic() + CANCEL_WAIT_S
     while not sync_request(row, store).is_final and time.monotonic() < deadline:
@@ -93,7 +98,8 @@ def topics(request: HttpRequest, user) -> JsonResponse:
         topic = Topic(name=name)
         topic.apply_config(changes)
         topic.save()
-        get_store().publish_config(topic.name, topic.config)
+        with topic_redis_errors(topic):  # Redis refuses: the new row rolls back
+            publish_topic(topic)
     return JsonResponse(topic_object(topic), status=201)
 
 
@@ -109,10 +115,12 @@ def topic_detail(request: HttpRequest, user, topic: str) -> JsonResponse:
             changes = {k: v for k, v in changes.items() if k not in read_only}
         with transaction.atomic():
             row = Topic.objects.select_for_update().get(pk=row.pk)
+            previous = row.config
             row.apply_config(changes)
             row.save()
             # Published inside the transaction: if Redis refuses, the database change rolls back.
-            get_store().publish_config(row.name, row.config)
+            with topic_redis_errors(row):
+                publish_topic(row, previous)
     return JsonResponse(topic_object(row))
 
 

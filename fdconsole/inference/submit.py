@@ -17,7 +17,7 @@ from django.utils import timezone
 from fdconsole.inference.models import Request
 from fdconsole.inference.sync import sync_uids
 from fdconsole.nodes.models import Node
-from fdconsole.redis_conn import get_store
+from fdconsole.redis_conn import get_topic_store
 from fdconsole.topics.models import Topic
 from gpu_worker.tokenizer import ByteTokenizer
 from scheduler.errors import ConfigError, DuplicateRequest, QueueFull, SchedulerError
@@ -45,7 +45,7 @@ def submit_request(topic: Topic, body: Any, user=None) -> Request:
     config = topic.config
     request.request_id = request_id or f"req-{uuid.uuid4().hex}"
     request.topic = topic.name
-    store = get_store()
+    store = get_topic_store(topic)
     if not store.has_config(topic.name):  # Redis restarted without persistence: the database knows
         store.publish_config(topic.name, config)
     candidates = _candidate_nodes(topic, node_name, store)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from django.utils import timezone
 
 from fdconsole.inference.models import Request
-from fdconsole.redis_conn import get_store
+from fdconsole.redis_conn import get_topic_store
 from scheduler.messages import FINAL_STATUSES, STATUS_RANK
 from scheduler.store import RETENTION_S, RequestStore
 
@@ -22,10 +22,11 @@ LOST_GRACE_S = 60
 
 
 def sync_request(row: Request, store: RequestStore | None = None) -> Request:
-    """Refresh ``row`` from Redis (no-op when it is already final); returns the refreshed row."""
+    """Refresh ``row`` from its topic's Redis (or ``store``; no-op when it is already final); returns the
+    refreshed row."""
     if row.is_final:
         return row
-    store = store or get_store()
+    store = store or get_topic_store(row.topic)
     if row.status == "queued":
         # Lazy eviction: a reader sees an overdue request expire even when no reaper runs.
         store.expire_due(row.topic.name)

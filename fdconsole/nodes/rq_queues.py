@@ -9,14 +9,16 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
 from fdconsole.nodes.models import Node
+from fdconsole.redis_conn import topic_url
 from scheduler import keys
 
 
 def node_queues() -> dict[str, dict[str, str]]:
+    """The console's default queue, and each node's queue in its topic's Redis."""
     queues = {"default": {"URL": settings.FD_REDIS_URL, "SERIALIZER": "rq.serializers.JSONSerializer"}}
-    for topic, name in Node.objects.order_by("topic__name", "name").values_list("topic__name", "name"):
-        queues[keys.node_queue_name(topic, name)] = {
-            "URL": settings.FD_REDIS_URL, "SERIALIZER": "rq.serializers.JSONSerializer",
+    for node in Node.objects.select_related("topic").order_by("topic__name", "name"):
+        queues[keys.node_queue_name(node.topic.name, node.name)] = {
+            "URL": topic_url(node.topic), "SERIALIZER": "rq.serializers.JSONSerializer",
         }
     return queues
 

@@ -19,7 +19,7 @@ from typing import Any
 from django.conf import settings
 
 from fdconsole.nodes.models import Node
-from fdconsole.redis_conn import get_store
+from fdconsole.redis_conn import get_topic_store
 from fdconsole.topics.models import Topic
 from fdconsole.topics.services import ensure_node, ensure_topic
 from scheduler import keys
@@ -36,7 +36,7 @@ def bench_skew(nodes: int, requests: int, work_ms: float, log) -> dict[str, Any]
     topic = ensure_topic(topic_name)
     topic.apply_config({"scheduler_name": "global"})
     topic.save()
-    store = get_store()
+    store = get_topic_store(topic)
     store.publish_config(topic_name, topic.config)
     names = [f"{topic_name}-{i}" for i in range(1, nodes + 1)]
     processes = []

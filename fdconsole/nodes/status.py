@@ -7,24 +7,33 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fdconsole.nodes.models import Node
-from fdconsole.redis_conn import get_store
+from fdconsole.redis_conn import get_topic_store, topic_redis_errors
+from fdconsole.topics.models import Topic
 from scheduler.liveness import heartbeat_age, limits, node_state
 
 
 def describe_nodes(nodes: list[Node]) -> list[dict[str, Any]]:
-    """The API's node objects, reading Redis once per topic."""
-    store = get_store()
+    """The API's node objects, reading each topic's Redis once. Raises ``TopicRedisUnavailable``
+    naming the first topic whose Redis does not answer."""
     by_topic: dict[str, list[Node]] = defaultdict(list)
+    topics: dict[str, Topic] = {}
     for node in nodes:
         by_topic[node.topic.name].append(node)
+        topics[node.topic.name] = node.topic
     live: dict[str, tuple[dict[str, str], int, tuple[float, float]]] = {}
-    for topic, members in by_topic.items():
-        names = [n.name for n in members]
-        beats = store.read_heartbeats(topic, names)
-        lengths = store.queue_lengths(topic, names)
-        topic_limits = limits(store.config_of(topic))
-        live.update({name: (beats[name], lengths[name], topic_limits) for name in names})
+    for name, members in by_topic.items():
+        with topic_redis_errors(topics[name]):
+            live.update(_live_state(topics[name], [n.name for n in members]))
     return [_describe(node, *live[node.name]) for node in nodes]
+
+
+def _live_state(topic: Topic, names: list[str]) -> dict[str, tuple[dict[str, str], int, tuple[float, float]]]:
+    """Heartbeat, queue length and the topic's liveness limits of each node, from the topic's Redis."""
+    store = get_topic_store(topic)
+    beats = store.read_heartbeats(topic.name, names)
+    lengths = store.queue_lengths(topic.name, names)
+    topic_limits = limits(store.config_of(topic.name))
+    return {name: (beats[name], lengths[name], topic_limits) for name in names}
 
 
 def _describe(node: Node, heartbeat: dict[str, str], queue_length: int,

@@ -1,9 +1,9 @@
 from django import forms
 from django.contrib import admin, messages
-from redis.exceptions import RedisError
 
-from fdconsole.redis_conn import get_store
+from fdconsole.redis_conn import TopicRedisUnavailable, topic_redis_errors
 from fdconsole.topics.models import Topic
+from fdconsole.topics.services import publish_topic
 from scheduler.config import PARAMETERS
 
 
@@ -44,9 +44,12 @@ class TopicAdmin(admin.ModelAdmin):
         return obj.nodes.count()
 
     def save_model(self, request, obj: Topic, form, change: bool) -> None:
+        # The saved row's configuration, before this save: the Redis the topic may be moving from.
+        previous = Topic.objects.get(pk=obj.pk).config if change else None
         super().save_model(request, obj, form, change)
         try:
-            get_store().publish_config(obj.name, obj.config)
-        except RedisError as exc:
-            self.message_user(request, f"Saved, but Redis did not take the new configuration: {exc}",
+            with topic_redis_errors(obj):
+                publish_topic(obj, previous)
+        except TopicRedisUnavailable as exc:
+            self.message_user(request, f"Saved, but Redis did not take the new configuration: {exc.message}",
                               messages.WARNING)

@@ -24,7 +24,7 @@ from django.core.management.base import BaseCommand, CommandError
 from fdconsole.api.models import ApiToken, hash_token
 from fdconsole.embedded_redis import start_for_url
 from fdconsole.nodes.hooks import sync_many
-from fdconsole.redis_conn import get_store
+from fdconsole.redis_conn import topic_stores
 from fdconsole.topics.services import ensure_node, ensure_topic
 from scheduler.config import validate_name
 from scheduler.errors import ConfigError
@@ -67,7 +67,7 @@ class Command(BaseCommand):
             names = [f"node-{i}" for i in range(1, options["nodes"] + 1)]
             for name in names:
                 ensure_node(name, topic)
-            reaper = Reaper(get_store(), sync_many)
+            reaper = Reaper(topic_stores, sync_many)  # every topic's Redis, as topics come and go
             reaper.start()
             self.start_console(options["host"], options["port"])
             for name in names:

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from fdconsole.nodes.hooks import database_hooks
 from fdconsole.nodes.models import Node
-from fdconsole.redis_conn import get_store
+from fdconsole.redis_conn import get_topic_store
 from fdconsole.topics.services import ensure_node, ensure_topic
 from scheduler.errors import ConfigError
 
@@ -41,7 +41,8 @@ class Command(BaseCommand):
             raise CommandError(exc.message) from None
         engine = self.engine(node, options["fixed_work_ms"])
         Node.objects.filter(pk=node.pk).update(host=socket.gethostname(), last_started_at=timezone.now())
-        runtime = NodeRuntime(topic=topic.name, name=node.name, role=node.role, store=get_store(),
+        # The topic's Redis: its scheduler keys and the node's rq queue live there, side by side.
+        runtime = NodeRuntime(topic=topic.name, name=node.name, role=node.role, store=get_topic_store(topic),
                               engine=engine, hooks=database_hooks(),
                               token_delay_s=settings.FD_TOKEN_DELAY_MS / 1000)
         log.info("node %s of topic %s ready on %s (role %s)", node.name, topic.name, engine.device, node.role)
