@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from fdconsole.api.models import ApiToken
 from fdconsole.inference.submit import UnknownObject
 from fdconsole.redis_conn import TopicRedisUnavailable
+from fdconsole.topics.moves import TopicBusy
 from scheduler.errors import (
     ConfigError,
     DuplicateRequest,
@@ -32,6 +33,7 @@ STATUS_OF: dict[type[SchedulerError], int] = {
     UnknownObject: 404,
     UnknownRequest: 404,
     DuplicateRequest: 409,
+    TopicBusy: 409,
     QueueFull: 429,
     NoNodeAvailable: 503,
     TopicRedisUnavailable: 503,

@@ -116,7 +116,7 @@ def topic_detail(request: HttpRequest, user, topic: str) -> JsonResponse:
         with transaction.atomic():
             row = Topic.objects.select_for_update().get(pk=row.pk)
             previous = row.config
-            row.apply_config(changes)
+            row.apply_config(changes)  # refuses (409) to move a busy topic to another Redis
             row.save()
             # Published inside the transaction: if Redis refuses, the database change rolls back.
             with topic_redis_errors(row):

@@ -12,7 +12,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 
 from scheduler.config import PARAMETERS, Parameter, SchedulerConfig, parse_config, validate_name
-from scheduler.errors import ConfigError
+from scheduler.errors import ConfigError, SchedulerError
 
 
 class Topic(models.Model):
@@ -34,18 +34,27 @@ class Topic(models.Model):
     def apply_config(self, changes: dict[str, Any], *, from_text: bool = False) -> SchedulerConfig:
         """Validate ``changes`` over the current configuration and set them on this instance.
 
-        Raises ``ConfigError`` naming the field at fault; the instance is untouched on error.
+        Raises ``ConfigError`` naming the field at fault, or ``TopicBusy`` (409) when the changes move
+        a saved topic with unfinished requests or running nodes to another Redis; the instance is
+        untouched on error.
         """
+        from fdconsole.topics.moves import refuse_busy_move
+
         config = parse_config(changes, base=self.config, from_text=from_text)
         if config.scheduler_topic != self.name:
             raise ConfigError(
                 f"scheduler_topic must be the topic's own name '{self.name}'", field="scheduler_topic"
             )
+        if self.pk is not None:
+            refuse_busy_move(self, self.config, config)
         for name, value in config.as_dict().items():
             setattr(self, name, value)
         return config
 
     def clean(self) -> None:
+        """The admin form's validation: the same rules as ``apply_config``, over the saved row."""
+        from fdconsole.topics.moves import refuse_busy_move
+
         try:
             validate_name(self.name, "name")
             if not self.scheduler_topic or self.scheduler_topic == "default":
@@ -53,7 +62,10 @@ class Topic(models.Model):
             parse_config(self.config.as_dict())
             if self.scheduler_topic != self.name:
                 raise ConfigError("scheduler_topic must be the topic's own name", field="scheduler_topic")
-        except ConfigError as exc:
+            saved = Topic.objects.filter(pk=self.pk).first() if self.pk is not None else None
+            if saved is not None:
+                refuse_busy_move(self, saved.config, self.config)
+        except SchedulerError as exc:
             raise ValidationError({exc.field or "__all__": exc.message}) from None
 
 

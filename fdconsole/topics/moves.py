@@ -1,0 +1,83 @@
+"""Moving a topic to another Redis: allowed only while nothing depends on the Redis it is in.
+
+A topic's queues, leases, output streams and rq jobs live in its Redis, and its running nodes hold
+connections to it. Pointing the topic elsewhere while a request is unfinished or a node runs would
+strand that work in the old Redis, out of reach of the console and of every new node. So a change of
+``scheduler_host/port/db/password`` that resolves to another Redis is refused until the topic's
+requests have ended and its nodes are stopped.
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+
+from fdconsole.inference.models import Request
+from fdconsole.inference.sync import sync_request
+from fdconsole.redis_conn import get_topic_store, topic_url
+from scheduler.config import SchedulerConfig
+from scheduler.connection import CONNECTION_FIELDS
+from scheduler.errors import SchedulerError
+from scheduler.liveness import limits, node_state
+from scheduler.messages import FINAL_STATUSES
+
+if TYPE_CHECKING:
+    from fdconsole.topics.models import Topic
+
+SYNC_LIMIT = 100  # unfinished rows brought up to date from Redis before counting them
+
+
+class TopicBusy(SchedulerError):
+    """The topic's Redis cannot change now (HTTP 409): work or nodes depend on it."""
+
+    code = "topic_busy"
+
+
+def moved_field(old: SchedulerConfig, new: SchedulerConfig) -> str | None:
+    """The first connection parameter that changed, when the change puts the topic in another Redis."""
+    if topic_url(old) == topic_url(new):
+        return None
+    return next(name for name in CONNECTION_FIELDS if getattr(old, name) != getattr(new, name))
+
+
+def refuse_busy_move(topic: Topic, old: SchedulerConfig, new: SchedulerConfig) -> None:
+    """Raise ``TopicBusy`` naming the changed field when ``new`` moves a busy topic to another Redis."""
+    field = moved_field(old, new)
+    if field is None:
+        return
+    unfinished = _unfinished_requests(topic, old)
+    if unfinished:
+        raise TopicBusy(f"{field} cannot change while topic '{topic.name}' has {unfinished} unfinished "
+                        "request(s) in its current Redis: let them finish (or cancel them) first",
+                        field=field)
+    running = _running_nodes(topic, old)
+    if running:
+        raise TopicBusy(f"{field} cannot change while node(s) {', '.join(running)} of topic '{topic.name}' "
+                        "are running against its current Redis: stop the topic's nodes first", field=field)
+
+
+def _unfinished_requests(topic: Topic, old: SchedulerConfig) -> int:
+    """Unfinished requests, after bringing the rows up to date from the current Redis (a row may lag
+    behind a request that has ended, or expired waiting)."""
+    rows = Request.objects.select_related("topic").filter(topic=topic).exclude(status__in=FINAL_STATUSES)
+    store = get_topic_store(old)
+    with suppress(RedisError):  # the current Redis is down: the rows are what we know; they count
+        for row in rows[:SYNC_LIMIT]:
+            sync_request(row, store)
+    return rows.count()
+
+
+def _running_nodes(topic: Topic, old: SchedulerConfig) -> list[str]:
+    """The topic's nodes whose heartbeat in the current Redis says they run (not stopped nor dead)."""
+    names = list(topic.nodes.order_by("name").values_list("name", flat=True))
+    if not names:
+        return []
+    store = get_topic_store(old)
+    try:
+        beats = store.read_heartbeats(topic.name, names)
+        topic_limits = limits(store.config_of(topic.name))
+    except RedisError:
+        return []  # no node can run against a Redis that does not answer
+    return [name for name in names if node_state(beats[name], "enabled", None, *topic_limits) != "dead"]
