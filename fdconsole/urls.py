@@ -5,8 +5,20 @@ from django.urls import include, path
 from fdconsole.api import views as api_views
 from fdconsole.dashboard import views as dashboard_views
 
+admin.site.site_header = "fdconsole administration"
+admin.site.site_title = "fdconsole admin"
+admin.site.index_title = "Topics, nodes, requests, users and API tokens (the live console: View site)"
+
 urlpatterns = [
     path("", dashboard_views.home, name="home"),
+    path("topics/<str:topic>/", dashboard_views.topic_page, name="topic"),
+    path("topics/<str:topic>/config/", dashboard_views.topic_config, name="topic_config"),
+    path("requests/", dashboard_views.request_list, name="requests"),
+    path("requests/new/", dashboard_views.request_new, name="request_new"),
+    # Request ids may hold any printable character, '/' included: the longer routes are matched first.
+    path("requests/<path:request_id>/stream", dashboard_views.request_stream, name="request_stream"),
+    path("requests/<path:request_id>/cancel/", dashboard_views.request_cancel, name="request_cancel"),
+    path("requests/<path:request_id>/", dashboard_views.request_detail, name="request_detail"),
     path("login/", auth_views.LoginView.as_view(template_name="login.html"), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

@@ -49,9 +49,9 @@ def test_websocket_refuses_anonymous_and_feeds_logged_in_users(node, store):
     user = get_user_model().objects.create_user("ops")
 
     async def logged_in():
-        from fdconsole.dashboard.consumers import ClusterConsumer
+        from fdconsole.dashboard.consumers import LiveConsumer
 
-        communicator = WebsocketCommunicator(ClusterConsumer.as_asgi(), "/ws/cluster/")
+        communicator = WebsocketCommunicator(LiveConsumer.as_asgi(), "/ws/cluster/")
         communicator.scope["user"] = user
         connected, _ = await communicator.connect()
         message = await communicator.receive_json_from(timeout=5)
@@ -59,5 +59,5 @@ def test_websocket_refuses_anonymous_and_feeds_logged_in_users(node, store):
         return connected, message
 
     connected, message = async_to_sync(logged_in)()
-    assert connected and message["type"] == "nodes"
+    assert connected and message["type"] == "cluster"
     assert [n["name"] for n in message["nodes"]] == ["node-a"]

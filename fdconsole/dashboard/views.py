@@ -1,37 +1,277 @@
-"""Console pages. Every page but the login page requires a logged-in user."""
+"""Console pages. Every page but the login page requires a logged-in user.
+
+The live pages render what is known at load time (so they read well without JavaScript) and then
+follow the WebSocket feed (``consumers.LiveConsumer``). Forms go through the same services as the API:
+``submit_request`` for requests, ``Topic.apply_config`` (``scheduler.config.parse_config``) for the
+configuration, so a value refused in one place is refused everywhere with the same message.
+"""
 
 from __future__ import annotations
 
-from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import render
+import json
+import time
 
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.db import transaction
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+from redis.exceptions import RedisError
+
+from fdconsole.dashboard.pulse import browser_node
 from fdconsole.inference.models import Request
+from fdconsole.inference.submit import UnknownObject, submit_request
+from fdconsole.inference.sync import sync_request
 from fdconsole.nodes.models import Node
 from fdconsole.nodes.status import describe_nodes
+from fdconsole.redis_conn import TopicRedisUnavailable, get_topic_store, topic_redis_errors
 from fdconsole.topics.models import Topic
+from fdconsole.topics.services import publish_topic
+from gpu_worker.tokenizer import ByteTokenizer
+from scheduler.config import NAME_RE, PARAMETERS, PARAMETERS_BY_NAME, PASSWORD_MASK
+from scheduler.errors import ConfigError, SchedulerError
+
+_tokenizer = ByteTokenizer()
+PAGE_SIZE = 50
+CANCEL_WAIT_S = 2.0
+FORM_DEFAULTS = {"prompt": "", "max_tokens": "64", "temperature": "0", "top_p": "1", "top_k": "0", "seed": "",
+                 "node": ""}
+STATUSES = ("queued", "running", "finished", "failed", "cancelled", "expired")
+
+
+def _described(nodes: list[Node]) -> tuple[list[dict], str | None]:
+    """Nodes with their live state; when Redis is down, what the database knows and the error."""
+    try:
+        return [browser_node(n) for n in describe_nodes(nodes)], None
+    except RedisError as exc:
+        return [{"name": n.name, "topic": n.topic.name, "role": n.role, "state": "unknown",
+                 "admin_state": n.admin_state, "requests_stolen": n.requests_stolen} for n in nodes], str(exc)
+
+
+def _topic_or_404(name: str) -> Topic:
+    topic = Topic.objects.filter(name=name).first() if NAME_RE.match(name) else None
+    if topic is None:
+        raise Http404(f"no topic '{name}'")
+    return topic
+
+
+def _request_or_404(request_id: str) -> Request:
+    row = None
+    if request_id.isprintable():
+        row = Request.objects.select_related("topic").filter(request_id=request_id).first()
+    if row is None:
+        raise Http404(f"no request '{request_id}'")
+    return row
+
+
+# -- live pages -------------------------------------------------------------------------------------
+@login_required
+def home(request: HttpRequest) -> HttpResponse:
+    nodes, redis_error = _described(list(Node.objects.select_related("topic").order_by("name")))
+    topics = list(Topic.objects.order_by("name"))
+    counts = {t.name: sum(1 for n in nodes if n["topic"] == t.name) for t in topics}
+    return render(request, "home.html", {
+        "topics": [{"topic": t, "nodes": counts[t.name]} for t in topics],
+        "nodes": nodes, "redis_error": redis_error, "live_url": "/ws/cluster/",
+        "recent_requests": Request.objects.select_related("topic")[:10],
+    })
 
 
 @login_required
-def home(request: HttpRequest) -> HttpResponse:
-    nodes = list(Node.objects.select_related("topic"))
+def topic_page(request: HttpRequest, topic: str) -> HttpResponse:
+    row = _topic_or_404(topic)
+    nodes, redis_error = _described(list(row.nodes.select_related("topic").order_by("name")))
+    return render(request, "topic.html", {
+        "topic": row, "nodes": nodes, "redis_error": redis_error, "live_url": f"/ws/topics/{row.name}/",
+    })
+
+
+# -- configuration ----------------------------------------------------------------------------------
+@login_required
+def topic_config(request: HttpRequest, topic: str) -> HttpResponse:
+    row = _topic_or_404(topic)
+    errors: dict[str, str] = {}
+    submitted: dict[str, str] = {}
+    if request.method == "POST":
+        submitted = {p.name: request.POST.get(p.name, "") for p in PARAMETERS}
+        changes = _changed_fields(row, submitted)
+        try:
+            with transaction.atomic(), topic_redis_errors(row):
+                locked = Topic.objects.select_for_update().get(pk=row.pk)
+                previous = locked.config
+                locked.apply_config(changes, from_text=True)
+                locked.save()
+                # Inside the transaction: if Redis refuses, the database keeps the old configuration.
+                publish_topic(locked, previous)
+        except TopicRedisUnavailable as exc:
+            errors["__all__"] = f"Nothing was saved: {exc.message}"
+        except SchedulerError as exc:
+            errors[exc.field or "__all__"] = exc.message
+        else:
+            if changes:
+                names = ", ".join(sorted(changes))
+                messages.success(request, f"Saved {names}: applied to the running nodes of '{row.name}' "
+                                          "from their next scheduling step; no restart needed.")
+            else:
+                messages.info(request, "Nothing changed.")
+            return redirect("topic_config", topic=row.name)
+    return render(request, "topic_config.html", {
+        "topic": row, "fields": _config_fields(row, submitted, errors), "form_error": errors.get("__all__"),
+        "scheduler_names": PARAMETERS_BY_NAME["scheduler_name"].scopes,
+    }, status=400 if errors else 200)
+
+
+def _changed_fields(row: Topic, submitted: dict[str, str]) -> dict[str, str]:
+    """Only what the user changed: an untouched password field (shown masked) keeps the password."""
+    current = row.config.as_dict()
+    changed = {}
+    for name, text in submitted.items():
+        if name == "scheduler_password" and text == PASSWORD_MASK:
+            continue
+        if text.strip() != _as_text(current[name]):
+            changed[name] = text.strip()
+    return changed
+
+
+def _as_text(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _config_fields(row: Topic, submitted: dict[str, str], errors: dict[str, str]) -> list[dict]:
+    current = row.config.as_dict()
+    fields = []
+    for param in PARAMETERS:
+        value = submitted.get(param.name, _as_text(current[param.name]))
+        if param.name == "scheduler_password" and param.name not in submitted:
+            value = PASSWORD_MASK if current[param.name] else ""
+        fields.append({
+            "name": param.name, "value": value, "help": param.help, "unit": param.unit,
+            "scopes": param.scopes, "applies": row.scheduler_name in param.scopes,
+            "kind": param.kind.__name__, "error": errors.get(param.name),
+            "default": _as_text(param.default), "is_default": current[param.name] == param.default,
+        })
+    return fields
+
+
+# -- requests ---------------------------------------------------------------------------------------
+@login_required
+def request_list(request: HttpRequest) -> HttpResponse:
+    rows = Request.objects.select_related("topic").order_by("-created_at")
+    filters = {key: request.GET.get(key, "").strip() for key in ("topic", "status", "node")}
+    if filters["topic"]:
+        rows = rows.filter(topic__name=filters["topic"])
+    if filters["status"]:
+        rows = rows.filter(status=filters["status"])
+    if filters["node"]:
+        node = filters["node"]
+        rows = rows.filter(home_node=node) | rows.filter(executed_by=node)
+    page = Paginator(rows, PAGE_SIZE).get_page(request.GET.get("page"))
+    query = "&".join(f"{k}={v}" for k, v in filters.items() if v)
+    return render(request, "requests.html", {
+        "page": page, "filters": filters, "query": query, "statuses": STATUSES,
+        "topics": Topic.objects.order_by("name").values_list("name", flat=True),
+        "nodes": Node.objects.order_by("name").values_list("name", flat=True),
+    })
+
+
+@login_required
+def request_new(request: HttpRequest) -> HttpResponse:
+    topics = list(Topic.objects.order_by("name"))
+    form = {"topic": request.GET.get("topic") or (topics[0].name if topics else ""), **FORM_DEFAULTS}
+    error = None
+    if request.method == "POST":
+        form.update({key: request.POST.get(key, "").strip() for key in form})
+        form["prompt"] = request.POST.get("prompt", "")  # the prompt as typed, spaces included
+        try:
+            row = submit_request(_topic_for_form(form["topic"]), _submission(form), request.user)
+        except SchedulerError as exc:
+            error = {"field": exc.field, "message": exc.message}
+        except RedisError as exc:
+            error = {"field": None, "message": f"Redis did not answer, the request was not queued: {exc}"}
+        else:
+            return redirect("request_detail", request_id=row.request_id)
+    nodes = Node.objects.filter(topic__name=form["topic"]).order_by("name").values_list("name", flat=True)
+    return render(request, "request_new.html", {"form": form, "topics": topics, "nodes": nodes,
+                                                "error": error, "known_fields": ("topic", *FORM_DEFAULTS)},
+                  status=400 if error else 200)
+
+
+def _topic_for_form(name: str) -> Topic:
+    topic = Topic.objects.filter(name=name).first() if NAME_RE.match(name or "") else None
+    if topic is None:
+        raise UnknownObject(f"no topic '{name}'", field="topic")
+    return topic
+
+
+def _submission(form: dict[str, str]) -> dict:
+    """The API's request body from the form's text fields (numbers parsed here, checked by the API's
+    own validation), so the browser and REST clients get the same errors."""
+    body: dict = {"prompt": form["prompt"]}
+    for name, parse in (("max_tokens", int), ("temperature", float), ("top_p", float), ("top_k", int),
+                        ("seed", int)):
+        text = form[name]
+        if text == "":
+            continue
+        try:
+            body[name] = parse(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, not '{text}'", field=name) from None
+    if form["node"]:
+        body["node"] = form["node"]
+    return body
+
+
+@login_required
+def request_detail(request: HttpRequest, request_id: str) -> HttpResponse:
+    row = _request_or_404(request_id)
     try:
-        described = describe_nodes(nodes)
-        redis_error = None
-    except Exception as exc:  # the page still lists what the database knows when Redis is down
-        described = [
-            {"name": n.name, "topic": n.topic.name, "role": n.role, "state": "unknown"} for n in nodes
-        ]
-        redis_error = str(exc)
-    context = {
-        "topics": Topic.objects.all(),
-        "nodes": described,
-        "redis_error": redis_error,
-        "recent_requests": Request.objects.select_related("topic")[:10],
-    }
-    return render(request, "home.html", context)
+        row = sync_request(row, get_topic_store(row.topic))
+    except RedisError:
+        pass  # the database's copy is shown; the stream says when Redis is back
+    api = row.as_api()
+    return render(request, "request_detail.html", {
+        "req": row, "api_json": json.dumps(api, indent=2, ensure_ascii=False),
+        "prompt_text": _tokenizer.decode(row.prompt_token_ids),
+    })
 
 
+@login_required
+async def request_stream(request: HttpRequest, request_id: str) -> HttpResponse:
+    """The request's tokens as Server-Sent Events for the detail page (session login, not a token)."""
+    from asgiref.sync import sync_to_async
+    from django.http import StreamingHttpResponse
+
+    from fdconsole.api.stream import sse_events
+
+    row = await sync_to_async(_request_or_404)(request_id)
+    response = StreamingHttpResponse(sse_events(row), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+@login_required
+@require_POST
+def request_cancel(request: HttpRequest, request_id: str) -> HttpResponse:
+    row = _request_or_404(request_id)
+    if not row.is_final:
+        store = get_topic_store(row.topic)
+        store.cancel(row.topic.name, row.uid)
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while not sync_request(row, store).is_final and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if request.headers.get("accept") == "application/json":
+        return JsonResponse(row.as_api())
+    messages.info(request, f"Request {row.request_id} is {row.status}.")
+    return redirect(reverse("request_detail", kwargs={"request_id": row.request_id}))
+
+
+# -- errors -----------------------------------------------------------------------------------------
 def not_found(request: HttpRequest, exception=None) -> HttpResponse:
     if request.path.startswith(("/api/", "/v1/")):
         return JsonResponse({"error": {"code": "not_found", "message": f"no such endpoint: {request.path}"}},

@@ -70,6 +70,25 @@ class Request(models.Model):
         # A splitwise decode node runs what its prefill (home) node handed it: that is no steal.
         return bool(self.executed_by) and self.executed_by not in (self.home_node, self.decode_node)
 
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def queued_ms(self) -> int | None:
+        """Milliseconds from submission until a node started it (the time spent waiting)."""
+        return _ms_between(self.created_at, self.started_at)
+
+    @property
+    def first_token_ms(self) -> int | None:
+        """Milliseconds from submission to the first token (time to first token)."""
+        return _ms_between(self.created_at, self.first_token_at)
+
+    @property
+    def total_ms(self) -> int | None:
+        """Milliseconds from submission to the final status."""
+        return _ms_between(self.created_at, self.finished_at)
+
     def as_api(self) -> dict[str, Any]:
         """The request object exactly as the HTTP contract gives it."""
         error = {"code": self.error_code, "message": self.error_message} if self.error_code else None
@@ -94,6 +113,10 @@ class Request(models.Model):
             "handoff": ({"bytes": self.handoff_bytes, "ms": self.handoff_ms}
                         if self.handoff_bytes is not None else None),
         }
+
+
+def _ms_between(start, end) -> int | None:
+    return round((end - start).total_seconds() * 1000) if start and end else None
 
 
 def _iso(value) -> str | None:

@@ -1,4 +1,6 @@
 from django.contrib import admin, messages
+from django.urls import reverse
+from django.utils.html import format_html
 
 from fdconsole.nodes.models import Node
 
@@ -6,16 +8,25 @@ from fdconsole.nodes.models import Node
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
     list_display = ("name", "topic", "role", "admin_state", "device", "host", "requests_run",
-                    "requests_stolen", "last_started_at")
+                    "requests_stolen", "last_started_at", "live_view")
     list_filter = ("topic", "role", "admin_state")
     search_fields = ("name", "host")
     readonly_fields = ("requests_run", "requests_stolen", "host", "created_at", "updated_at",
                        "last_started_at")
     actions = ("enable_nodes", "drain_nodes", "disable_nodes")
 
+    @admin.display(description="Live")
+    def live_view(self, node: Node) -> str:
+        return format_html('<a href="{}">live view</a>', reverse("topic", kwargs={"topic": node.topic.name}))
+
     def _set_state(self, request, queryset, state: str) -> None:
         count = queryset.update(admin_state=state)
-        self.message_user(request, f"{count} node(s) now {state}.", messages.SUCCESS)
+        topics = sorted(set(queryset.values_list("topic__name", flat=True)))
+        links = format_html(", ".join('<a href="{}">{}</a>' for _ in topics),
+                            *[x for t in topics for x in (reverse("topic", kwargs={"topic": t}), t)])
+        self.message_user(request, format_html(
+            "{} node(s) now {}; running workers apply it within a second. Watch it on the live view: {}",
+            count, state, links), messages.SUCCESS)
 
     @admin.action(description="Enable: take new requests")
     def enable_nodes(self, request, queryset) -> None:

@@ -2,7 +2,7 @@
 
 Redis (an embedded one when nothing answers at FD_REDIS_URL), migrations, an admin user and an API
 token (printed), the ASGI console (HTTP and WebSocket, via daphne), ``--nodes`` node workers, and the
-TTL reaper. Ctrl-C (or SIGTERM) stops every process it started.
+TTL reaper and the live pages' pulse. Ctrl-C (or SIGTERM) stops every process it started.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from fdconsole.api.models import ApiToken, hash_token
+from fdconsole.dashboard.pulse import PulseThread
 from fdconsole.embedded_redis import start_for_url
 from fdconsole.nodes.hooks import sync_many
 from fdconsole.redis_conn import topic_stores
@@ -58,7 +59,7 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         if redis:
             self.say(f"Started an embedded Redis at {settings.FD_REDIS_URL} (nothing answered there).")
-        reaper = None
+        reaper = pulse = None
         try:
             call_command("migrate", interactive=False, verbosity=0)
             call_command("collectstatic", interactive=False, verbosity=0)
@@ -69,6 +70,8 @@ class Command(BaseCommand):
                 ensure_node(name, topic)
             reaper = Reaper(topic_stores, sync_many)  # every topic's Redis, as topics come and go
             reaper.start()
+            pulse = PulseThread()  # the live pages' feed (one per console Redis holds the lease)
+            pulse.start()
             self.start_console(options["host"], options["port"])
             for name in names:
                 self.start_node(topic.name, name)
@@ -78,6 +81,9 @@ class Command(BaseCommand):
             self.stop_children()
             if reaper:
                 reaper.stop()
+            if pulse:
+                pulse.stop()
+                pulse.join(timeout=2)
             if redis:
                 redis.stop()
             self.say("Stopped.")

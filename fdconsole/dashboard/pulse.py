@@ -1,0 +1,251 @@
+"""The pulse: samples the cluster a few times a second and pushes it to the live pages over Channels.
+
+Design note. One pulse broadcasts for the whole console: it holds a lease in the console's Redis (``SET
+NX PX``, renewed every tick), so several console processes do not send everything twice, and another
+takes over within ``LEASE_MS`` when the holder stops. Each tick reads, per topic, the nodes (database
+rows joined with heartbeats and queue lengths), the events the scripts appended since the last tick, and
+once a second a chart point (rates from the scripts' counters, queue depth, load per node) that it also
+appends to the topic's series in Redis, so a page opened later, or after a restart, draws the last
+minutes. Node state changes (joined, stale, died, stopped, draining) are noticed here, by comparing
+ticks, and written to the topic's event stream like the scripts' events. Messages go to the channel
+layer groups ``cluster`` and ``topic.<name>``; the consumers forward them to browsers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from channels.layers import get_channel_layer
+from redis.exceptions import RedisError
+
+from fdconsole.nodes.models import Node
+from fdconsole.nodes.status import describe_nodes
+from fdconsole.redis_conn import TopicRedisUnavailable, get_store, get_topic_store, topic_url
+from fdconsole.topics.models import Topic
+
+log = logging.getLogger(__name__)
+TICK_S = 0.2  # a heartbeat reaches the browser within about this (plus the heartbeat's own period)
+POINT_S = 1.0  # one chart point a second
+LEASE_KEY = "fd:console:pulse"
+LEASE_MS = 3000
+SERIES_SENT = 300  # chart points a page gets when it connects: the last five minutes
+EVENTS_SENT = 50
+CLUSTER_GROUP = "cluster"
+LIVE = {"idle", "busy", "draining"}
+ENDED = {"finished", "failed", "cancelled", "expired"}
+
+
+def topic_group(topic: str) -> str:
+    """The channel layer group of one topic's page (topic names are valid group names by validation)."""
+    return f"topic.{topic}"
+
+
+def transition_event(before: str | None, after: str, heartbeat_age: float | None) -> str | None:
+    """The event a node's state change is worth, if any (idle and busy alternate without one)."""
+    if before is None or before == after:
+        return None
+    if after == "dead":
+        # A node that said "stopped" on its way out is dead with a fresh heartbeat; a killed one fell silent.
+        return "node_stopped" if heartbeat_age is not None and heartbeat_age < 2.0 else "node_died"
+    if after == "stale":
+        return "node_stale"
+    if after == "draining":
+        return "node_draining"
+    if before in ("dead", "stale"):
+        return "node_joined" if before == "dead" else "node_recovered"
+    if before == "draining":
+        return "node_enabled"
+    return None
+
+
+def browser_node(node: dict[str, Any]) -> dict[str, Any]:
+    """A node as the pages show it: the API's fields plus the heartbeat's epoch time (the page ages it
+    live) and how many requests it runs."""
+    beat, running = node.get("last_heartbeat"), node.get("running")
+    return {**node, "heartbeat_ts": datetime.fromisoformat(beat).timestamp() if beat else None,
+            "running_count": len(running.split(",")) if running else 0}
+
+
+class Pulse:
+    """Samples and broadcasts; ``tick`` is synchronous (database, Redis), ``broadcast`` sends."""
+
+    def __init__(self) -> None:
+        self.holder = uuid.uuid4().hex
+        self.states: dict[tuple[str, str], str] = {}
+        self.after: dict[str, str] = {}  # the last event id sent, per topic
+        self.counted: dict[str, tuple[float, dict[str, int]]] = {}  # per topic: when, counters then
+        self.latest_point: dict[str, dict[str, Any]] = {}
+
+    # -- the lease ------------------------------------------------------------------------------
+    def hold_lease(self) -> bool:
+        redis = get_store().redis
+        if redis.set(LEASE_KEY, self.holder, nx=True, px=LEASE_MS):
+            return True
+        if redis.get(LEASE_KEY) == self.holder.encode():
+            redis.pexpire(LEASE_KEY, LEASE_MS)
+            return True
+        return False
+
+    def release_lease(self) -> None:
+        redis = get_store().redis
+        if redis.get(LEASE_KEY) == self.holder.encode():
+            redis.delete(LEASE_KEY)
+
+    # -- sampling -------------------------------------------------------------------------------
+    def tick(self) -> list[tuple[str, dict[str, Any]]]:
+        """One sample of every topic: the (group, message) pairs to send."""
+        now = time.time()
+        members: dict[str, list[Node]] = defaultdict(list)
+        for node in Node.objects.select_related("topic").order_by("name"):
+            members[node.topic.name].append(node)
+        messages, summaries, every_node = [], [], []
+        for topic in Topic.objects.order_by("name"):
+            try:
+                update = self.sample_topic(topic, members[topic.name], now)
+            except RedisError as exc:  # one topic's Redis being down must not blank the others
+                update = unavailable(topic, members[topic.name], now, exc)
+            messages.append((topic_group(topic.name), update))
+            summaries.append(topic_summary(topic, update))
+            every_node += update["nodes"]
+        messages.append((CLUSTER_GROUP, {"type": "cluster", "at": now, "topics": summaries,
+                                         "nodes": every_node}))
+        return messages
+
+    def sample_topic(self, topic: Topic, nodes: list[Node], now: float) -> dict[str, Any]:
+        store = get_topic_store(topic)
+        described = [browser_node(n) for n in describe_nodes(nodes)] if nodes else []
+        self.note_transitions(store, topic.name, described)
+        waiting = store.waiting_count(topic.name)
+        point = self.maybe_point(store, topic.name, described, waiting, now)
+        after = self.after.get(topic.name)
+        if after is None:  # first sight: the page's hello carries the recent ones
+            events, self.after[topic.name] = [], store.last_event_id(topic.name)
+        else:
+            events = store.events(topic.name, after=after, count=200)
+            if events:
+                self.after[topic.name] = events[-1]["id"]
+        return {"type": "topic", "topic": topic.name, "scheduler": topic.scheduler_name, "at": now,
+                "nodes": described, "waiting": waiting, "point": point, "events": events}
+
+    def note_transitions(self, store, topic: str, nodes: list[dict[str, Any]]) -> None:
+        for node in nodes:
+            key = (topic, node["name"])
+            before, after = self.states.get(key), node["state"]
+            self.states[key] = after
+            kind = transition_event(before, after, node.get("heartbeat_age_s"))
+            if kind:
+                store.add_event(topic, kind, node=node["name"], role=node["role"], state=after,
+                                was=before)
+
+    def maybe_point(self, store, topic: str, nodes: list[dict[str, Any]], waiting: int,
+                    now: float) -> dict[str, Any] | None:
+        """Once a second: requests and tokens per second since the last point, queue depth, load."""
+        counters = store.counters(topic)
+        previous = self.counted.get(topic)
+        if previous is not None and now - previous[0] < POINT_S:
+            return None
+        self.counted[topic] = (now, counters)
+        if previous is None:
+            return None  # a rate needs two readings
+        seconds = now - previous[0]
+        ended = sum(counters.get(s, 0) - previous[1].get(s, 0) for s in ENDED)
+        point = {
+            "t": round(now, 3),
+            "rps": round(max(0, ended) / seconds, 2),
+            "submitted_ps": round(max(0, counters.get("submitted", 0) - previous[1].get("submitted", 0))
+                                  / seconds, 2),
+            "tps": round(max(0, counters.get("tokens", 0) - previous[1].get("tokens", 0)) / seconds, 1),
+            "queue": waiting,
+            "load": {n["name"]: n["load_score"] for n in nodes},
+        }
+        store.record_point(topic, point)
+        self.latest_point[topic] = point
+        return point
+
+    # -- running --------------------------------------------------------------------------------
+    async def broadcast(self, layer=None) -> list[tuple[str, dict[str, Any]]]:
+        """One tick, sent. Tests call this directly; the thread below calls it on a timer."""
+        from channels.db import database_sync_to_async
+
+        layer = layer or get_channel_layer()
+        messages = await database_sync_to_async(self.tick)()
+        for group, message in messages:
+            await layer.group_send(group, {"type": "live.update", "message": message})
+        return messages
+
+
+def unavailable(topic: Topic, nodes: list[Node], now: float, exc: Exception) -> dict[str, Any]:
+    """What the pages get for a topic whose Redis does not answer: its nodes as the database knows them
+    (state unknown) and the error, naming where its Redis is (never its password)."""
+    rows = [{"name": n.name, "topic": topic.name, "role": n.role, "state": "unknown",
+             "admin_state": n.admin_state, "requests_run": n.requests_run,
+             "requests_stolen": n.requests_stolen, "heartbeat_ts": None, "running_count": 0} for n in nodes]
+    error = TopicRedisUnavailable.of(topic.name, topic_url(topic), exc).message
+    log.warning("pulse: %s", error)
+    return {"type": "topic", "topic": topic.name, "scheduler": topic.scheduler_name, "at": now,
+            "nodes": rows, "waiting": None, "point": None, "events": [], "error": error}
+
+
+def topic_summary(topic: Topic, update: dict[str, Any]) -> dict[str, Any]:
+    nodes = update["nodes"]
+    return {"name": topic.name, "scheduler": topic.scheduler_name, "nodes": len(nodes),
+            "live_nodes": sum(1 for n in nodes if n["state"] in LIVE),
+            "waiting": update["waiting"], "point": update["point"]}
+
+
+def hello(topic_name: str | None) -> dict[str, Any]:
+    """What a page gets the moment it connects: the same shape as the pulse's updates, plus the recent
+    chart points and events of its topic, so a page (re)connecting never starts blank."""
+    pulse = Pulse()
+    now = time.time()
+    if topic_name is None:
+        return next(m for g, m in pulse.tick() if g == CLUSTER_GROUP)
+    topic = Topic.objects.get(name=topic_name)
+    nodes = list(Node.objects.filter(topic=topic).select_related("topic").order_by("name"))
+    try:
+        store = get_topic_store(topic)
+        described = [browser_node(n) for n in describe_nodes(nodes)] if nodes else []
+        return {"type": "topic", "topic": topic.name, "scheduler": topic.scheduler_name, "at": now,
+                "nodes": described, "waiting": store.waiting_count(topic.name), "point": None,
+                "events": store.events(topic.name, count=EVENTS_SENT),
+                "series": store.series(topic.name, SERIES_SENT), "hello": True}
+    except RedisError as exc:
+        return {**unavailable(topic, nodes, now, exc), "series": [], "hello": True}
+
+
+class PulseThread(threading.Thread):
+    """Runs the pulse on its own event loop (one long-lived loop keeps the channel layer's connections)."""
+
+    def __init__(self, interval: float = TICK_S) -> None:
+        super().__init__(name="fd-pulse", daemon=True)
+        self.interval = interval
+        self.stopped = threading.Event()
+        self.pulse = Pulse()
+
+    def run(self) -> None:
+        asyncio.run(self._loop())
+
+    async def _loop(self) -> None:
+        layer = get_channel_layer()
+        while not self.stopped.is_set():
+            started = time.monotonic()
+            try:
+                if self.pulse.hold_lease():
+                    await self.pulse.broadcast(layer)
+            except Exception:  # top-level loop: Redis or the database may come back
+                log.exception("pulse tick failed")
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+        try:
+            self.pulse.release_lease()
+        except Exception:
+            log.exception("could not release the pulse lease")
+
+    def stop(self) -> None:
+        self.stopped.set()
