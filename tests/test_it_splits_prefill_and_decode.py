@@ -86,7 +86,8 @@ def test_a_decode_node_killed_after_the_handoff_loses_nothing(api, splitwise_top
 
     slow = {"FD_TOKEN_DELAY_MS": "10"}
     node_processes.start("pre-1", "default", "--role", "prefill", **slow)
-    node_processes.start("dec-1", "default", "--role", "decode", **slow)
+    # Slower still: dec-1 must still be generating once dec-2 has started (seconds, on a loaded machine).
+    node_processes.start("dec-1", "default", "--role", "decode", FD_TOKEN_DELAY_MS="60")
     request_id = submit(api, PROMPTS[0], max_tokens=200)
     uid = Request.objects.get(request_id=request_id).uid
     deadline = time.monotonic() + 30
@@ -98,6 +99,8 @@ def test_a_decode_node_killed_after_the_handoff_loses_nothing(api, splitwise_top
         time.sleep(0.02)
     node_processes.start("dec-2", "default", "--role", "decode", **slow)
     node_processes.kill("dec-1")
+    state = store.state("default", uid)
+    assert state["status"] == "running" and int(state["num_output_tokens"]) < 200, "dec-1 finished first"
     body = wait_status(api, request_id, ("finished", "failed", "expired"), timeout=60)
     assert body["status"] == "finished" and body["executed_by"] == "dec-2" and body["decode_node"] == "dec-2"
     assert body["output_token_ids"] == greedy(engine, PROMPTS[0], 200)
