@@ -51,6 +51,15 @@ def require_browser() -> None:
     pytest.skip(reason)
 
 
+def console_password_hashers() -> list[str]:
+    """The hashers of the console subprocess: the settings module's, not the tests' cheap override."""
+    from django.conf import global_settings
+
+    import fdconsole.settings
+
+    return list(getattr(fdconsole.settings, "PASSWORD_HASHERS", global_settings.PASSWORD_HASHERS))
+
+
 def launch(playwright):
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS, timeout=TIMEOUT_MS)
 
@@ -66,6 +75,10 @@ class Console:
                     "FD_RUN_DIR": str(run_dir / "run"), "FD_ALLOWED_HOSTS": "127.0.0.1,localhost",
                     "FD_LOG_LEVEL": "WARNING", "FD_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
         self.process: subprocess.Popen | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def start(self) -> None:
         with self.log_path.open("a") as log:
@@ -121,5 +134,3 @@ def screenshot_path(test_name: str, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS / f"{safe}.png"
 
-
-__all__ = ["Console", "Page", "expect", "launch", "log_in", "require_browser", "screenshot_path"]

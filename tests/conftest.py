@@ -199,18 +199,34 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-@pytest.fixture
-def console(transactional_db, store, redis_url, tmp_path):
-    """The real console (``fdcluster --nodes 0``) on a free port; ``.url``, ``.restart()``, ``.stop()``."""
+@pytest.fixture(scope="module")
+def console_process(django_db_setup, tmp_path_factory):
+    """The real console (``fdcluster --nodes 0``) on a free port, shared by a module's browser tests and
+    stopped at its end, so that its reaper and pulse never run beside other tests' Redis state."""
     from django.db import connection
 
     from tests.browser import Console, require_browser
 
-    require_browser()  # no point starting a console for a test that will skip
-    running = Console(tmp_path, redis_url, connection.settings_dict["NAME"], free_port())
-    running.start()
+    require_browser()  # no point starting a console for tests that will skip
+    running = Console(tmp_path_factory.mktemp("console"), os.environ["FD_TEST_REDIS_URL"],
+                      connection.settings_dict["NAME"], free_port())
     yield running
     running.stop()
+
+
+@pytest.fixture
+def console(console_process, transactional_db, store, settings):
+    """The module's console, running, with topic ``default``; ``.url``, ``.stop()``, ``.start()``.
+
+    Users the test creates get password hashes the console can check (it has no test-only MD5)."""
+    from fdconsole.topics.services import ensure_topic
+    from tests.browser import console_password_hashers
+
+    settings.PASSWORD_HASHERS = console_password_hashers()
+    if not console_process.running:  # the first test, or one that stopped it and failed
+        console_process.start()
+    ensure_topic("default")  # fdcluster made it, but each test's flush took it (and Redis) away
+    return console_process
 
 
 @pytest.fixture
