@@ -36,6 +36,19 @@ def communicator(path: str, user=None) -> WebsocketCommunicator:
     return talk
 
 
+def greet(path: str, user) -> dict:
+    """Connect, take the hello, leave."""
+
+    async def run():
+        talk = communicator(path, user)
+        assert (await talk.connect())[0]
+        hello = await talk.receive_json_from(timeout=5)
+        await talk.disconnect()
+        return hello
+
+    return async_to_sync(run)()
+
+
 def until(talk: WebsocketCommunicator, pulse: Pulse, check, seconds: float = 5.0):
     """Broadcast ticks until a message for this page satisfies ``check``; bounded in time."""
 
@@ -77,14 +90,7 @@ def test_a_page_is_greeted_with_nodes_chart_points_and_events(topic, node, store
     store.record_point("default", {"t": time.time() - 1, "rps": 2.0, "tps": 40.0, "queue": 1,
                                    "load": {"node-a": 1}})
 
-    async def greet():
-        talk = communicator("/ws/topics/default/", ops)
-        assert (await talk.connect())[0]
-        hello = await talk.receive_json_from(timeout=5)
-        await talk.disconnect()
-        return hello
-
-    hello = async_to_sync(greet)()
+    hello = greet("/ws/topics/default/", ops)
     assert hello["hello"] and hello["topic"] == "default"
     [row] = hello["nodes"]
     assert (row["name"], row["state"], row["role"]) == ("node-a", "idle", "mixed")
@@ -182,12 +188,5 @@ def test_a_topic_whose_redis_is_down_shows_the_error_and_spares_the_others(topic
     assert "'elsewhere'" in down["error"] and "127.0.0.1:" in down["error"]
     assert down["nodes"] == [] and up["nodes"][0]["state"] == "idle" and "error" not in up
 
-    async def greet():
-        talk = communicator("/ws/topics/elsewhere/", ops)
-        assert (await talk.connect())[0]
-        hello = await talk.receive_json_from(timeout=5)
-        await talk.disconnect()
-        return hello
-
-    hello = async_to_sync(greet)()
+    hello = greet("/ws/topics/elsewhere/", ops)
     assert hello["hello"] and "unavailable" in hello["error"] and hello["series"] == []

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from django.db import connection, transaction
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
@@ -12,16 +10,14 @@ from redis.exceptions import RedisError
 from fdconsole.api.http import ApiError, api_view, json_body
 from fdconsole.inference.models import Request
 from fdconsole.inference.submit import UnknownObject, submit_request
-from fdconsole.inference.sync import sync_request
+from fdconsole.inference.sync import cancel_request, sync_request
 from fdconsole.nodes.models import Node
 from fdconsole.nodes.status import describe_nodes
-from fdconsole.redis_conn import get_redis, get_topic_store, topic_redis_errors
+from fdconsole.redis_conn import get_redis, topic_redis_errors
 from fdconsole.topics.models import Topic
 from fdconsole.topics.services import publish_topic
 from scheduler.config import NAME_RE, validate_name
 from scheduler.errors import ConfigError
-
-CANCEL_WAIT_S = 2.0
 
 
 def get_topic(name: str) -> Topic:
@@ -62,14 +58,7 @@ def request_detail(request: HttpRequest, user, request_id: str) -> JsonResponse:
 
 
 def _cancel(row: Request) -> JsonResponse:
-    """Cancel; a running request stops at its next token, so wait a moment for the final status."""
-    if row.is_final:
-        return JsonResponse(row.as_api())
-    store = get_topic_store(row.topic)
-    store.cancel(row.topic.name, row.uid)
-    deadline = time.monotonic() + CANCEL_WAIT_S
-    while not sync_request(row, store).is_final and time.monotonic() < deadline:
-        time.sleep(0.05)
+    row = cancel_request(row)
     return JsonResponse(row.as_api(), status=200 if row.is_final else 202)
 
 

@@ -9,7 +9,6 @@ configuration, so a value refused in one place is refused everywhere with the sa
 from __future__ import annotations
 
 import json
-import time
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -21,22 +20,22 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 from redis.exceptions import RedisError
 
+from fdconsole.api.views import get_request_row, get_topic
 from fdconsole.dashboard.pulse import browser_node
 from fdconsole.inference.models import Request
 from fdconsole.inference.submit import UnknownObject, submit_request
-from fdconsole.inference.sync import sync_request
+from fdconsole.inference.sync import cancel_request, sync_request
 from fdconsole.nodes.models import Node
 from fdconsole.nodes.status import describe_nodes
 from fdconsole.redis_conn import TopicRedisUnavailable, get_topic_store, topic_redis_errors
 from fdconsole.topics.models import Topic
 from fdconsole.topics.services import publish_topic
 from gpu_worker.tokenizer import ByteTokenizer
-from scheduler.config import NAME_RE, PARAMETERS, PARAMETERS_BY_NAME, PASSWORD_MASK
+from scheduler.config import PARAMETERS, PARAMETERS_BY_NAME, PASSWORD_MASK
 from scheduler.errors import ConfigError, SchedulerError
 
 _tokenizer = ByteTokenizer()
 PAGE_SIZE = 50
-CANCEL_WAIT_S = 2.0
 FORM_DEFAULTS = {"prompt": "", "max_tokens": "64", "temperature": "0", "top_p": "1", "top_k": "0", "seed": "",
                  "node": ""}
 STATUSES = ("queued", "running", "finished", "failed", "cancelled", "expired")
@@ -52,19 +51,17 @@ def _described(nodes: list[Node]) -> tuple[list[dict], str | None]:
 
 
 def _topic_or_404(name: str) -> Topic:
-    topic = Topic.objects.filter(name=name).first() if NAME_RE.match(name) else None
-    if topic is None:
-        raise Http404(f"no topic '{name}'")
-    return topic
+    try:
+        return get_topic(name)
+    except UnknownObject as exc:
+        raise Http404(exc.message) from None
 
 
 def _request_or_404(request_id: str) -> Request:
-    row = None
-    if request_id.isprintable():
-        row = Request.objects.select_related("topic").filter(request_id=request_id).first()
-    if row is None:
-        raise Http404(f"no request '{request_id}'")
-    return row
+    try:
+        return get_request_row(request_id)
+    except UnknownObject as exc:
+        raise Http404(exc.message) from None
 
 
 # -- live pages -------------------------------------------------------------------------------------
@@ -188,7 +185,7 @@ def request_new(request: HttpRequest) -> HttpResponse:
         form.update({key: request.POST.get(key, "").strip() for key in form})
         form["prompt"] = request.POST.get("prompt", "")  # the prompt as typed, spaces included
         try:
-            row = submit_request(_topic_for_form(form["topic"]), _submission(form), request.user)
+            row = submit_request(get_topic(form["topic"]), _submission(form), request.user)
         except SchedulerError as exc:
             error = {"field": exc.field, "message": exc.message}
         except RedisError as exc:
@@ -199,13 +196,6 @@ def request_new(request: HttpRequest) -> HttpResponse:
     return render(request, "request_new.html", {"form": form, "topics": topics, "nodes": nodes,
                                                 "error": error, "known_fields": ("topic", *FORM_DEFAULTS)},
                   status=400 if error else 200)
-
-
-def _topic_for_form(name: str) -> Topic:
-    topic = Topic.objects.filter(name=name).first() if NAME_RE.match(name or "") else None
-    if topic is None:
-        raise UnknownObject(f"no topic '{name}'", field="topic")
-    return topic
 
 
 def _submission(form: dict[str, str]) -> dict:
@@ -259,15 +249,13 @@ async def request_stream(request: HttpRequest, request_id: str) -> HttpResponse:
 @require_POST
 def request_cancel(request: HttpRequest, request_id: str) -> HttpResponse:
     row = _request_or_404(request_id)
-    if not row.is_final:
-        store = get_topic_store(row.topic)
-        store.cancel(row.topic.name, row.uid)
-        deadline = time.monotonic() + CANCEL_WAIT_S
-        while not sync_request(row, store).is_final and time.monotonic() < deadline:
-            time.sleep(0.05)
-    if request.headers.get("accept") == "application/json":
-        return JsonResponse(row.as_api())
-    messages.info(request, f"Request {row.request_id} is {row.status}.")
+    try:
+        with topic_redis_errors(row.topic):
+            cancel_request(row)
+    except TopicRedisUnavailable as exc:
+        messages.error(request, f"Not cancelled: {exc.message}")
+    else:
+        messages.info(request, f"Request {row.request_id} is {row.status}.")
     return redirect(reverse("request_detail", kwargs={"request_id": row.request_id}))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 from django.utils import timezone
@@ -19,6 +20,20 @@ from scheduler.store import RETENTION_S, RequestStore
 
 log = logging.getLogger(__name__)
 LOST_GRACE_S = 60
+CANCEL_WAIT_S = 2.0
+
+
+def cancel_request(row: Request) -> Request:
+    """Cancel (the API's DELETE and the page's button): a waiting request ends at once, a running one
+    stops at its next token, so this waits up to ``CANCEL_WAIT_S`` for the final status."""
+    if row.is_final:
+        return row
+    store = get_topic_store(row.topic)
+    store.cancel(row.topic.name, row.uid)
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while not sync_request(row, store).is_final and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return row
 
 
 def sync_request(row: Request, store: RequestStore | None = None) -> Request:
