@@ -17,7 +17,9 @@ urlpatterns = [
     path("requests/new/", dashboard_views.request_new, name="request_new"),
     # Request ids may hold any printable character, '/' included: the longer routes are matched first.
     path("requests/<path:request_id>/stream", dashboard_views.request_stream, name="request_stream"),
-    path("requests/<path:request_id>/cancel/", dashboard_views.request_cancel, name="request_cancel"),
+    # No trailing slash on stream and cancel: a detail URL always ends in '/', so an id ending in
+    # '/cancel' still has its own page.
+    path("requests/<path:request_id>/cancel", dashboard_views.request_cancel, name="request_cancel"),
     path("requests/<path:request_id>/", dashboard_views.request_detail, name="request_detail"),
     path("login/", auth_views.LoginView.as_view(template_name="login.html"), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),

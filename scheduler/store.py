@@ -177,8 +177,13 @@ class RequestStore:
         here, no node finds its configuration here)."""
         with self.redis.pipeline() as pipe:
             pipe.srem(keys.TOPICS, topic)
-            pipe.delete(keys.config(topic), keys.scheduling_config(topic))
+            pipe.delete(keys.config(topic), keys.scheduling_config(topic), keys.events(topic),
+                        keys.stats(topic), keys.series(topic))
             pipe.execute()
+
+    def published_config_json(self, topic: str) -> bytes | None:
+        """The configuration as published here, byte for byte (None when this Redis has none)."""
+        return self.redis.get(keys.config(topic))
 
     def node_queue(self, topic: str, node: str) -> Queue:
         return Queue(keys.node_queue_name(topic, node), connection=self.redis, serializer=JSONSerializer)

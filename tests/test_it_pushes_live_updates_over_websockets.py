@@ -178,15 +178,25 @@ def test_node_state_changes_worth_an_event(before, after, age, kind):
 
 
 def test_a_topic_whose_redis_is_down_shows_the_error_and_spares_the_others(topic, node, store, ops):
+    from fdconsole.nodes.models import Node
     from fdconsole.topics.models import Topic
     from tests.conftest import free_port
 
-    Topic.objects.create(name="elsewhere", scheduler_topic="elsewhere", scheduler_port=free_port())
+    elsewhere = Topic.objects.create(name="elsewhere", scheduler_topic="elsewhere",
+                                     scheduler_port=free_port())
+    Node.objects.create(name="far-1", topic=elsewhere)
     store.write_heartbeat("default", "node-a", {"state": "idle", "role": "mixed"})
     messages = dict(Pulse().tick())
     down, up = messages["topic.elsewhere"], messages["topic.default"]
     assert "'elsewhere'" in down["error"] and "127.0.0.1:" in down["error"]
-    assert down["nodes"] == [] and up["nodes"][0]["state"] == "idle" and "error" not in up
+    assert [(n["name"], n["state"]) for n in down["nodes"]] == [("far-1", "unknown")]
+    assert up["nodes"][0]["state"] == "idle" and "error" not in up
 
     hello = greet("/ws/topics/elsewhere/", ops)
     assert hello["hello"] and "unavailable" in hello["error"] and hello["series"] == []
+    from django.test import Client
+
+    browser = Client()
+    browser.force_login(ops)
+    for path in ("/", "/topics/elsewhere/", "/topics/default/"):  # pages still render, saying what is down
+        assert browser.get(path).status_code == 200

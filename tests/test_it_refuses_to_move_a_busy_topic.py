@@ -107,3 +107,12 @@ def test_the_admin_refuses_the_move_with_an_error_on_the_field(admin, api, node,
     errors = answer.context["adminform"].form.errors
     assert "unfinished request" in errors["scheduler_db"][0], errors
     assert Topic.objects.get(name="default").scheduler_db == 0
+
+
+def test_another_name_for_the_same_redis_is_no_move(api, node, store, redis_url):
+    """'localhost' for '127.0.0.1' is another URL but the same server: it must keep the configuration."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    assert api.patch(TOPIC, {"scheduler_port": port}).status_code == 200
+    assert api.patch(TOPIC, {"scheduler_host": "localhost"}).status_code == 200
+    assert stored_config(store)["scheduler_host"] == "localhost"
+    assert b"default" in store.redis.smembers("fd:topics")

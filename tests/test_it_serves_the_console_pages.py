@@ -73,6 +73,12 @@ def test_a_valid_value_is_saved_published_and_announced(ops, topic, store):
     assert (published["scheduler_ttl"], published["scheduler_name"]) == (60, "global")
 
 
+def test_a_typed_password_is_not_sent_back_with_errors(ops, topic):
+    page = ops.post("/topics/default/config/", form(topic, scheduler_ttl="-5",
+                                                    scheduler_password="typed-s3cret")).content.decode()
+    assert "typed-s3cret" not in page and PASSWORD_MASK in page
+
+
 def test_the_masked_password_is_kept_unless_changed(ops, topic):
     from fdconsole.dashboard.views import _changed_fields
 
@@ -151,7 +157,9 @@ def test_the_explorer_filters_by_topic_status_and_node_and_pages(ops, topic, nod
 
 def test_cancel_from_the_request_page(ops, topic, node, api):
     api.post("/api/v1/topics/default/requests", {"prompt": "x", "max_tokens": 2, "request_id": "stop/me"})
-    answer = ops.post("/requests/stop/me/cancel/", follow=True)
+    api.post("/api/v1/topics/default/requests", {"prompt": "x", "max_tokens": 2, "request_id": "a/cancel"})
+    assert b"a/cancel" in ops.get("/requests/a/cancel/").content  # an id ending in /cancel has its page
+    answer = ops.post("/requests/stop/me/cancel", follow=True)
     page = answer.content.decode()
     assert "status-cancelled" in page and "is cancelled" in page
-    assert ops.get("/requests/stop/me/cancel/").status_code == 405
+    assert ops.get("/requests/stop/me/cancel").status_code == 405

@@ -35,6 +35,16 @@ TICK_S = 0.2  # a heartbeat reaches the browser within about this (plus the hear
 POINT_S = 1.0  # one chart point a second
 LEASE_KEY = "fd:console:pulse"
 LEASE_MS = 3000
+HOLD_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
 SERIES_SENT = 300  # chart points a page gets when it connects: the last five minutes
 EVENTS_SENT = 50
 CLUSTER_GROUP = "cluster"
@@ -85,18 +95,11 @@ class Pulse:
 
     # -- the lease ------------------------------------------------------------------------------
     def hold_lease(self) -> bool:
-        redis = get_store().redis
-        if redis.set(LEASE_KEY, self.holder, nx=True, px=LEASE_MS):
-            return True
-        if redis.get(LEASE_KEY) == self.holder.encode():
-            redis.pexpire(LEASE_KEY, LEASE_MS)
-            return True
-        return False
+        """Take the lease when free, renew it when ours (one atomic step: no two holders after a handover)."""
+        return bool(get_store().redis.eval(HOLD_LEASE, 1, LEASE_KEY, self.holder, LEASE_MS))
 
     def release_lease(self) -> None:
-        redis = get_store().redis
-        if redis.get(LEASE_KEY) == self.holder.encode():
-            redis.delete(LEASE_KEY)
+        get_store().redis.eval(RELEASE_LEASE, 1, LEASE_KEY, self.holder)
 
     # -- sampling -------------------------------------------------------------------------------
     def tick(self) -> list[tuple[str, dict[str, Any]]]:
@@ -109,7 +112,7 @@ class Pulse:
         for topic in Topic.objects.order_by("name"):
             try:
                 update = self.sample_topic(topic, members[topic.name], now)
-            except RedisError as exc:  # one topic's Redis being down must not blank the others
+            except (RedisError, TopicRedisUnavailable) as exc:  # one topic down must not blank the others
                 update = unavailable(topic, members[topic.name], now, exc)
             messages.append((topic_group(topic.name), update))
             summaries.append(topic_summary(topic, update))
@@ -187,7 +190,9 @@ def unavailable(topic: Topic, nodes: list[Node], now: float, exc: Exception) -> 
     rows = [{"name": n.name, "topic": topic.name, "role": n.role, "state": "unknown",
              "admin_state": n.admin_state, "requests_run": n.requests_run,
              "requests_stolen": n.requests_stolen, "heartbeat_ts": None, "running_count": 0} for n in nodes]
-    error = TopicRedisUnavailable.of(topic.name, topic_url(topic), exc).message
+    if not isinstance(exc, TopicRedisUnavailable):
+        exc = TopicRedisUnavailable.of(topic.name, topic_url(topic), exc)
+    error = exc.message
     log.warning("pulse: %s", error)
     return {"type": "topic", "topic": topic.name, "scheduler": topic.scheduler_name, "at": now,
             "nodes": rows, "waiting": None, "point": None, "events": [], "error": error}
@@ -216,7 +221,7 @@ def hello(topic_name: str | None) -> dict[str, Any]:
                 "nodes": described, "waiting": store.waiting_count(topic.name), "point": None,
                 "events": store.events(topic.name, count=EVENTS_SENT),
                 "series": store.series(topic.name, SERIES_SENT), "hello": True}
-    except RedisError as exc:
+    except (RedisError, TopicRedisUnavailable) as exc:
         return {**unavailable(topic, nodes, now, exc), "series": [], "hello": True}
 
 

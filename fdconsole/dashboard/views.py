@@ -45,7 +45,7 @@ def _described(nodes: list[Node]) -> tuple[list[dict], str | None]:
     """Nodes with their live state; when Redis is down, what the database knows and the error."""
     try:
         return [browser_node(n) for n in describe_nodes(nodes)], None
-    except RedisError as exc:
+    except (RedisError, TopicRedisUnavailable) as exc:
         return [{"name": n.name, "topic": n.topic.name, "role": n.role, "state": "unknown",
                  "admin_state": n.admin_state, "requests_stolen": n.requests_stolen} for n in nodes], str(exc)
 
@@ -144,8 +144,9 @@ def _config_fields(row: Topic, submitted: dict[str, str], errors: dict[str, str]
     fields = []
     for param in PARAMETERS:
         value = submitted.get(param.name, _as_text(current[param.name]))
-        if param.name == "scheduler_password" and param.name not in submitted:
-            value = PASSWORD_MASK if current[param.name] else ""
+        if param.name == "scheduler_password":  # never sent back, not even as just typed
+            typed = submitted.get(param.name)
+            value = PASSWORD_MASK if (typed if typed is not None else current[param.name]) else ""
         fields.append({
             "name": param.name, "value": value, "help": param.help, "unit": param.unit,
             "scopes": param.scopes, "applies": row.scheduler_name in param.scopes,
@@ -221,7 +222,7 @@ def request_detail(request: HttpRequest, request_id: str) -> HttpResponse:
     row = _request_or_404(request_id)
     try:
         row = sync_request(row, get_topic_store(row.topic))
-    except RedisError:
+    except (RedisError, TopicRedisUnavailable):
         pass  # the database's copy is shown; the stream says when Redis is back
     api = row.as_api()
     return render(request, "request_detail.html", {

@@ -30,12 +30,18 @@ def publish_topic(topic: Topic, previous: SchedulerConfig | None = None) -> None
     """Publish the topic's configuration to its Redis, where running nodes take it up. When the save
     moved the topic to another Redis (``previous`` lived elsewhere; ``Topic.apply_config`` allows that
     only while the topic is idle), the old Redis forgets it, so that no reaper walks it there."""
-    get_topic_store(topic).publish_config(topic.name, topic.config)
+    store = get_topic_store(topic)
+    store.publish_config(topic.name, topic.config)
     old_url = topic_url(previous) if previous is not None else None
     if old_url is None or old_url == topic_url(topic):
         return
     try:
-        get_topic_store(previous).forget_topic(topic.name)
+        old = get_topic_store(previous)
+        # Two URLs may name one server ('localhost' for '127.0.0.1', a rotated password both accept):
+        # if the old one already holds what was just published, it is the same Redis, not a move.
+        if old.published_config_json(topic.name) == store.published_config_json(topic.name):
+            return
+        old.forget_topic(topic.name)
     except RedisError as exc:  # the move is done; the old Redis only keeps a stale copy of the config
         log.warning("topic %s moved, but its old Redis at %s did not forget it: %s",
                     topic.name, describe(old_url), exc)

@@ -214,8 +214,10 @@
   function addEvents(events) {
     if (!eventList) return;
     events.forEach(function (e) {
+      if (eventList.querySelector('li[data-id="' + CSS.escape(e.id) + '"]')) return;  // hello and a tick may overlap
       var item = document.createElement("li");
       item.dataset.kind = e.kind;
+      item.dataset.id = e.id;
       var when = document.createElement("time");
       when.textContent = new Date(parseFloat(e.at) * 1000).toLocaleTimeString();
       var text = document.createElement("span");
