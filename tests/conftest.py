@@ -91,7 +91,8 @@ def store(redis_conn):
 def api_user(db, store):
     from django.contrib.auth import get_user_model
 
-    return get_user_model().objects.create_user("alice", password="pw-alice-123")
+    # An operator: staff may point topics at another Redis (see fdconsole.topics.moves).
+    return get_user_model().objects.create_user("alice", password="pw-alice-123", is_staff=True)
 
 
 @pytest.fixture

@@ -116,3 +116,30 @@ def test_another_name_for_the_same_redis_is_no_move(api, node, store, redis_url)
     assert api.patch(TOPIC, {"scheduler_host": "localhost"}).status_code == 200
     assert stored_config(store)["scheduler_host"] == "localhost"
     assert b"default" in store.redis.smembers("fd:topics")
+
+
+def test_only_staff_may_point_a_topic_at_another_redis(api, node, store, new_db, client):
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    from fdconsole.api.models import ApiToken
+
+    viewer = get_user_model().objects.create_user("viewer")
+    _, token = ApiToken.issue(viewer, "tests")
+    other = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+    answer = other.patch(TOPIC, data=json.dumps({"scheduler_db": NEW_DB}), content_type="application/json")
+    assert answer.status_code == 403 and answer.json()["error"]["field"] == "scheduler_db"
+    answer = other.post("/api/v1/topics", data=json.dumps({"name": "far", "scheduler_port": 6390}),
+                        content_type="application/json")
+    assert answer.status_code == 403 and answer.json()["error"]["code"] == "forbidden"
+    assert other.patch(TOPIC, data=json.dumps({"scheduler_ttl": 60}),
+                       content_type="application/json").status_code == 200  # the rest is theirs to set
+    client.force_login(viewer)
+    from fdconsole.topics.models import Topic
+    from scheduler.config import PARAMETERS
+
+    row = Topic.objects.get(name="default")
+    form = {p.name: str(getattr(row, p.name)) for p in PARAMETERS} | {"scheduler_db": str(NEW_DB)}
+    page = client.post("/topics/default/config/", form).content.decode()
+    assert 'data-for="scheduler_db"' in page and "only staff may change scheduler_db" in page
+    assert api.patch(TOPIC, {"scheduler_db": NEW_DB}).status_code == 200  # alice is staff

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from fdconsole.api.models import ApiToken
 from fdconsole.inference.submit import UnknownObject
 from fdconsole.redis_conn import TopicRedisUnavailable
-from fdconsole.topics.moves import TopicBusy
+from fdconsole.topics.moves import StaffOnly, TopicBusy
 from scheduler.errors import (
     ConfigError,
     DuplicateRequest,
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 STATUS_OF: dict[type[SchedulerError], int] = {
     ConfigError: 400,
+    StaffOnly: 403,
     UnknownObject: 404,
     UnknownRequest: 404,
     DuplicateRequest: 409,

@@ -15,8 +15,9 @@ from fdconsole.nodes.models import Node
 from fdconsole.nodes.status import describe_nodes
 from fdconsole.redis_conn import get_redis, topic_redis_errors
 from fdconsole.topics.models import Topic
+from fdconsole.topics.moves import refuse_move_by_non_staff
 from fdconsole.topics.services import publish_topic
-from scheduler.config import NAME_RE, validate_name
+from scheduler.config import NAME_RE, parse_config, validate_name
 from scheduler.errors import ConfigError
 
 
@@ -86,6 +87,7 @@ def topics(request: HttpRequest, user) -> JsonResponse:
             raise ApiError(409, "duplicate_topic", f"topic '{name}' already exists", "name")
         topic = Topic(name=name)
         topic.apply_config(changes)
+        refuse_move_by_non_staff(user, parse_config({"scheduler_topic": name}), topic.config)
         topic.save()
         with topic_redis_errors(topic):  # Redis refuses: the new row rolls back
             publish_topic(topic)
@@ -106,6 +108,7 @@ def topic_detail(request: HttpRequest, user, topic: str) -> JsonResponse:
             row = Topic.objects.select_for_update().get(pk=row.pk)
             previous = row.config
             row.apply_config(changes)  # refuses (409) to move a busy topic to another Redis
+            refuse_move_by_non_staff(user, previous, row.config)
             row.save()
             # Published inside the transaction: if Redis refuses, the database change rolls back.
             with topic_redis_errors(row):

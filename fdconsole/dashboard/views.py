@@ -29,6 +29,7 @@ from fdconsole.nodes.models import Node
 from fdconsole.nodes.status import describe_nodes
 from fdconsole.redis_conn import TopicRedisUnavailable, get_topic_store, topic_redis_errors
 from fdconsole.topics.models import Topic
+from fdconsole.topics.moves import refuse_move_by_non_staff
 from fdconsole.topics.services import publish_topic
 from gpu_worker.tokenizer import ByteTokenizer
 from scheduler.config import PARAMETERS, PARAMETERS_BY_NAME, PASSWORD_MASK
@@ -100,6 +101,7 @@ def topic_config(request: HttpRequest, topic: str) -> HttpResponse:
                 locked = Topic.objects.select_for_update().get(pk=row.pk)
                 previous = locked.config
                 locked.apply_config(changes, from_text=True)
+                refuse_move_by_non_staff(request.user, previous, locked.config)
                 locked.save()
                 # Inside the transaction: if Redis refuses, the database keeps the old configuration.
                 publish_topic(locked, previous)

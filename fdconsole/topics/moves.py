@@ -35,6 +35,21 @@ class TopicBusy(SchedulerError):
     code = "topic_busy"
 
 
+class StaffOnly(SchedulerError):
+    """Only staff may point a topic at another Redis (HTTP 403): the console connects wherever it says."""
+
+    code = "forbidden"
+
+
+def refuse_move_by_non_staff(user, old: SchedulerConfig, new: SchedulerConfig) -> None:
+    """Raise ``StaffOnly`` when ``new`` puts the topic in another Redis and ``user`` is not staff: which
+    server the console and the nodes connect to (and run scripts on) is an operator's decision."""
+    field = moved_field(old, new)
+    if field is not None and not getattr(user, "is_staff", False):
+        raise StaffOnly(f"only staff may change {field}: it decides which Redis server the console and "
+                        "the topic's nodes connect to", field=field)
+
+
 def moved_field(old: SchedulerConfig, new: SchedulerConfig) -> str | None:
     """The first connection parameter that changed, when the change puts the topic in another Redis."""
     if topic_url(old) == topic_url(new):
