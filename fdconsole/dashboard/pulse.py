@@ -29,6 +29,7 @@ from fdconsole.nodes.models import Node
 from fdconsole.nodes.status import describe_nodes
 from fdconsole.redis_conn import TopicRedisUnavailable, get_store, get_topic_store, topic_url
 from fdconsole.topics.models import Topic
+from scheduler.messages import FINAL_STATUSES
 
 log = logging.getLogger(__name__)
 TICK_S = 0.2  # a heartbeat reaches the browser within about this (plus the heartbeat's own period)
@@ -49,7 +50,6 @@ SERIES_SENT = 300  # chart points a page gets when it connects: the last five mi
 EVENTS_SENT = 50
 CLUSTER_GROUP = "cluster"
 LIVE = {"idle", "busy", "draining"}
-ENDED = {"finished", "failed", "cancelled", "expired"}
 
 
 def topic_group(topic: str) -> str:
@@ -91,7 +91,6 @@ class Pulse:
         self.states: dict[tuple[str, str], str] = {}
         self.after: dict[str, str] = {}  # the last event id sent, per topic
         self.counted: dict[str, tuple[float, dict[str, int]]] = {}  # per topic: when, counters then
-        self.latest_point: dict[str, dict[str, Any]] = {}
 
     # -- the lease ------------------------------------------------------------------------------
     def hold_lease(self) -> bool:
@@ -123,7 +122,7 @@ class Pulse:
 
     def sample_topic(self, topic: Topic, nodes: list[Node], now: float) -> dict[str, Any]:
         store = get_topic_store(topic)
-        described = [browser_node(n) for n in describe_nodes(nodes)] if nodes else []
+        described = describe_for_browser(nodes)
         self.note_transitions(store, topic.name, described)
         waiting = store.waiting_count(topic.name)
         point = self.maybe_point(store, topic.name, described, waiting, now)
@@ -134,8 +133,7 @@ class Pulse:
             events = store.events(topic.name, after=after, count=200)
             if events:
                 self.after[topic.name] = events[-1]["id"]
-        return {"type": "topic", "topic": topic.name, "scheduler": topic.scheduler_name, "at": now,
-                "nodes": described, "waiting": waiting, "point": point, "events": events}
+        return topic_message(topic, now, described, waiting, point, events)
 
     def note_transitions(self, store, topic: str, nodes: list[dict[str, Any]]) -> None:
         for node in nodes:
@@ -150,26 +148,22 @@ class Pulse:
     def maybe_point(self, store, topic: str, nodes: list[dict[str, Any]], waiting: int,
                     now: float) -> dict[str, Any] | None:
         """Once a second: requests and tokens per second since the last point, queue depth, load."""
-        counters = store.counters(topic)
         previous = self.counted.get(topic)
         if previous is not None and now - previous[0] < POINT_S:
-            return None
+            return None  # the counters are read once a second, not on every tick
+        counters = store.counters(topic)
         self.counted[topic] = (now, counters)
         if previous is None:
             return None  # a rate needs two readings
-        seconds = now - previous[0]
-        ended = sum(counters.get(s, 0) - previous[1].get(s, 0) for s in ENDED)
-        point = {
-            "t": round(now, 3),
-            "rps": round(max(0, ended) / seconds, 2),
-            "submitted_ps": round(max(0, counters.get("submitted", 0) - previous[1].get("submitted", 0))
-                                  / seconds, 2),
-            "tps": round(max(0, counters.get("tokens", 0) - previous[1].get("tokens", 0)) / seconds, 1),
-            "queue": waiting,
-            "load": {n["name"]: n["load_score"] for n in nodes},
-        }
+        seconds, before = now - previous[0], previous[1]
+
+        def rate(*fields: str) -> float:
+            return max(0, sum(counters.get(f, 0) - before.get(f, 0) for f in fields)) / seconds
+
+        point = {"t": round(now, 3), "rps": round(rate(*FINAL_STATUSES), 2),
+                 "submitted_ps": round(rate("submitted"), 2), "tps": round(rate("tokens"), 1),
+                 "queue": waiting, "load": {n["name"]: n["load_score"] for n in nodes}}
         store.record_point(topic, point)
-        self.latest_point[topic] = point
         return point
 
     # -- running --------------------------------------------------------------------------------
@@ -187,15 +181,31 @@ class Pulse:
 def unavailable(topic: Topic, nodes: list[Node], now: float, exc: Exception) -> dict[str, Any]:
     """What the pages get for a topic whose Redis does not answer: its nodes as the database knows them
     (state unknown) and the error, naming where its Redis is (never its password)."""
-    rows = [{"name": n.name, "topic": topic.name, "role": n.role, "state": "unknown",
-             "admin_state": n.admin_state, "requests_run": n.requests_run,
-             "requests_stolen": n.requests_stolen, "heartbeat_ts": None, "running_count": 0} for n in nodes]
     if not isinstance(exc, TopicRedisUnavailable):
         exc = TopicRedisUnavailable.of(topic.name, topic_url(topic), exc)
     error = exc.message
     log.warning("pulse: %s", error)
+    return topic_message(topic, now, known_rows(nodes), error=error)
+
+
+def topic_message(topic: Topic, now: float, nodes: list[dict[str, Any]], waiting: int | None = None,
+                  point: dict[str, Any] | None = None, events: list[dict[str, str]] | None = None,
+                  **extra: Any) -> dict[str, Any]:
+    """The one shape of a topic page's messages (the pulse's updates and the hello)."""
     return {"type": "topic", "topic": topic.name, "scheduler": topic.scheduler_name, "at": now,
-            "nodes": rows, "waiting": None, "point": None, "events": [], "error": error}
+            "nodes": nodes, "waiting": waiting, "point": point, "events": events or [], **extra}
+
+
+def describe_for_browser(nodes: list[Node]) -> list[dict[str, Any]]:
+    """The nodes with their live state (heartbeats, queues: the topic's Redis) as the pages show them."""
+    return [browser_node(n) for n in describe_nodes(nodes)] if nodes else []
+
+
+def known_rows(nodes: list[Node]) -> list[dict[str, Any]]:
+    """The nodes as the database alone knows them, for when their topic's Redis does not answer."""
+    return [{"name": n.name, "topic": n.topic.name, "role": n.role, "state": "unknown",
+             "admin_state": n.admin_state, "requests_run": n.requests_run,
+             "requests_stolen": n.requests_stolen, "heartbeat_ts": None, "running_count": 0} for n in nodes]
 
 
 def topic_summary(topic: Topic, update: dict[str, Any]) -> dict[str, Any]:
@@ -216,11 +226,9 @@ def hello(topic_name: str | None) -> dict[str, Any]:
     nodes = list(Node.objects.filter(topic=topic).select_related("topic").order_by("name"))
     try:
         store = get_topic_store(topic)
-        described = [browser_node(n) for n in describe_nodes(nodes)] if nodes else []
-        return {"type": "topic", "topic": topic.name, "scheduler": topic.scheduler_name, "at": now,
-                "nodes": described, "waiting": store.waiting_count(topic.name), "point": None,
-                "events": store.events(topic.name, count=EVENTS_SENT),
-                "series": store.series(topic.name, SERIES_SENT), "hello": True}
+        return topic_message(topic, now, describe_for_browser(nodes), store.waiting_count(topic.name),
+                             events=store.events(topic.name, count=EVENTS_SENT),
+                             series=store.series(topic.name, SERIES_SENT), hello=True)
     except (RedisError, TopicRedisUnavailable) as exc:
         return {**unavailable(topic, nodes, now, exc), "series": [], "hello": True}
 

@@ -21,12 +21,11 @@ from django.views.decorators.http import require_POST
 from redis.exceptions import RedisError
 
 from fdconsole.api.views import get_request_row, get_topic
-from fdconsole.dashboard.pulse import browser_node
+from fdconsole.dashboard.pulse import describe_for_browser, known_rows
 from fdconsole.inference.models import Request
 from fdconsole.inference.submit import UnknownObject, submit_request
 from fdconsole.inference.sync import cancel_request, sync_request
 from fdconsole.nodes.models import Node
-from fdconsole.nodes.status import describe_nodes
 from fdconsole.redis_conn import TopicRedisUnavailable, get_topic_store, topic_redis_errors
 from fdconsole.topics.models import Topic
 from fdconsole.topics.moves import refuse_move_by_non_staff
@@ -39,16 +38,14 @@ _tokenizer = ByteTokenizer()
 PAGE_SIZE = 50
 FORM_DEFAULTS = {"prompt": "", "max_tokens": "64", "temperature": "0", "top_p": "1", "top_k": "0", "seed": "",
                  "node": ""}
-STATUSES = ("queued", "running", "finished", "failed", "cancelled", "expired")
 
 
 def _described(nodes: list[Node]) -> tuple[list[dict], str | None]:
     """Nodes with their live state; when Redis is down, what the database knows and the error."""
     try:
-        return [browser_node(n) for n in describe_nodes(nodes)], None
+        return describe_for_browser(nodes), None
     except (RedisError, TopicRedisUnavailable) as exc:
-        return [{"name": n.name, "topic": n.topic.name, "role": n.role, "state": "unknown",
-                 "admin_state": n.admin_state, "requests_stolen": n.requests_stolen} for n in nodes], str(exc)
+        return known_rows(nodes), str(exc)
 
 
 def _topic_or_404(name: str) -> Topic:
@@ -173,7 +170,7 @@ def request_list(request: HttpRequest) -> HttpResponse:
     page = Paginator(rows, PAGE_SIZE).get_page(request.GET.get("page"))
     query = "&".join(f"{k}={v}" for k, v in filters.items() if v)
     return render(request, "requests.html", {
-        "page": page, "filters": filters, "query": query, "statuses": STATUSES,
+        "page": page, "filters": filters, "query": query, "statuses": Request.Status.values,
         "topics": Topic.objects.order_by("name").values_list("name", flat=True),
         "nodes": Node.objects.order_by("name").values_list("name", flat=True),
     })
