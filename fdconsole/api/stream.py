@@ -40,6 +40,11 @@ async def stream_request(request: HttpRequest, request_id: str) -> HttpResponse:
         return error_response(exc.status, exc.code, exc.message, exc.field)
     except UnknownObject as exc:
         return error_response(404, exc.code, exc.message, exc.field)
+    return sse_response(row)
+
+
+def sse_response(row: Request) -> StreamingHttpResponse:
+    """The event stream of ``row``, unbuffered (the API's and the request page's)."""
     response = StreamingHttpResponse(sse_events(row), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"

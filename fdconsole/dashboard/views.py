@@ -234,15 +234,10 @@ def request_detail(request: HttpRequest, request_id: str) -> HttpResponse:
 async def request_stream(request: HttpRequest, request_id: str) -> HttpResponse:
     """The request's tokens as Server-Sent Events for the detail page (session login, not a token)."""
     from asgiref.sync import sync_to_async
-    from django.http import StreamingHttpResponse
 
-    from fdconsole.api.stream import sse_events
+    from fdconsole.api.stream import sse_response
 
-    row = await sync_to_async(_request_or_404)(request_id)
-    response = StreamingHttpResponse(sse_events(row), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
-    return response
+    return sse_response(await sync_to_async(_request_or_404)(request_id))
 
 
 @login_required

@@ -64,8 +64,7 @@
 
   // -- nodes ---------------------------------------------------------------------------------------
   var table = document.getElementById("nodes"), empty = document.getElementById("nodes-empty");
-  var withTopic = !!(table && table.querySelector("th:nth-child(2)") &&
-                     table.querySelector("th:nth-child(2)").textContent === "Topic");
+  var withTopic = !!(table && table.hasAttribute("data-with-topic"));
 
   function cell(row, field, content, numeric) {
     var td = document.createElement("td");
