@@ -23,7 +23,7 @@ from scheduler.connection import connect, topic_redis_url
 from scheduler.liveness import HEARTBEAT_INTERVAL_S
 from scheduler.messages import Request, Result
 from scheduler.reaper import Reaper
-from scheduler.store import Budget, Claim, RequestStore, new_uid
+from scheduler.store import Budget, Claim, RequestStore, ScriptCall, emit_args, finish_args, new_uid
 
 log = logging.getLogger(__name__)
 
@@ -102,25 +102,22 @@ class GlobalScheduler(Scheduler):
         return [claim.request for claim in claims]
 
     def put_results(self, results: list[Result]) -> None:
-        """Stream results of requests this node claimed; a final result ends its request."""
+        """Stream results of requests this node claimed; a final result ends its request. One round
+        trip, one script per result (a final result carrying the last token included)."""
         with self._lock:
-            claims = [(result, self.running.get(result.request_id)) for result in results]
-        emitted: list[str] = []  # request id of each EMIT, in pipeline order
-
-        def build(pipe) -> None:
-            emitted.clear()
-            for result, claim in claims:
-                if claim is not None:
-                    self._stream(pipe, result, claim, emitted)
-
-        replies = iter(reply for reply in self.store.execute(build) if isinstance(reply, int))
+            calls = [(result, _stream_call(self.topic, result, self.running.get(result.request_id)))
+                     for result in results]
+        calls = [(result, call) for result, call in calls if call is not None]
+        replies = self.store.run_scripts([call for _, call in calls]) if calls else []
         with self._lock:
-            for request_id, reply in zip(emitted, replies, strict=False):
-                if reply == 1:
-                    self.cancelled.add(request_id)
-                elif reply < 0:
-                    log.warning("result for %s dropped: this node no longer holds it (%d)", request_id, reply)
-            for result, _ in claims:
+            for (result, _), reply in zip(calls, replies, strict=True):
+                emitted = reply[0] if isinstance(reply, list) else reply  # EMIT's reply; FINISH's is a status
+                if emitted == 1:
+                    self.cancelled.add(result.request_id)
+                elif isinstance(emitted, int) and emitted < 0:
+                    log.warning("result for %s dropped: this node no longer holds it (%d)", result.request_id,
+                                emitted)
+            for result in results:
                 if result.finished:
                     self.running.pop(result.request_id, None)
                     self.cancelled.discard(result.request_id)
@@ -129,17 +126,6 @@ class GlobalScheduler(Scheduler):
         """Whether the client cancelled a request this node runs (stop it and put a final result)."""
         with self._lock:
             return request_id in self.cancelled
-
-    def _stream(self, pipe, result: Result, claim: Claim, emitted: list[str]) -> None:
-        if result.token_id is not None and result.token_id >= 0:
-            self.store.emit(self.topic, claim.uid, claim.lease, result.index, result.token_id, result.text,
-                            client=pipe)
-            emitted.append(result.request_id)
-        if result.finished:
-            status = "failed" if result.error else "finished"
-            error = (result.error["code"], result.error.get("message", "")) if result.error else None
-            self.store.finish(self.topic, claim.uid, claim.lease, status=status,
-                              finish_reason=result.finish_reason, error=error, client=pipe)
 
     def get_results(self) -> dict[str, list[Result]]:
         grouped: dict[str, list[Result]] = defaultdict(list)
@@ -170,6 +156,21 @@ class GlobalScheduler(Scheduler):
     def apply_config(self, config: SchedulerConfig) -> None:
         self.store.publish_config(self.topic, config)
         self.config = config
+
+
+def _stream_call(topic: str, result: Result, claim: Claim | None) -> ScriptCall | None:
+    """The script that streams ``result`` under ``claim`` (None when this node does not hold it)."""
+    if claim is None:
+        return None
+    token = result.token_id is not None and result.token_id >= 0
+    emit = emit_args(claim.uid, claim.lease, result.index, result.token_id, result.text) if token else ()
+    if not result.finished:
+        return ("EMIT", topic, emit) if token else None
+    error = (result.error["code"], result.error.get("message", "")) if result.error else None
+    final = finish_args("failed" if result.error else "finished", result.finish_reason, error=error)
+    if token:
+        return "EMIT_FINISH", topic, (*emit, *final)
+    return "FINISH", topic, (claim.uid, claim.lease, *final)
 
 
 def _refusal(status: str, request_id: str) -> str | None:

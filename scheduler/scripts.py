@@ -348,42 +348,64 @@ add_load(node, -popped, cfg)
 return claimed
 """
 
+# Streaming a token and finishing, for EMIT, FINISH and EMIT_FINISH (a final result carrying the last
+# token: one script instead of two).
+_STREAM = """
+local function holds(req, lease)  -- the caller's lease is the current one of a running request
+  return redis.call('HGET', req, 'status') == 'running' and redis.call('HGET', req, 'lease') == lease
+end
+local function emit(uid, req, index, token_id, text, lease_s)
+  -- 1 when a cancel was asked, 0 to go on, -2 when index is not the next one
+  if tonumber(redis.call('HGET', req, 'num_output_tokens')) ~= index then return -2 end
+  local t = now()
+  redis.call('XADD', k_out(uid), '*', 'type', 'token', 'index', index, 'token_id', token_id, 'text', text)
+  redis.call('EXPIRE', k_out(uid), 86400 + RETENTION)
+  if index == 0 then redis.call('HSET', req, 'first_token_at', fmt(t)) end
+  redis.call('HSET', req, 'num_output_tokens', index + 1)
+  count('tokens')
+  redis.call('ZADD', K_INFLIGHT, 'XX', t + lease_s, uid)
+  redis.call('ZADD', K_CHARGES, 'XX', t, uid)
+  push_result(req, {index = index, token_id = tonumber(token_id), text = text})
+  if redis.call('HGET', req, 'cancel_requested') == '1' then return 1 end
+  return 0
+end
+local function finish(uid, req, final, reason, output_ids, code, message)
+  if final == 'finished' and redis.call('HGET', req, 'cancel_requested') == '1' then
+    final, reason = 'cancelled', 'cancelled'  -- the client cancelled; the runner did not notice in time
+  end
+  close(uid, final, reason, code, message, {'output_token_ids', output_ids})
+  return final
+end
+"""
+
 # ARGV: prefix, retention, uid, lease, index, token_id, text, lease seconds.
 # Returns 1 when a cancel was asked, 0 to go on, -1 when the lease is no longer the caller's,
 # -2 when the index is not the next one (each index is streamed exactly once, in order).
-EMIT = PRELUDE + """
-local uid, lease, index = ARGV[3], ARGV[4], tonumber(ARGV[5])
-local req, out = k_req(uid), k_out(uid)
-if redis.call('HGET', req, 'status') ~= 'running' or redis.call('HGET', req, 'lease') ~= lease then
-  return -1
-end
-if tonumber(redis.call('HGET', req, 'num_output_tokens')) ~= index then return -2 end
-local t = now()
-redis.call('XADD', out, '*', 'type', 'token', 'index', index, 'token_id', ARGV[6], 'text', ARGV[7])
-redis.call('EXPIRE', out, 86400 + RETENTION)
-if index == 0 then redis.call('HSET', req, 'first_token_at', fmt(t)) end
-redis.call('HSET', req, 'num_output_tokens', index + 1)
-count('tokens')
-redis.call('ZADD', K_INFLIGHT, 'XX', t + tonumber(ARGV[8]), uid)
-redis.call('ZADD', K_CHARGES, 'XX', t, uid)
-push_result(req, {index = index, token_id = tonumber(ARGV[6]), text = ARGV[7]})
-if redis.call('HGET', req, 'cancel_requested') == '1' then return 1 end
-return 0
+EMIT = PRELUDE + _STREAM + """
+local uid, lease = ARGV[3], ARGV[4]
+local req = k_req(uid)
+if not holds(req, lease) then return -1 end
+return emit(uid, req, tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8]))
 """
 
 # ARGV: prefix, retention, uid, lease, status, finish_reason, output ids JSON, error code, message.
 # Returns the status the request ends with, or its current one when the lease is not the caller's.
-FINISH = PRELUDE + """
+FINISH = PRELUDE + _STREAM + """
 local uid, lease = ARGV[3], ARGV[4]
 local req = k_req(uid)
-local status = redis.call('HGET', req, 'status')
-if status ~= 'running' or redis.call('HGET', req, 'lease') ~= lease then return status or 'missing' end
-local final, reason = ARGV[5], ARGV[6]
-if final == 'finished' and redis.call('HGET', req, 'cancel_requested') == '1' then
-  final, reason = 'cancelled', 'cancelled'  -- the client cancelled; the runner did not notice in time
-end
-close(uid, final, reason, ARGV[8], ARGV[9], {'output_token_ids', ARGV[7]})
-return final
+if not holds(req, lease) then return redis.call('HGET', req, 'status') or 'missing' end
+return finish(uid, req, ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+"""
+
+# ARGV: prefix, retention, uid, lease, index, token_id, text, lease seconds, then FINISH's status,
+# finish_reason, output ids JSON, error code, message. EMIT then FINISH in one step; returns
+# {EMIT's reply, FINISH's reply}. A token out of order is not streamed, and the request still ends.
+EMIT_FINISH = PRELUDE + _STREAM + """
+local uid, lease = ARGV[3], ARGV[4]
+local req = k_req(uid)
+if not holds(req, lease) then return {-1, redis.call('HGET', req, 'status') or 'missing'} end
+local emitted = emit(uid, req, tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8]))
+return {emitted, finish(uid, req, ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13])}
 """
 
 # ARGV: prefix, retention, uid. Returns 'cancelled' (was waiting), 'cancelling' (running: the node

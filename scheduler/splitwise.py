@@ -37,7 +37,7 @@ class SplitwiseScheduler(GlobalScheduler):
                  origin: str | None = None, liveness: bool = True, role: str = "mixed") -> None:
         self.result_shards = config.scheduler_reader_parallel
         super().__init__(config, redis, node, origin, liveness, role)
-        self._outbox: list[queue.SimpleQueue[Result]] = [
+        self._outbox: list[queue.SimpleQueue[list[Result]]] = [
             queue.SimpleQueue() for _ in range(config.scheduler_writer_parallel)]
         self._inbox: dict[str, list[Result]] = defaultdict(list)
         self._inbox_lock = threading.Lock()
@@ -50,8 +50,11 @@ class SplitwiseScheduler(GlobalScheduler):
 
     def put_results(self, results: list[Result]) -> None:
         """Queue results for the writers; a request's results always go through the same one."""
+        shares: dict[int, list[Result]] = defaultdict(list)
         for result in results:
-            self._outbox[result_shard(result.request_id, len(self._outbox))].put(result)
+            shares[result_shard(result.request_id, len(self._outbox))].append(result)
+        for writer, share in shares.items():
+            self._outbox[writer].put(share)
 
     def get_results(self) -> dict[str, list[Result]]:
         with self._inbox_lock:
@@ -67,23 +70,25 @@ class SplitwiseScheduler(GlobalScheduler):
         for worker in self._workers:
             worker.join(timeout=2)
 
-    def _write(self, box: queue.SimpleQueue[Result]) -> None:
+    def _write(self, box: queue.SimpleQueue[list[Result]]) -> None:
         limit = self.config.scheduler_writer_batch_size
         while not self._stopped.is_set():
             try:
-                batch = [box.get(timeout=0.1)]
+                pending = box.get(timeout=0.1)
             except queue.Empty:
                 continue
             gather_until = time.monotonic() + GATHER_S
-            while len(batch) < limit:
+            while len(pending) < limit:
                 try:
-                    batch.append(box.get(timeout=max(0.0, gather_until - time.monotonic())))
+                    pending.extend(box.get(timeout=max(0.0, gather_until - time.monotonic())))
                 except queue.Empty:
                     break
-            try:
-                GlobalScheduler.put_results(self, batch)
-            except Exception:  # top-level loop: log, keep writing the next batches
-                log.exception("writing %d result(s) failed", len(batch))
+            for start in range(0, len(pending), limit):
+                batch = pending[start:start + limit]
+                try:
+                    GlobalScheduler.put_results(self, batch)
+                except Exception:  # top-level loop: log, keep writing the next batches
+                    log.exception("writing %d result(s) failed", len(batch))
 
     def _read(self, shard: int) -> None:
         limit = self.config.scheduler_reader_batch_size

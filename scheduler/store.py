@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -44,8 +46,8 @@ RETENTION_S = 3600  # how long Redis keeps a finished request's hash and stream 
 JOB_TIMEOUT_S = 3600
 SERIES_KEPT = 900  # chart points, one a second: the last 15 minutes
 LEASE_S = 5.0  # a running request whose node has not renewed it for this long goes to another node
-SCRIPTS = ("SUBMIT", "CLAIM", "EMIT", "FINISH", "CANCEL", "EXPIRE_DUE", "RECOVER", "RECLAIM", "REHOME",
-           "RENEW", "PUBLISH_CONFIG", "HANDOFF", "PLACE_PENDING", "SPLITWISE_UPKEEP")
+SCRIPTS = ("SUBMIT", "CLAIM", "EMIT", "FINISH", "EMIT_FINISH", "CANCEL", "EXPIRE_DUE", "RECOVER", "RECLAIM",
+           "REHOME", "RENEW", "PUBLISH_CONFIG", "HANDOFF", "PLACE_PENDING", "SPLITWISE_UPKEEP")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,38 @@ def decode_hash(raw: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
+ScriptCall = tuple[str, str, Sequence[Any]]  # script name, topic, its arguments after prefix and retention
+
+def emit_args(uid: str, lease: str, index: int, token_id: int, text: str) -> tuple[Any, ...]:
+    """EMIT's arguments (and the first half of EMIT_FINISH's)."""
+    return uid, lease, index, token_id, text, LEASE_S
+
+
+def finish_args(status: str, finish_reason: str | None, output_token_ids: Iterable[int] = (),
+                error: tuple[str, str] | None = None) -> tuple[Any, ...]:
+    """FINISH's arguments after the uid and lease (and the second half of EMIT_FINISH's)."""
+    code, message = error or ("", "")
+    return status, finish_reason or "", json.dumps(list(output_token_ids)), code, message
+
+
+_fork_generation = 0  # bumped in a forked child, so that no lane's connection is shared across a fork
+
+
+def _after_fork() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class _Lane(threading.local):
+    """One thread's own connection for the scripts (see ``RequestStore.run_scripts``)."""
+
+    connection: Any = None
+    generation = -1
+
+
 class RequestStore:
     """The Redis side of the request lifecycle for every topic; safe to share between threads."""
 
@@ -125,6 +159,7 @@ class RequestStore:
         # EVALSHA by digest, loading the scripts only when Redis says it lacks them: redis-py's Script
         # objects would ask SCRIPT EXISTS before every pipeline, doubling its round trips.
         self._shas = {name: hashlib.sha1(getattr(scripts, name).encode()).hexdigest() for name in SCRIPTS}
+        self._lane = _Lane()
 
     def _load_scripts(self) -> None:
         for name in SCRIPTS:
@@ -132,14 +167,62 @@ class RequestStore:
 
     def _run(self, name: str, topic: str, *args: Any, client=None) -> Any:
         """Run script ``name`` now, or queue it on pipeline ``client`` (see ``execute``)."""
-        argv = (keys.topic_prefix(topic), RETENTION_S, *args)
         if client is not None:
-            return client.evalsha(self._shas[name], 1, keys.config(topic), *argv)
-        try:
-            return self.redis.evalsha(self._shas[name], 1, keys.config(topic), *argv)
-        except NoScriptError:
+            return client.evalsha(*self._evalsha(name, topic, args)[1:])
+        return self.run_scripts([(name, topic, args)])[0]
+
+    def _evalsha(self, name: str, topic: str, args: Sequence[Any]) -> tuple[Any, ...]:
+        return ("EVALSHA", self._shas[name], 1, keys.config(topic), keys.topic_prefix(topic), RETENTION_S,
+                *args)
+
+    def run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Run scripts in one round trip on this thread's own connection; their replies in order.
+
+        The scheduler's hot paths are a script or a few per call: going through redis-py's pool and
+        pipeline objects costs a lock, two getpid calls and a readiness poll per round trip, about a
+        third of the client's CPU time per call. A script Redis lost (a restart, SCRIPT FLUSH) is
+        loaded and only the calls it refused run again. An error reply raises, after every reply
+        was read. Connection errors are retried as the client's own retry policy says.
+        """
+        replies = self._round_trip([self._evalsha(*call) for call in calls])
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
             self._load_scripts()
-            return self.redis.evalsha(self._shas[name], 1, keys.config(topic), *argv)
+            for i, reply in zip(missing, self._round_trip([self._evalsha(*calls[i]) for i in missing]),
+                                strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies
+
+    def run_command(self, *args: Any) -> Any:
+        """One plain command on this thread's own connection (a blocking pop, say)."""
+        reply = self._round_trip([args])[0]
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+    def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        lane = self._lane
+        if lane.connection is None or lane.generation != _fork_generation:
+            pool = self.redis.connection_pool
+            lane.connection = pool.connection_class(**pool.connection_kwargs)
+            lane.generation = _fork_generation
+        conn = lane.connection
+        packed = conn.pack_commands(commands)
+
+        def send_and_read() -> list[Any]:
+            conn.send_packed_command(packed)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:  # an error reply: the connection is still in step
+                    replies.append(exc)
+            return replies
+
+        return conn.retry.call_with_retry(send_and_read, lambda _: conn.disconnect())
 
     def execute(self, build: Callable[[Any], None]) -> list[Any]:
         """Run the commands ``build`` puts on a pipeline in one round trip (again, once the scripts are
@@ -220,22 +303,24 @@ class RequestStore:
         (``result_shard``), so that as many readers can take them without reordering a request's.
         """
         max_size = config.scheduler_max_size if config.scheduler_name == "local" else -1
-        positions: list[int] = []  # where each SUBMIT's reply lands among the pipeline's replies
-
-        def build(pipe) -> None:
-            positions.clear()
-            if max_size != -1:  # evict overdue requests first, so that none holds a place in the queue
-                self._run("EXPIRE_DUE", topic, 500, client=pipe)
-            for uid, request, home in items:
-                if rq_jobs:
+        calls: list[ScriptCall] = []
+        if max_size != -1:  # evict overdue requests first, so that none holds a place in the queue
+            calls.append(("EXPIRE_DUE", topic, (500,)))
+        for uid, request, home in items:
+            shard = str(result_shard(request.request_id, result_shards)) if result_shards else ""
+            calls.append(("SUBMIT", topic, (uid, request.request_id, home, json.dumps(request.to_dict()),
+                                            request.prompt_len, max_size, origin, random.random(), shard)))
+        if rq_jobs:
+            def build(pipe) -> None:
+                for uid, request, home in items:
                     self._save_job(pipe, topic, uid, request, home, config)
-                positions.append(len(pipe.command_stack))
-                shard = str(result_shard(request.request_id, result_shards)) if result_shards else ""
-                self._run("SUBMIT", topic, uid, request.request_id, home, json.dumps(request.to_dict()),
-                          request.prompt_len, max_size, origin, random.random(), shard, client=pipe)
+                for name, call_topic, args in calls:
+                    self._run(name, call_topic, *args, client=pipe)
 
-        replies = self.execute(build)
-        outcome = [replies[i][0].decode() for i in positions]
+            replies = self.execute(build)[-len(calls):]
+        else:
+            replies = self.run_scripts(calls)
+        outcome = [reply[0].decode() for reply in replies[-len(items):]]
         refused = [uid for (uid, _, _), status in zip(items, outcome, strict=True) if status != "ok"]
         if refused and rq_jobs:
             self.redis.delete(*(Job.key_for(uid) for uid in refused))
@@ -270,20 +355,15 @@ class RequestStore:
         return [Claim(uid.decode(), lease.decode(), Request.from_dict(json.loads(payload)), int(streamed),
                       home.decode(), phase.decode()) for uid, lease, payload, streamed, home, phase in reply]
 
-    def emit(self, topic: str, uid: str, lease: str, index: int, token_id: int, text: str,
-             client=None) -> Any:
+    def emit(self, topic: str, uid: str, lease: str, index: int, token_id: int, text: str) -> int:
         """Stream token ``index``: 1 = cancel asked, 0 = go on, -1 = lease lost, -2 = out of order."""
-        reply = self._run("EMIT", topic, uid, lease, index, token_id, text, LEASE_S, client=client)
-        return reply if client is not None else int(reply)
+        return int(self._run("EMIT", topic, *emit_args(uid, lease, index, token_id, text)))
 
     def finish(self, topic: str, uid: str, lease: str, *, status: str, finish_reason: str | None,
-               output_token_ids: Iterable[int] = (), error: tuple[str, str] | None = None,
-               client=None) -> Any:
+               output_token_ids: Iterable[int] = (), error: tuple[str, str] | None = None) -> str:
         """Record the final status of a running request; returns the status it ends with."""
-        code, message = error or ("", "")
-        reply = self._run("FINISH", topic, uid, lease, status, finish_reason or "",
-                          json.dumps(list(output_token_ids)), code, message, client=client)
-        return reply.decode() if isinstance(reply, bytes) else reply
+        final = finish_args(status, finish_reason, output_token_ids, error)
+        return self._run("FINISH", topic, uid, lease, *final).decode()
 
     def streamed_tokens(self, topic: str, uid: str) -> list[int]:
         """The token ids already streamed, in index order (what a resumed run continues after)."""
@@ -368,7 +448,7 @@ class RequestStore:
 
     def wait_for_results(self, topic: str, origin: str, limit: int, timeout_s: float) -> list[dict[str, Any]]:
         """Like ``take_results``, but blocks up to ``timeout_s`` for the first one (BLMPOP)."""
-        reply = self.redis.blmpop(timeout_s, 1, keys.results(topic, origin), direction="LEFT", count=limit)
+        reply = self.run_command("BLMPOP", timeout_s, 1, keys.results(topic, origin), "LEFT", "COUNT", limit)
         return [json.loads(item) for item in reply[1]] if reply else []
 
     def queue_length(self, topic: str, node: str) -> int:

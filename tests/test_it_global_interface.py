@@ -120,3 +120,16 @@ def test_a_running_request_cancelled_by_its_client_is_reported_to_the_engine(pai
     a.put_results([Result("r1", finished=True, finish_reason="cancelled")])
     [token, final] = a.get_results()["r1"]
     assert final.finished and final.finish_reason == "cancelled"
+
+
+def test_a_final_result_carrying_the_last_token_reaches_the_origin_as_token_then_end(pair):
+    a, _ = pair
+    a.put_requests(requests("r1"))
+    take(a)
+    a.put_results([Result("r1", index=0, token_id=65, text="A")])
+    a.put_results([Result("r1", index=1, token_id=66, text="B", finished=True, finish_reason="length")])
+    results = a.get_results()["r1"]
+    assert [(r.index, r.text, r.finished) for r in results] == [
+        (0, "A", False), (1, "B", False), (-1, "", True)]
+    assert results[-1].finish_reason == "length"
+    assert a.running == {}

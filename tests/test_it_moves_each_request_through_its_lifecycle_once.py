@@ -151,3 +151,50 @@ def test_a_node_that_takes_no_work_is_no_failover_target(lifecycle):
     lifecycle.renew("t", "n1", {})
     lifecycle.renew("t", "n2", {}, accepts_work=False)
     assert lifecycle.redis.zrange(keys.alive("t"), 0, -1) == [b"n1"]
+
+
+def test_a_final_result_carrying_the_last_token_streams_it_and_ends_the_request(lifecycle):
+    from scheduler import keys
+    from scheduler.store import emit_args, finish_args
+
+    uid = new_uid()
+    lifecycle.submit("t", uid, Request("r1", [1, 2, 3]), "n1", parse_config({}), origin="o")
+    [claim] = lifecycle.claim("t", "n1")
+    assert lifecycle.emit("t", uid, claim.lease, 0, 65, "A") == 0
+    [reply] = lifecycle.run_scripts([("EMIT_FINISH", "t", (*emit_args(uid, claim.lease, 1, 66, "B"),
+                                                           *finish_args("finished", "length", [65, 66])))])
+    assert reply == [0, b"finished"]
+    events = lifecycle.read_output("t", uid)
+    assert [(e.kind, e.index, e.text) for e in events] == [
+        ("token", 0, "A"), ("token", 1, "B"), ("done", -1, "")]
+    state = lifecycle.state("t", uid)
+    assert (state["status"], state["num_output_tokens"]) == ("finished", "2")
+    assert state["output_token_ids"] == "[65, 66]"
+    results = lifecycle.take_results("t", "o")
+    assert [(r.get("index"), r.get("finished")) for r in results] == [(0, None), (1, None), (None, True)]
+    assert lifecycle.redis.zscore(keys.inflight("t"), uid) is None
+
+
+def test_a_final_result_with_an_out_of_order_token_still_ends_the_request_once(lifecycle):
+    from scheduler.store import emit_args, finish_args
+
+    uid = put(lifecycle)
+    [claim] = lifecycle.claim("t", "n1")
+    args = (*emit_args(uid, claim.lease, 3, 65, "A"), *finish_args("finished", "length"))
+    call = ("EMIT_FINISH", "t", args)
+    assert lifecycle.run_scripts([call]) == [[-2, b"finished"]]
+    assert [e.kind for e in lifecycle.read_output("t", uid)] == ["done"]
+    assert lifecycle.run_scripts([call]) == [[-1, b"finished"]]  # it ended: the lease is gone
+    assert [e.kind for e in lifecycle.read_output("t", uid)] == ["done"]
+
+
+def test_a_final_result_with_a_token_after_a_cancel_ends_cancelled(lifecycle):
+    from scheduler.store import emit_args, finish_args
+
+    uid = put(lifecycle)
+    [claim] = lifecycle.claim("t", "n1")
+    assert lifecycle.cancel("t", uid) == "cancelling"
+    args = (*emit_args(uid, claim.lease, 0, 65, "A"), *finish_args("finished", "length"))
+    call = ("EMIT_FINISH", "t", args)
+    assert lifecycle.run_scripts([call]) == [[1, b"cancelled"]]
+    assert lifecycle.state("t", uid)["status"] == "cancelled"

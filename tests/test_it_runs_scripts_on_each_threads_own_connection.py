@@ -1,0 +1,87 @@
+"""The scheduler's scripts run on each thread's own connection, in one round trip per call: a script
+Redis lost is loaded again without running anything twice, an error reply leaves the connection in
+step, a killed connection is replaced, and a forked child never shares its parent's socket."""
+
+import multiprocessing
+import threading
+
+import pytest
+from redis.exceptions import ConnectionError, ResponseError
+
+from scheduler.config import parse_config
+from scheduler.global_ import GlobalScheduler
+from scheduler.messages import Request
+from scheduler.store import RequestStore, new_uid
+
+
+@pytest.fixture
+def lane_store(redis_conn) -> RequestStore:
+    store = RequestStore(redis_conn)
+    store.publish_config("t", parse_config({"scheduler_topic": "t"}))
+    return store
+
+
+def client_id(store: RequestStore) -> int:
+    return int(store.run_command("CLIENT", "ID"))
+
+
+def test_each_thread_keeps_one_connection_of_its_own(lane_store):
+    mine = client_id(lane_store)
+    assert client_id(lane_store) == mine
+    theirs = []
+    worker = threading.Thread(target=lambda: theirs.append(client_id(lane_store)))
+    worker.start()
+    worker.join()
+    assert theirs and theirs[0] != mine
+
+
+def test_scripts_redis_lost_are_loaded_again_and_run_once(lane_store, redis_conn):
+    scheduler = GlobalScheduler(parse_config({"scheduler_name": "global", "scheduler_topic": "g"}),
+                                redis_conn, node="a", liveness=False)
+    redis_conn.script_flush()
+    # A SUBMIT run twice would answer 'duplicate' the second time.
+    answers = scheduler.put_requests([Request("r1", [1, 2, 3]), Request("r2", [4])])
+    assert answers == [("r1", None), ("r2", None)]
+    assert [r.request_id for r in scheduler.get_requests(100, 16, 1, 4096, 8)] == ["r1", "r2"]
+    assert scheduler.store.queue_lengths("g", ["a"]) == {"a": 0}
+
+
+def test_an_error_reply_raises_and_the_connection_stays_in_step(lane_store):
+    uid = new_uid()
+    lane_store.submit("t", uid, Request("r1", [1, 2, 3]), "n1", parse_config({"scheduler_topic": "t"}))
+    with pytest.raises(ResponseError):
+        lane_store.run_scripts([("CANCEL", "t", (uid,)), ("CLAIM", "t", ("n1", "not-a-number"))])
+    # The CANCEL before the failing call ran; the reply after the error was read, not left behind.
+    assert lane_store.state("t", uid)["status"] == "cancelled"
+    assert lane_store.run_command("PING") == b"PONG"
+    assert lane_store.claim("t", "n1") == []
+
+
+def test_a_killed_connection_is_replaced(lane_store, redis_conn):
+    redis_conn.client_kill_filter(_id=client_id(lane_store))
+    failures = 0
+    for _ in range(2):
+        try:
+            assert lane_store.run_command("PING") == b"PONG"
+            break
+        except ConnectionError:
+            failures += 1  # the call that found the socket closed; the next one reconnects
+    else:
+        pytest.fail("no call succeeded after the connection was killed")
+    assert failures <= 1
+
+
+def _child_client_id(store: RequestStore, answers) -> None:
+    answers.put(client_id(store))
+
+
+def test_a_forked_child_opens_its_own_connection(lane_store):
+    parent = client_id(lane_store)
+    context = multiprocessing.get_context("fork")
+    answers = context.Queue()
+    child = context.Process(target=_child_client_id, args=(lane_store, answers))
+    child.start()
+    child.join(timeout=20)
+    assert child.exitcode == 0
+    assert answers.get(timeout=5) != parent
+    assert client_id(lane_store) == parent  # the parent's connection is untouched
