@@ -27,7 +27,8 @@ from scheduler.store import result_shard
 
 log = logging.getLogger(__name__)
 IDLE_S = 0.1  # the longest a reader blocks on an empty list before it checks whether to stop
-GATHER_S = 0.002  # a writer gathers results this long for one round trip (a token's latency cost)
+GATHER_S = 0.002  # a writer gathers results this long for one round trip (a token's latency cost); it
+# sleeps rather than waking for each result that arrives meanwhile: one wake-up per batch
 
 
 class SplitwiseScheduler(GlobalScheduler):
@@ -77,10 +78,11 @@ class SplitwiseScheduler(GlobalScheduler):
                 pending = box.get(timeout=0.1)
             except queue.Empty:
                 continue
-            gather_until = time.monotonic() + GATHER_S
+            if len(pending) < limit:
+                time.sleep(GATHER_S)
             while len(pending) < limit:
                 try:
-                    pending.extend(box.get(timeout=max(0.0, gather_until - time.monotonic())))
+                    pending.extend(box.get_nowait())
                 except queue.Empty:
                     break
             for start in range(0, len(pending), limit):
