@@ -19,7 +19,7 @@ FD_REDIS_URL = env_str("FD_REDIS_URL", "redis://127.0.0.1:6379/0")
 # auto = cuda when torch sees a GPU, else cpu.
 FD_DEVICE = env_str("FD_DEVICE", "auto")
 # The model's context (prompt plus generated tokens); must not exceed GPTConfig.block_size.
-FD_MAX_MODEL_LEN = env_int("FD_MAX_MODEL_LEN", 1024)
+FD_MAX_MODEL_LEN = env_int("FD_MAX_MODEL_LEN", 2048)
 # Intra-op threads of a CPU node. Several nodes often share a machine; torch's default (one thread per
 # core each) makes them spin against each other and slows decoding by an order of magnitude.
 FD_TORCH_THREADS = env_int("FD_TORCH_THREADS", 1)

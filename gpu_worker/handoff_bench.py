@@ -29,15 +29,16 @@ from gpu_worker.model import KVCache
 from scheduler.messages import SamplingParams
 
 PREFILL_REPEATS = 5
+MAX_TOKENS = 16  # room the decode side allocates past the prompt, as a real decode node does
 KEY_TTL_S = 60  # long enough for a slow repeat; the key is deleted after each one anyway
 
 
 def bench_handoff(redis_url: str, prompt_tokens: int, repeats: int = 50, device: str = "cpu",
-                  max_tokens: int = 16) -> dict[str, Any]:
+                  max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
     """{"bench": "handoff", "device", "prompt_tokens", "bytes", "p50_ms", "p99_ms", "prefill_ms"}:
     nearest-rank percentiles of the handoff path, the encoded handoff's size and the median prefill.
 
-    ``prompt_tokens + max_tokens`` must fit the model's context (1024): the decode side allocates room
+    ``prompt_tokens + max_tokens`` must fit the model's context (2048): the decode side allocates room
     for ``max_tokens`` more positions, as a real decode node does.
     """
     if min(prompt_tokens, repeats, max_tokens) < 1:

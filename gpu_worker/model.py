@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 @dataclass(frozen=True)
 class GPTConfig:
-    block_size: int = 1024  # context length: prompt plus generated tokens
+    block_size: int = 2048  # context length: prompt plus generated tokens
     vocab_size: int = 257  # 256 UTF-8 bytes plus end of text; logits are exactly this wide
     vocab_multiple: int = 64  # the embedding is padded up to a multiple of this, for faster matmuls
     n_layer: int = 4  # transformer blocks

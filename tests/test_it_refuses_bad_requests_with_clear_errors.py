@@ -13,6 +13,7 @@ from tests.api_errors import assert_error
 pytestmark = pytest.mark.django_db
 
 URL = "/api/v1/topics/default/requests"
+CONTEXT = 2048  # FD_MAX_MODEL_LEN's default: the model's context
 
 
 def request_count() -> int:
@@ -105,12 +106,12 @@ BAD_FIELDS = [
     pytest.param({"prompt": "a", "max_tokens": True}, "max_tokens", id="max-tokens-true"),
     pytest.param({"prompt": "a", "max_tokens": None}, "max_tokens", id="max-tokens-null"),
     pytest.param({"prompt": "a", "max_tokens": [5]}, "max_tokens", id="max-tokens-list"),
-    pytest.param({"prompt": "a" * 1000, "max_tokens": 25}, "max_tokens", id="context-overflow"),
-    pytest.param({"prompt_token_ids": [97] * 1000, "max_tokens": 25}, "max_tokens",
+    pytest.param({"prompt": "a" * (CONTEXT - 24), "max_tokens": 25}, "max_tokens", id="context-overflow"),
+    pytest.param({"prompt_token_ids": [97] * (CONTEXT - 24), "max_tokens": 25}, "max_tokens",
                  id="ids-context-overflow"),
-    pytest.param({"prompt": "a" * 1024, "max_tokens": 1}, "prompt", id="prompt-fills-the-context"),
-    pytest.param({"prompt": "é" * 600}, "prompt", id="prompt-utf8-bytes-fill-the-context"),
-    pytest.param({"prompt_token_ids": [97] * 1025}, "prompt_token_ids", id="ids-fill-the-context"),
+    pytest.param({"prompt": "a" * CONTEXT, "max_tokens": 1}, "prompt", id="prompt-fills-the-context"),
+    pytest.param({"prompt": "é" * (CONTEXT // 2 + 1)}, "prompt", id="prompt-utf8-bytes-fill-the-context"),
+    pytest.param({"prompt_token_ids": [97] * (CONTEXT + 1)}, "prompt_token_ids", id="ids-fill-the-context"),
     pytest.param({"prompt": "a", "temperature": -1}, "temperature", id="temperature-negative"),
     pytest.param({"prompt": "a", "temperature": "x"}, "temperature", id="temperature-string"),
     pytest.param({"prompt": "a", "temperature": "0.5"}, "temperature", id="temperature-numeric-string"),

@@ -74,11 +74,13 @@ def test_a_request_resumes_on_a_live_node_with_every_token_once(api, global_topi
     assert results, "the stream never ended"
     events = results[0]
     tokens = [data for name, data in events if name == "token"]
-    assert [t["index"] for t in tokens] == list(range(300))  # every index once, in order
+    expected = greedy(engine, "Failover, take one.", 300)  # ends at the end-of-text token, if sooner
+    assert len(expected) > 100, "the premise: it still runs well past the kill at 50 tokens"
+    assert [t["index"] for t in tokens] == list(range(len(expected)))  # every index once, in order
     assert [name for name, _ in events].count("done") == 1
     done = events[-1][1]
     assert done["status"] == "finished" and done["executed_by"] == "node-b" and done["stolen"] is True
-    assert done["output_token_ids"] == greedy(engine, "Failover, take one.", 300)
+    assert done["output_token_ids"] == expected
     assert [t["token_id"] for t in tokens] == done["output_token_ids"]
 
 
