@@ -12,7 +12,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 
 class Command(BaseCommand):
-    help = "Run a benchmark and print its figures as one JSON object (model, scheduler, skew, handoff)."
+    help = ("Run a benchmark and print its figures as one JSON object (model, scheduler, splitwise, skew, "
+            "handoff).")
 
     def add_arguments(self, parser) -> None:
         sub = parser.add_subparsers(dest="kind", required=True)
@@ -34,6 +35,8 @@ class Command(BaseCommand):
         scheduler = sub.add_parser("scheduler", help="the scheduler interface alone, no-op engine")
         scheduler.add_argument("--scheduler", default="local", choices=["local", "global", "splitwise"])
         scheduler.add_argument("--requests", type=int, default=10_000)
+        splitwise = sub.add_parser("splitwise", help="scheduler --scheduler splitwise: the same workload")
+        splitwise.add_argument("--requests", type=int, default=10_000)
 
     def handle(self, *args, **options) -> None:
         try:
@@ -57,13 +60,18 @@ class Command(BaseCommand):
         return bench_skew(options["nodes"], options["requests"], options["work_ms"], self.stderr.write)
 
     def bench_handoff(self, options) -> dict:
-        from gpu_worker.handoff_bench import bench_handoff
+        from gpu_worker.handoff_bench import MAX_TOKENS, bench_handoff
+        from gpu_worker.model import GPTConfig
 
-        if not 1 <= options["prompt_tokens"] <= 1008 or options["repeats"] < 1:
-            raise CommandError("--prompt-tokens must be 1 to 1008 (the context, less room to decode); "
-                               "--repeats at least 1")
+        most = GPTConfig().block_size - MAX_TOKENS
+        if not 1 <= options["prompt_tokens"] <= most or options["repeats"] < 1:
+            raise CommandError(f"--prompt-tokens must be 1 to {most} (the model's context, less "
+                               f"{MAX_TOKENS} to decode); --repeats at least 1")
         return bench_handoff(settings.FD_REDIS_URL, options["prompt_tokens"], repeats=options["repeats"],
                              device=options["device"])
+
+    def bench_splitwise(self, options) -> dict:
+        return self.bench_scheduler({**options, "scheduler": "splitwise"})
 
     def bench_scheduler(self, options) -> dict:
         from scheduler.bench import bench_scheduler, redis_bench_topic
