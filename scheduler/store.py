@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from rq import Queue
 from rq.job import Job, JobStatus
@@ -45,6 +46,7 @@ RUN_REQUEST_JOB = "gpu_worker.jobs.run_request"
 RETENTION_S = 3600  # how long Redis keeps a finished request's hash and stream (the database keeps it all)
 JOB_TIMEOUT_S = 3600
 SERIES_KEPT = 900  # chart points, one a second: the last 15 minutes
+LANE_IDLE_CHECK_S = 0.5  # a thread's connection idle this long is checked before its next call
 LEASE_S = 5.0  # a running request whose node has not renewed it for this long goes to another node
 SCRIPTS = ("SUBMIT", "CLAIM", "EMIT", "FINISH", "EMIT_FINISH", "CANCEL", "EXPIRE_DUE", "RECOVER", "RECLAIM",
            "REHOME", "RENEW", "PUBLISH_CONFIG", "HANDOFF", "PLACE_PENDING", "SPLITWISE_UPKEEP")
@@ -147,6 +149,7 @@ class _Lane(threading.local):
 
     connection: Any = None
     generation = -1
+    used = float("-inf")  # time.monotonic() of its last call
 
 
 class RequestStore:
@@ -210,6 +213,17 @@ class RequestStore:
             lane.connection = pool.connection_class(**pool.connection_kwargs)
             lane.generation = _fork_generation
         conn = lane.connection
+        now = time.monotonic()
+        if now - lane.used > LANE_IDLE_CHECK_S:
+            # As redis-py's pool does before every command, but only after a pause (a busy lane's
+            # socket is in use): a connection the server closed meanwhile (its idle timeout, a
+            # restart) is replaced before anything is sent on it, not found dead by the call.
+            try:
+                if conn.can_read():
+                    conn.disconnect()  # closed, or unread data: either way not fit to use
+            except (RedisConnectionError, OSError):
+                conn.disconnect()
+        lane.used = now
         packed = conn.pack_commands(commands)
 
         def send_and_read() -> list[Any]:

@@ -4,6 +4,7 @@ step, a killed connection is replaced, and a forked child never shares its paren
 
 import multiprocessing
 import threading
+import time
 
 import pytest
 from redis.exceptions import ConnectionError, ResponseError
@@ -57,7 +58,17 @@ def test_an_error_reply_raises_and_the_connection_stays_in_step(lane_store):
     assert lane_store.claim("t", "n1") == []
 
 
-def test_a_killed_connection_is_replaced(lane_store, redis_conn):
+def test_a_connection_the_server_closed_while_idle_is_replaced_before_use(lane_store, redis_conn):
+    from scheduler.store import LANE_IDLE_CHECK_S
+
+    before = client_id(lane_store)
+    redis_conn.client_kill_filter(_id=before)  # as a server's idle timeout or a restart would
+    time.sleep(LANE_IDLE_CHECK_S + 0.1)
+    assert lane_store.claim("t", "n1") == []  # no error: checked and reconnected first
+    assert client_id(lane_store) != before
+
+
+def test_a_connection_killed_mid_use_fails_one_call_and_the_next_reconnects(lane_store, redis_conn):
     redis_conn.client_kill_filter(_id=client_id(lane_store))
     failures = 0
     for _ in range(2):
