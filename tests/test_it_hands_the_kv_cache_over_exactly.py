@@ -58,7 +58,9 @@ def hand_over(engine: Engine, decode_engine: Engine, kv_store: RedisKVStore, pro
 
 
 def test_the_long_prompt_is_long_and_fits_the_context() -> None:
-    assert 880 <= len(LONG_PROMPT.encode()) <= 1024 - GREEDY.max_tokens
+    from gpu_worker.model import GPTConfig
+
+    assert 880 <= len(LONG_PROMPT.encode()) <= GPTConfig().block_size - GREEDY.max_tokens
 
 
 @pytest.mark.parametrize("prompt", PROMPTS, ids=["ascii", "utf8", "long"])
