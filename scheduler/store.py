@@ -121,6 +121,7 @@ def decode_hash(raw: dict[bytes, bytes]) -> dict[str, str]:
 
 ScriptCall = tuple[str, str, Sequence[Any]]  # script name, topic, its arguments after prefix and retention
 
+
 def emit_args(uid: str, lease: str, index: int, token_id: int, text: str) -> tuple[Any, ...]:
     """EMIT's arguments (and the first half of EMIT_FINISH's)."""
     return uid, lease, index, token_id, text, LEASE_S
