@@ -200,3 +200,23 @@ def test_a_topic_whose_redis_is_down_shows_the_error_and_spares_the_others(topic
     browser.force_login(ops)
     for path in ("/", "/topics/elsewhere/", "/topics/default/"):  # pages still render, saying what is down
         assert browser.get(path).status_code == 200
+
+
+def test_the_pulse_forgets_deleted_nodes_and_topics(topic, node, store):
+    from fdconsole.nodes.models import Node
+    from fdconsole.topics.models import Topic
+
+    other = Topic.objects.create(name="other", scheduler_topic="other")
+    Node.objects.create(name="o-1", topic=other)
+    store.write_heartbeat("default", "node-a", {"state": "idle", "role": "mixed"})
+    pulse = Pulse()
+    pulse.tick()
+    assert set(pulse.states) == {("default", "node-a"), ("other", "o-1")}
+    assert set(pulse.after) == set(pulse.counted) == {"default", "other"}
+    Node.objects.filter(name__in=["node-a", "o-1"]).delete()
+    other.delete()
+    pulse.tick()
+    assert pulse.states == {} and set(pulse.after) == set(pulse.counted) == {"default"}
+    Node.objects.create(name="node-a", topic=topic)  # made again: seen afresh
+    pulse.tick()
+    assert pulse.states == {("default", "node-a"): "idle"}

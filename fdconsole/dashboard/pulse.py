@@ -108,7 +108,8 @@ class Pulse:
         for node in Node.objects.select_related("topic").order_by("name"):
             members[node.topic.name].append(node)
         messages, summaries, every_node = [], [], []
-        for topic in Topic.objects.order_by("name"):
+        topics = list(Topic.objects.order_by("name"))
+        for topic in topics:
             try:
                 update = self.sample_topic(topic, members[topic.name], now)
             except (RedisError, TopicRedisUnavailable) as exc:  # one topic down must not blank the others
@@ -118,7 +119,15 @@ class Pulse:
             every_node += update["nodes"]
         messages.append((CLUSTER_GROUP, {"type": "cluster", "at": now, "topics": summaries,
                                          "nodes": every_node}))
+        self.forget_all_but({topic.name for topic in topics},
+                            {(topic, node.name) for topic, nodes in members.items() for node in nodes})
         return messages
+
+    def forget_all_but(self, topics: set[str], nodes: set[tuple[str, str]]) -> None:
+        """Drop what it remembers of deleted nodes and topics (one made again later is seen afresh)."""
+        self.states = {key: state for key, state in self.states.items() if key in nodes}
+        self.after = {topic: eid for topic, eid in self.after.items() if topic in topics}
+        self.counted = {topic: seen for topic, seen in self.counted.items() if topic in topics}
 
     def sample_topic(self, topic: Topic, nodes: list[Node], now: float) -> dict[str, Any]:
         store = get_topic_store(topic)
