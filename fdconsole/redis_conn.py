@@ -83,8 +83,13 @@ def get_topic_store(topic: TopicRef) -> RequestStore:
 
 
 def topic_stores() -> list[RequestStore]:
-    """The console's store and one per distinct topic Redis (what the console's reaper walks)."""
+    """The console's store and one per distinct topic Redis (what the console's reaper walks, every
+    pass). Stores of URLs no topic uses any more (a topic moved, a password changed) are dropped from
+    the cache here; whoever still holds one keeps it until done, then its connections close."""
     urls = {settings.FD_REDIS_URL} | {topic_url(topic) for topic in Topic.objects.all()}
+    with _lock:
+        for url in set(_cache) - urls:
+            del _cache[url]
     return [store_for_url(url) for url in sorted(urls)]
 
 

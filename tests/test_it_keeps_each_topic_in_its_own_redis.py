@@ -107,3 +107,19 @@ def test_a_topic_with_its_own_port_and_password_runs_there(api, store, engine, l
     assert wait_final(api, answer.json()["request_id"])["status"] == "finished"
     assert topic_store.redis.connection_pool.connection_kwargs["password"] == "pa55word"
     assert not store.redis.keys("*locked*")
+
+
+def test_the_reapers_stores_follow_the_topics_and_stores_no_topic_uses_are_dropped(topic, store):
+    from fdconsole import redis_conn
+    from fdconsole.topics.models import Topic
+
+    def dbs(stores) -> set[int]:
+        return {s.redis.connection_pool.connection_kwargs["db"] for s in stores}
+
+    moved = Topic.objects.create(name="moving", scheduler_topic="moving", scheduler_db=TOPIC_DB)
+    before = redis_conn.get_topic_store(moved)
+    assert dbs(redis_conn.topic_stores()) == {0, TOPIC_DB}
+    Topic.objects.filter(pk=moved.pk).update(scheduler_db=MOVED_DB)  # as a move with nothing in flight
+    assert dbs(redis_conn.topic_stores()) == {0, MOVED_DB}
+    assert dbs(redis_conn._cache.values()) == {0, MOVED_DB}  # the old one is not kept for ever
+    assert before.redis.ping()  # whoever still holds it can finish with it
