@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import threading
 import time
 import uuid
@@ -28,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from rq import Queue
 from rq.job import Job, JobStatus
@@ -46,7 +46,7 @@ RUN_REQUEST_JOB = "gpu_worker.jobs.run_request"
 RETENTION_S = 3600  # how long Redis keeps a finished request's hash and stream (the database keeps it all)
 JOB_TIMEOUT_S = 3600
 SERIES_KEPT = 900  # chart points, one a second: the last 15 minutes
-LANE_IDLE_CHECK_S = 0.5  # a thread's connection idle this long is checked before its next call
+LANE_CHECK_AFTER_S = 0.05  # a thread's connection unused this long is checked before its next call
 LEASE_S = 5.0  # a running request whose node has not renewed it for this long goes to another node
 SCRIPTS = ("SUBMIT", "CLAIM", "EMIT", "FINISH", "EMIT_FINISH", "CANCEL", "EXPIRE_DUE", "RECOVER", "RECLAIM",
            "REHOME", "RENEW", "PUBLISH_CONFIG", "HANDOFF", "PLACE_PENDING", "SPLITWISE_UPKEEP")
@@ -214,28 +214,36 @@ class RequestStore:
             lane.connection = pool.connection_class(**pool.connection_kwargs)
             lane.generation = _fork_generation
         conn = lane.connection
+        # As redis-py's pool does before every command, but only after a pause: a connection the
+        # server closed meanwhile (a restart, its idle timeout, a proxy reset) is replaced before
+        # anything is sent on it, not found dead by the call. A socket with nothing sent on it has
+        # nothing to read unless it was closed. On a busy thread the poll, a call that gives up the
+        # GIL, cost 7% of the splitwise benchmark; a close within its pause fails one call, as one
+        # in flight would. (redis-py keeps the socket in ``_sock``; one not connected yet connects
+        # when the call sends.)
         now = time.monotonic()
-        if now - lane.used > LANE_IDLE_CHECK_S:
-            # As redis-py's pool does before every command, but only after a pause (a busy lane's
-            # socket is in use): a connection the server closed meanwhile (its idle timeout, a
-            # restart) is replaced before anything is sent on it, not found dead by the call.
-            try:
-                if conn.can_read():
-                    conn.disconnect()  # closed, or unread data: either way not fit to use
-            except (RedisConnectionError, OSError):
-                conn.disconnect()
+        sock = conn._sock if now - lane.used > LANE_CHECK_AFTER_S else None
         lane.used = now
+        if sock is not None:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            if poller.poll(0):
+                conn.disconnect()  # closed, or bytes nobody asked for: either way not fit to use
         packed = conn.pack_commands(commands)
 
         def send_and_read() -> list[Any]:
-            conn.send_packed_command(packed)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(conn.read_response())
-                except ResponseError as exc:  # an error reply: the connection is still in step
-                    replies.append(exc)
-            return replies
+            try:
+                conn.send_packed_command(packed)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(conn.read_response())
+                    except ResponseError as exc:  # an error reply: the connection is still in step
+                        replies.append(exc)
+                return replies
+            except BaseException:  # anything else (a signal's exception between two replies, say)
+                conn.disconnect()  # leaves replies unread: never read them as the next call's
+                raise
 
         return conn.retry.call_with_retry(send_and_read, lambda _: conn.disconnect())
 
@@ -317,6 +325,8 @@ class RequestStore:
         ``result_shards`` spreads the origin's results over that many lists, by request id
         (``result_shard``), so that as many readers can take them without reordering a request's.
         """
+        if not items:
+            return [], []
         max_size = config.scheduler_max_size if config.scheduler_name == "local" else -1
         calls: list[ScriptCall] = []
         if max_size != -1:  # evict overdue requests first, so that none holds a place in the queue

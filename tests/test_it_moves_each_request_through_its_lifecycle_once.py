@@ -198,3 +198,8 @@ def test_a_final_result_with_a_token_after_a_cancel_ends_cancelled(lifecycle):
     call = ("EMIT_FINISH", "t", args)
     assert lifecycle.run_scripts([call]) == [[1, b"cancelled"]]
     assert lifecycle.state("t", uid)["status"] == "cancelled"
+
+
+def test_submitting_nothing_answers_nothing(lifecycle):
+    for name in ("local", "global", "splitwise"):
+        assert lifecycle.submit_many("t", [], parse_config({"scheduler_name": name})) == ([], [])
