@@ -23,7 +23,8 @@ from scheduler.errors import SchedulerError
 from scheduler.store import RequestStore
 
 _lock = threading.Lock()
-_cache: dict[str, RequestStore] = {}
+_cache: dict[str, RequestStore] = {}  # by URL, least recently used first
+STORES_KEPT = 32
 TopicRef = Topic | str | SchedulerConfig  # a topic row, a topic name, or a topic's configuration
 
 
@@ -38,12 +39,16 @@ class TopicRedisUnavailable(SchedulerError):
 
 
 def store_for_url(url: str) -> RequestStore:
-    """The one store of this process for ``url``."""
+    """The one store of this process for ``url``. The last ``STORES_KEPT`` URLs used are kept, so that
+    moved topics and changed passwords do not leave a pool each for the life of the process; whoever
+    still holds a dropped store keeps it until done, then its connections close."""
     with _lock:
-        store = _cache.get(url)
+        store = _cache.pop(url, None)
         if store is None:
             store = RequestStore(connect(url))
-            _cache[url] = store
+        _cache[url] = store  # most recently used last
+        while len(_cache) > STORES_KEPT:
+            del _cache[next(iter(_cache))]
         return store
 
 
@@ -83,13 +88,8 @@ def get_topic_store(topic: TopicRef) -> RequestStore:
 
 
 def topic_stores() -> list[RequestStore]:
-    """The console's store and one per distinct topic Redis (what the console's reaper walks, every
-    pass). Stores of URLs no topic uses any more (a topic moved, a password changed) are dropped from
-    the cache here; whoever still holds one keeps it until done, then its connections close."""
+    """The console's store and one per distinct topic Redis (what the console's reaper walks)."""
     urls = {settings.FD_REDIS_URL} | {topic_url(topic) for topic in Topic.objects.all()}
-    with _lock:
-        for url in set(_cache) - urls:
-            del _cache[url]
     return [store_for_url(url) for url in sorted(urls)]
 
 

@@ -109,7 +109,7 @@ def test_a_topic_with_its_own_port_and_password_runs_there(api, store, engine, l
     assert not store.redis.keys("*locked*")
 
 
-def test_the_reapers_stores_follow_the_topics_and_stores_no_topic_uses_are_dropped(topic, store):
+def test_the_reapers_stores_follow_the_topics(topic, store):
     from fdconsole import redis_conn
     from fdconsole.topics.models import Topic
 
@@ -117,9 +117,21 @@ def test_the_reapers_stores_follow_the_topics_and_stores_no_topic_uses_are_dropp
         return {s.redis.connection_pool.connection_kwargs["db"] for s in stores}
 
     moved = Topic.objects.create(name="moving", scheduler_topic="moving", scheduler_db=TOPIC_DB)
-    before = redis_conn.get_topic_store(moved)
     assert dbs(redis_conn.topic_stores()) == {0, TOPIC_DB}
     Topic.objects.filter(pk=moved.pk).update(scheduler_db=MOVED_DB)  # as a move with nothing in flight
     assert dbs(redis_conn.topic_stores()) == {0, MOVED_DB}
-    assert dbs(redis_conn._cache.values()) == {0, MOVED_DB}  # the old one is not kept for ever
-    assert before.redis.ping()  # whoever still holds it can finish with it
+
+
+def test_a_process_keeps_the_stores_it_used_last_and_no_more(redis_url):
+    from fdconsole import redis_conn
+
+    def url(i: int) -> str:  # as many distinct URLs as a topic moved again and again would leave
+        return f"{redis_url.rsplit('/', 1)[0]}/0?client_name=fd-test-{i}"
+
+    first = redis_conn.store_for_url(url(0))
+    for i in range(1, 1 + redis_conn.STORES_KEPT):
+        assert redis_conn.store_for_url(url(i)) is redis_conn.store_for_url(url(i))
+    assert len(redis_conn._cache) == redis_conn.STORES_KEPT
+    assert url(0) not in redis_conn._cache  # the least recently used went
+    assert first.redis.ping()  # whoever still holds it can finish with it
+    assert redis_conn.store_for_url(url(0)) is not first
