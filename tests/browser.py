@@ -67,11 +67,11 @@ def launch(playwright):
 class Console:
     """The console on one fixed port: started, stopped and restarted like an operator would."""
 
-    def __init__(self, run_dir: Path, redis_url: str, database: str, port: int) -> None:
+    def __init__(self, run_dir: Path, redis_url: str, database_url: str, port: int) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = run_dir / "console.log"
-        self.env = {**os.environ, "FD_REDIS_URL": redis_url, "DATABASE_URL": f"sqlite:///{database}",
+        self.env = {**os.environ, "FD_REDIS_URL": redis_url, "DATABASE_URL": database_url,
                     "FD_RUN_DIR": str(run_dir / "run"), "FD_ALLOWED_HOSTS": "127.0.0.1,localhost",
                     "FD_LOG_LEVEL": "WARNING", "FD_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
         self.process: subprocess.Popen | None = None

@@ -204,13 +204,12 @@ def pytest_runtest_makereport(item, call):
 def console_process(django_db_setup, tmp_path_factory):
     """The real console (``fdcluster --nodes 0``) on a free port, shared by a module's browser tests and
     stopped at its end, so that its reaper and pulse never run beside other tests' Redis state."""
-    from django.db import connection
-
     from tests.browser import Console, require_browser
+    from tests.nodes import children_database_url
 
     require_browser()  # no point starting a console for tests that will skip
     running = Console(tmp_path_factory.mktemp("console"), os.environ["FD_TEST_REDIS_URL"],
-                      connection.settings_dict["NAME"], free_port())
+                      children_database_url(), free_port())
     yield running
     running.stop()
 

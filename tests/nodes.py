@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from django.db import connection
 
@@ -17,12 +18,24 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 60
 
 
+def children_database_url() -> str:
+    """The test database (SQLite's file, or PostgreSQL's test_ database) as a DATABASE_URL."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    credentials = quote(db["USER"] or "", safe="")
+    if db["PASSWORD"]:
+        credentials += ":" + quote(db["PASSWORD"], safe="")
+    host, port = db["HOST"] or "127.0.0.1", db["PORT"] or 5432
+    return f"postgres://{credentials}@{host}:{port}/{quote(db['NAME'], safe='')}"
+
+
 class NodeProcesses:
     """Starts, kills and restarts fdnode processes; stops every one it started at the end."""
 
     def __init__(self, redis_url: str) -> None:
         self.env = {**os.environ, "FD_REDIS_URL": redis_url, "FD_LOG_LEVEL": "WARNING", "FD_DEVICE": "cpu",
-                    "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}"}
+                    "DATABASE_URL": children_database_url()}
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, topic: str = "default", *args: str, wait: bool = True,
