@@ -134,6 +134,14 @@ def finish_args(status: str, finish_reason: str | None, output_token_ids: Iterab
     return status, finish_reason or "", json.dumps(list(output_token_ids)), code, message
 
 
+def _raise_error_replies(replies: list[Any]) -> list[Any]:
+    """``replies`` when none is an error reply; else the first one, raised."""
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
+    return replies
+
+
 _fork_generation = 0  # bumped in a forked child, so that no lane's connection is shared across a fork
 
 
@@ -195,17 +203,11 @@ class RequestStore:
             for i, reply in zip(missing, self._round_trip([self._evalsha(*calls[i]) for i in missing]),
                                 strict=True):
                 replies[i] = reply
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise reply
-        return replies
+        return _raise_error_replies(replies)
 
     def run_command(self, *args: Any) -> Any:
         """One plain command on this thread's own connection (a blocking pop, say)."""
-        reply = self._round_trip([args])[0]
-        if isinstance(reply, ResponseError):
-            raise reply
-        return reply
+        return _raise_error_replies(self._round_trip([args]))[0]
 
     def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         lane = self._lane
@@ -431,15 +433,13 @@ class RequestStore:
     def upkeep(self, topic: str) -> Upkeep:
         """One reaper pass over ``topic`` in one round trip: failover of expired leases, splitwise
         upkeep and pending placement, global re-homing, then TTL eviction (in that order)."""
-
-        def build(pipe) -> None:
-            self._run("RECOVER", topic, 500, DEAD_AFTER_S, random.random(), client=pipe)
-            self._run("SPLITWISE_UPKEEP", topic, random.random(), 1000, client=pipe)
-            self._run("PLACE_PENDING", topic, random.random(), 500, client=pipe)
-            self._run("REHOME", topic, DEAD_AFTER_S, 1000, client=pipe)
-            self._run("EXPIRE_DUE", topic, 500, client=pipe)
-
-        recovered, off_expired, placed, rehomed, expired = self.execute(build)
+        recovered, off_expired, placed, rehomed, expired = self.run_scripts([
+            ("RECOVER", topic, (500, DEAD_AFTER_S, random.random())),
+            ("SPLITWISE_UPKEEP", topic, (random.random(), 1000)),
+            ("PLACE_PENDING", topic, (random.random(), 500)),
+            ("REHOME", topic, (DEAD_AFTER_S, 1000)),
+            ("EXPIRE_DUE", topic, (500,)),
+        ])
         return Upkeep([(u.decode(), n.decode()) for u, n in recovered], int(off_expired), int(placed),
                       int(rehomed), [uid.decode() for uid in expired])
 
