@@ -1,9 +1,10 @@
-"""The console's Redis (``FD_REDIS_URL``), each topic's Redis, and the request stores built on them.
+"""The console's Redis (``FD_REDIS_URL``), each topic's Redis, and the stores built on them.
 
 A topic's Redis is ``FD_REDIS_URL`` with the topic's own ``scheduler_host/port/db/password`` put in
 where they differ from their defaults (``scheduler.connection.topic_redis_url``): everything about a
 topic's requests (queues, streams, heartbeats, rq jobs) lives there. One store per resolved URL per
-process, so topics that share a Redis share its connection pool.
+process, so topics that share a Redis share its connection pool. A topic is given as its row (any
+object with ``name`` and ``config``, such as ``fdconsole.topics.models.Topic``) or its configuration.
 """
 
 from __future__ import annotations
@@ -11,31 +12,31 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from django.conf import settings
 from redis import Redis
 from redis.exceptions import RedisError
 
-from fdconsole.topics.models import Topic
+from fdconsole.errors import TopicRedisUnavailable
 from scheduler.config import SchedulerConfig
-from scheduler.connection import connect, describe, topic_redis_url
-from scheduler.errors import SchedulerError
+from scheduler.connection import connect, topic_redis_url
 from scheduler.store import RequestStore
+from scheduler.telemetry import Telemetry
 
 _lock = threading.Lock()
 _cache: dict[str, RequestStore] = {}  # by URL, least recently used first
 STORES_KEPT = 32
-TopicRef = Topic | str | SchedulerConfig  # a topic row, a topic name, or a topic's configuration
 
 
-class TopicRedisUnavailable(SchedulerError):
-    """A topic's Redis did not answer (HTTP 503); the message says where, never with the password."""
+class TopicRow(Protocol):
+    name: str
 
-    code = "redis_unavailable"
+    @property
+    def config(self) -> SchedulerConfig: ...
 
-    @classmethod
-    def of(cls, topic: str, url: str, exc: Exception) -> TopicRedisUnavailable:
-        return cls(f"the Redis of topic '{topic}' at {describe(url)} is unavailable: {exc}")
+
+TopicRef = TopicRow | SchedulerConfig
 
 
 def store_for_url(url: str) -> RequestStore:
@@ -62,19 +63,11 @@ def get_redis() -> Redis:
 
 
 def _config_of(topic: TopicRef) -> SchedulerConfig:
-    if isinstance(topic, SchedulerConfig):
-        return topic
-    if isinstance(topic, Topic):
-        return topic.config
-    row = Topic.objects.filter(name=topic).first()
-    # A topic the database does not know yet has the default configuration (as fdnode creates it).
-    return row.config if row else SchedulerConfig(scheduler_topic=topic)
+    return topic if isinstance(topic, SchedulerConfig) else topic.config
 
 
 def _name_of(topic: TopicRef) -> str:
-    if isinstance(topic, SchedulerConfig):
-        return topic.scheduler_topic
-    return topic.name if isinstance(topic, Topic) else topic
+    return topic.scheduler_topic if isinstance(topic, SchedulerConfig) else topic.name
 
 
 def topic_url(topic: TopicRef) -> str:
@@ -87,10 +80,9 @@ def get_topic_store(topic: TopicRef) -> RequestStore:
     return store_for_url(topic_url(topic))
 
 
-def topic_stores() -> list[RequestStore]:
-    """The console's store and one per distinct topic Redis (what the console's reaper walks)."""
-    urls = {settings.FD_REDIS_URL} | {topic_url(topic) for topic in Topic.objects.all()}
-    return [store_for_url(url) for url in sorted(urls)]
+def get_topic_telemetry(topic: TopicRef) -> Telemetry:
+    """The topic's event feed, counters and chart series, in the topic's Redis."""
+    return Telemetry(get_topic_store(topic).redis)
 
 
 @contextmanager

@@ -41,6 +41,7 @@ INSTALLED_APPS = [
     "fdconsole.inference",
     "fdconsole.api",
     "fdconsole.dashboard",
+    "fdconsole.cluster",
 ]
 
 MIDDLEWARE = [
@@ -52,7 +53,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    "fdconsole.nodes.rq_queues.NodeQueuesMiddleware",
+    "fdconsole.dashboard.rq_queues.NodeQueuesMiddleware",
 ]
 
 ROOT_URLCONF = "fdconsole.urls"

@@ -14,7 +14,9 @@ import threading
 import time
 from typing import Any
 
-from gpu_worker.node import current_runtime
+from gpu_worker.runtime import NodeRuntime, current_runtime
+from scheduler import splitwise
+from scheduler.status import EmitReply, RequestStatus
 from scheduler.store import Claim
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ def run_request(topic: str, uid: str) -> dict[str, Any]:
         return summary
     except Exception as exc:
         log.exception("request %s failed", uid)
-        runtime.store.finish(topic, uid, claim.lease, status="failed", finish_reason=None,
+        runtime.store.finish(topic, uid, claim.lease, status=RequestStatus.FAILED, finish_reason=None,
                              output_token_ids=output_ids,
                              error=("engine_error", f"{type(exc).__name__}: {exc}"))
         raise  # rq records the failed job, visible at /rq/
@@ -47,7 +49,7 @@ def run_request(topic: str, uid: str) -> dict[str, Any]:
             runtime.hooks.on_finished(runtime.name, not claim.phase and claim.home != runtime.name)
 
 
-def _generate(runtime, topic: str, claim: Claim, output_ids: list[int]) -> dict[str, Any]:
+def _generate(runtime: NodeRuntime, topic: str, claim: Claim, output_ids: list[int]) -> dict[str, Any]:
     if claim.streamed:
         output_ids.extend(runtime.store.streamed_tokens(topic, claim.uid))
     cancel = threading.Event()  # set when Redis says the client cancelled; checked before each token
@@ -61,7 +63,7 @@ def _generate(runtime, topic: str, claim: Claim, output_ids: list[int]) -> dict[
     return _stream(runtime, topic, claim, steps, output_ids, cancel)
 
 
-def _stream(runtime, topic: str, claim: Claim, steps, output_ids: list[int],
+def _stream(runtime: NodeRuntime, topic: str, claim: Claim, steps, output_ids: list[int],
             cancel: threading.Event) -> dict[str, Any]:
     """Stream ``steps`` under the claim's lease, then record the end (unless handed off)."""
     store, uid, lease = runtime.store, claim.uid, claim.lease
@@ -76,14 +78,14 @@ def _stream(runtime, topic: str, claim: Claim, steps, output_ids: list[int],
             continue  # the end marker of a stop or cancel: nothing to stream
         output_ids.append(step.token_id)
         reply = store.emit(topic, uid, lease, step.index, step.token_id, step.text)
-        if reply < 0:
-            log.warning("request %s: lease %s lost (%d); another node carries on", uid, lease, reply)
+        if reply in (EmitReply.LEASE_LOST, EmitReply.OUT_OF_ORDER):
+            log.warning("request %s: lease %s lost (%s); another node carries on", uid, lease, reply.name)
             return {"status": "lease_lost", "tokens": len(output_ids)}
-        if reply == 1:
+        if reply == EmitReply.CANCEL_ASKED:
             cancel.set()
         if runtime.token_delay_s:
             time.sleep(runtime.token_delay_s)
-    status = "cancelled" if finish_reason == "cancelled" else "finished"
+    status = RequestStatus.CANCELLED if finish_reason == "cancelled" else RequestStatus.FINISHED
     final = store.finish(topic, uid, lease, status=status, finish_reason=finish_reason,
                          output_token_ids=output_ids)
     return {"status": final, "tokens": len(output_ids), "finish_reason": finish_reason}
@@ -94,7 +96,7 @@ LEASE_LOST = object()  # ... or when it lost the request before it could hand it
 KV_TTL_S = 600  # an abandoned handoff (its decode node never came) is gone after this
 
 
-def _prefill_and_hand_off(runtime, topic: str, claim: Claim):
+def _prefill_and_hand_off(runtime: NodeRuntime, topic: str, claim: Claim):
     """Splitwise prefill node: the KV cache and the first token; then the KV cache goes to Redis and
     the request to its decode node's queue. Yields the first step (and HANDED_OFF after it)."""
     from gpu_worker.kv_transfer import RedisKVStore, first_step, prefill_for_handoff
@@ -114,14 +116,15 @@ def _prefill_and_hand_off(runtime, topic: str, claim: Claim):
     yield HANDED_OFF if moved else LEASE_LOST
 
 
-def _hand_off(runtime, topic: str, claim: Claim, num_bytes: int, ms: float) -> bool:
-    moved = runtime.store.hand_off(topic, claim.uid, claim.lease, num_bytes, ms)
+def _hand_off(runtime: NodeRuntime, topic: str, claim: Claim, num_bytes: int, ms: float) -> bool:
+    moved = splitwise.hand_off(runtime.store, topic, claim.uid, claim.lease, num_bytes, ms)
     if not moved:
         log.warning("request %s: lease %s lost before the handoff", claim.uid, claim.lease)
     return moved
 
 
-def _decode_after_handoff(runtime, topic: str, claim: Claim, streamed: list[int], cancel: threading.Event):
+def _decode_after_handoff(runtime: NodeRuntime, topic: str, claim: Claim, streamed: list[int],
+                          cancel: threading.Event):
     """Splitwise decode node: continue from the prefill node's KV cache when only the first token is
     out; after a failover (more tokens out, or the KV cache gone) re-prefill and resume instead."""
     from gpu_worker.kv_transfer import RedisKVStore, continue_from_handoff

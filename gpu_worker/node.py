@@ -2,87 +2,50 @@
 
 ``NodeWorker`` is rq's ``SimpleWorker`` with the JSON serializer, bound to the node's own queue. It
 does not pop rq's list itself: it claims through the store (own queue first, stealing when idle in
-global mode), which moves the load score and takes a lease in the same atomic step, then hands the job
-to rq to perform. Beside the job loop run two daemon threads: the heartbeat (liveness for the console,
-lease renewal for failover) and the reaper (TTL eviction, failover of dead nodes' work). SIGTERM is rq's
-warm shutdown: the current request finishes, then the process exits 0.
+global mode), which moves the load score and takes a lease in the same atomic step, then hands rq a
+job to perform. That job is built here from the claim (topic, uid) and names ``run_request`` by
+reference: nothing read from Redis is imported or called. A job hash in Redis that names another
+function or any callback was written by someone else; it is logged, overwritten, and never run. rq's
+registry maintenance, which runs the failure callbacks that abandoned jobs' hashes name, is replaced
+by one that only drops the abandoned entries (failover moves their requests on).
+
+Beside the job loop run three daemon threads: the heartbeat (liveness for the console, lease renewal
+for failover), the reaper (TTL eviction, failover of dead nodes' work) and the admin-state poller.
+SIGTERM is rq's warm shutdown: the current request finishes, then the process exits 0.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import zlib
 from typing import Any
 
 import redis
-from rq.exceptions import NoSuchJobError
+from rq import worker_registration
 from rq.job import Job
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import current_timestamp
+from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, WorkerStatus
 
+from gpu_worker.jobs import run_request
+from gpu_worker.runtime import NodeRuntime, install_runtime
+from scheduler import failover, keys, splitwise
 from scheduler.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_KEY_TTL_S
 from scheduler.reaper import Reaper
-from scheduler.store import JOB_TIMEOUT_S, RUN_REQUEST_JOB, Claim, RequestStore
+from scheduler.store import JOB_FAILURE_TTL_S, JOB_TIMEOUT_S, RUN_REQUEST_JOB, Claim
 
 log = logging.getLogger(__name__)
 # How long an idle node waits for its bell before it looks again for work to steal. Only its own
 # queue rings it, so this bounds how late a thief notices a skewed node (an empty claim costs ~15 us).
 IDLE_WAIT_S = 0.05
-
-
-@dataclass
-class NodeHooks:
-    """What the node tells its host application (the console's database) about its work."""
-
-    on_change: Callable[[str, str], None] = lambda topic, uid: None  # a request's state moved
-    on_finished: Callable[[str, bool], None] = lambda node, stolen: None  # ran one (stolen or not)
-    on_expired: Callable[[str, list[str]], None] = lambda topic, uids: None  # the reaper ended these
-    admin_state: Callable[[str], str] = lambda node: "enabled"  # enabled, draining or disabled
-
-
-@dataclass
-class NodeRuntime:
-    topic: str
-    name: str
-    role: str
-    store: RequestStore
-    engine: Any  # gpu_worker.engine.Engine, loaded once
-    hooks: NodeHooks = field(default_factory=NodeHooks)
-    held: dict[str, Claim] = field(default_factory=dict)  # uid -> claim of the requests it runs
-    admin_state: str = "enabled"  # draining: finishes its own queue, steals nothing; disabled: claims nothing
-    token_delay_s: float = 0.0  # a pause after each streamed token (demos, failover tests)
-
-    @property
-    def may_claim(self) -> bool:
-        return self.admin_state != "disabled"
-
-    @property
-    def may_steal(self) -> bool:
-        return self.admin_state == "enabled"
-
-    @property
-    def leases(self) -> dict[str, str]:
-        return {uid: claim.lease for uid, claim in list(self.held.items())}
-
-
-_runtime: NodeRuntime | None = None
-
-
-def install_runtime(runtime: NodeRuntime) -> None:
-    global _runtime
-    _runtime = runtime
-
-
-def current_runtime() -> NodeRuntime:
-    if _runtime is None:
-        raise RuntimeError("no node runtime installed: jobs run only inside `manage.py fdnode`")
-    return _runtime
 
 
 class Heartbeat(threading.Thread):
@@ -103,7 +66,7 @@ class Heartbeat(threading.Thread):
         rt.store.write_heartbeat(rt.topic, rt.name, {
             "state": state, "role": rt.role, "host": socket.gethostname(), "pid": os.getpid(),
             "device": str(rt.engine.device), "running": ",".join(rt.held), "admin_state": rt.admin_state,
-            "transfer": "redis", "load": rt.store.pd_load(rt.topic, rt.name),
+            "transfer": "redis", "load": splitwise.pd_load(rt.store, rt.topic, rt.name),
         }, rt.leases, ttl_s=HEARTBEAT_KEY_TTL_S, accepts_work=rt.admin_state == "enabled")
 
     def stop(self) -> None:
@@ -147,7 +110,7 @@ class NodeWorker(SimpleWorker):
         rt = self.runtime
         install_runtime(rt)
         rt.admin_state = rt.hooks.admin_state(rt.name)
-        taken = rt.store.reclaim(rt.topic, rt.name)
+        taken = failover.reclaim(rt.store, rt.topic, rt.name)
         if taken:
             log.info("node %s took back %d request(s) it held before it stopped", rt.name, len(taken))
         heartbeat = Heartbeat(rt)
@@ -194,9 +157,61 @@ class NodeWorker(SimpleWorker):
                 continue  # handled with a backoff on the next claim
 
     def _job_for(self, claim: Claim) -> Job:
-        try:
-            return Job.fetch(claim.uid, connection=self.connection, serializer=JSONSerializer)
-        except NoSuchJobError:  # rq let the job hash go (a long wait); the claim is what counts
-            return Job.create(RUN_REQUEST_JOB, args=[self.runtime.topic, claim.uid], id=claim.uid,
-                              connection=self.connection, serializer=JSONSerializer,
-                              timeout=JOB_TIMEOUT_S, origin=self.node_queue.name)
+        """The job that runs ``claim``: built here, never read back from Redis. What the request's job
+        hash says is only looked at, to warn when someone else wrote it; it is then overwritten with
+        this job, so that django-rq shows what actually runs."""
+        key = Job.key_for(claim.uid)
+        planted = _foreign_code(self.connection.hgetall(key))
+        if planted:
+            log.warning("request %s: its rq job hash names %s; ignored: the node runs the request it "
+                        "claimed and nothing else", claim.uid, ", ".join(planted))
+        topic = self.runtime.topic
+        job = Job.create(run_request, args=[topic, claim.uid], id=claim.uid, connection=self.connection,
+                         serializer=JSONSerializer, timeout=JOB_TIMEOUT_S, result_ttl=keys.RETENTION_S,
+                         failure_ttl=JOB_FAILURE_TTL_S, origin=self.node_queue.name,
+                         description=f"request {claim.request.request_id!r} of {topic}")
+        with self.connection.pipeline() as pipe:
+            pipe.delete(key)  # whatever else a writer left in it goes too
+            job.save(pipeline=pipe)
+            pipe.expire(key, JOB_TIMEOUT_S + keys.RETENTION_S)
+            pipe.execute()
+        return job
+
+    def clean_registries(self) -> None:
+        """rq's maintenance, without what runs code: rq fetches each abandoned job of the started
+        registry and calls the failure callback its hash names. Here abandoned entries (a node that
+        died mid-request; failover has moved the request on) are dropped, and nothing is fetched."""
+        for queue in self.queues:
+            if queue.acquire_maintenance_lock():
+                options = {"connection": self.connection, "serializer": JSONSerializer}
+                started = StartedJobRegistry(queue.name, **options)
+                self.connection.zremrangebyscore(started.key, 0, current_timestamp())
+                FinishedJobRegistry(queue.name, **options).cleanup()
+                FailedJobRegistry(queue.name, **options).cleanup()
+                worker_registration.clean_worker_registry(queue)
+                queue.release_maintenance_lock()
+        self.last_cleaned_at = rq_now()
+
+
+CALLBACK_FIELDS = ("success_callback_name", "failure_callback_name", "stopped_callback_name")
+MAX_JOB_DATA = 1 << 16  # a request job's data is its function name and two ids
+
+
+def _foreign_code(job_hash: dict[bytes, bytes]) -> list[str]:
+    """What a request's job hash names besides ``run_request``: another function, callbacks, webhooks.
+    Read as data only (zlib, JSON); nothing in it is imported."""
+    found = []
+    raw = job_hash.get(b"data")
+    if raw:
+        try:  # at most MAX_JOB_DATA bytes inflated: a bomb ends as unreadable, not as memory
+            func_name = json.loads(zlib.decompressobj().decompress(raw, MAX_JOB_DATA))[0]
+        except (zlib.error, ValueError, TypeError, IndexError, KeyError):
+            func_name = "unreadable job data"
+        if func_name != RUN_REQUEST_JOB:
+            found.append(f"function {func_name!r}")
+    for name in CALLBACK_FIELDS:
+        if job_hash.get(name.encode()):
+            found.append(f"{name.removesuffix('_name')} {job_hash[name.encode()].decode(errors='replace')!r}")
+    if job_hash.get(b"webhooks"):
+        found.append("webhooks")
+    return found

@@ -20,8 +20,8 @@ from rq import results as rq_results
 from rq.job import Job
 
 from scheduler import keys
-from scheduler.base import Scheduler, create_scheduler
 from scheduler.config import SchedulerConfig, parse_config
+from scheduler.interface import Scheduler, create_scheduler
 from scheduler.messages import Request, Result
 
 BATCH = 3

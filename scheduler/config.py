@@ -1,9 +1,9 @@
 """Scheduler configuration: the user's parameter table, its validation, and the config type.
 
-One table (``PARAMETERS``) describes every parameter once: its name, type, default, the schedulers it
-applies to, its unit and help text, and its bounds. The model, the REST API and the config form all
-validate through ``parse_config`` so that a value refused in one place is refused everywhere with
-the same message.
+The fields of ``SchedulerConfig`` are the table: each parameter's name, type and default is written
+there once, with the schedulers it applies to, its unit, help text and bounds (``PARAMETERS`` reads them
+back as rows). The model, the REST API, the config form and the admin all validate through
+``parse_config`` so that a value refused in one place is refused everywhere with the same message.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler.errors import ConfigError
+from scheduler.errors import ConfigError, FdError
 
 SCHEDULER_NAMES = ("local", "global", "splitwise")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")  # \Z: '$' would let a trailing newline through
@@ -25,6 +25,8 @@ YEAR_S = 365 * 24 * 3600
 
 @dataclass(frozen=True)
 class Parameter:
+    """One row of the user's parameter table (the fields of ``SchedulerConfig``)."""
+
     name: str
     kind: type  # str, int or float (float accepts ints; "period" floats keep ints when integral)
     default: Any
@@ -36,79 +38,76 @@ class Parameter:
     exclusive_minimum: bool = False  # True: value must be > minimum
 
 
-PARAMETERS: tuple[Parameter, ...] = (
-    Parameter("scheduler_name", str, "local", SCHEDULER_NAMES, "",
-              "Which scheduler the topic uses: local, global or splitwise."),
-    Parameter("scheduler_max_size", int, -1, ("local",), "requests",
-              "Maximum length of each node's queue; -1 means unbounded. A request that does not fit "
-              "is refused with 'queue full' (HTTP 429).", -1, 10_000_000),
-    Parameter("scheduler_ttl", int, 900, SCHEDULER_NAMES, "seconds",
-              "Maximum time a request may wait in a queue before it is evicted with status 'expired'.",
-              1, YEAR_S),
-    Parameter("scheduler_host", str, "127.0.0.1", ("global", "splitwise"), "",
-              "Redis host of the topic's scheduler. Left at the default, the console's FD_REDIS_URL "
-              "is used."),
-    Parameter("scheduler_port", int, 6379, ("global", "splitwise"), "",
-              "Redis port of the topic's scheduler.", 1, 65535),
-    Parameter("scheduler_db", int, 0, ("global", "splitwise"), "",
-              "Redis database index of the topic's scheduler.", 0, 1_000_000),
-    Parameter("scheduler_password", str, "", ("global", "splitwise"), "",
-              "Redis password of the topic's scheduler; empty for none. Never shown back in full."),
-    Parameter("scheduler_topic", str, "default", ("global", "splitwise"), "",
-              "Nodes under the same topic schedule together; every Redis key is namespaced by it."),
-    Parameter("scheduler_min_load_score", float, 3, ("global",), "requests",
-              "Minimum load score (waiting requests) for a node to be stolen from.", 1, 1e9),
-    Parameter("scheduler_load_shards_num", int, 1, ("global",), "shards",
-              "Number of load-table shards; a node's shard is CRC-16/CCITT-FALSE of its name modulo this.",
-              1, 1024),
-    Parameter("scheduler_sync_period", float, 5, ("splitwise",), "seconds",
-              "Heartbeat and load sync interval, in seconds (fractions allowed). A node is stale after "
-              "three missed periods.", 0, YEAR_S, True),
-    Parameter("scheduler_expire_period", float, 3000, ("splitwise",), "seconds",
-              "Heartbeat expiry, in seconds (fractions allowed): a silent node is removed after this.",
-              0, YEAR_S, True),
-    Parameter("scheduler_release_load_expire_period", float, 600, ("splitwise",), "seconds",
-              "Load held by a silent request is released after this many seconds (leak guard).",
-              0, YEAR_S, True),
-    Parameter("scheduler_reader_parallel", int, 4, ("splitwise",), "threads",
-              "Number of result reader threads.", 1, 64),
-    Parameter("scheduler_writer_parallel", int, 4, ("splitwise",), "threads",
-              "Number of result writer threads.", 1, 64),
-    Parameter("scheduler_reader_batch_size", int, 200, ("splitwise",), "results",
-              "Results read per batch.", 1, 100_000),
-    Parameter("scheduler_writer_batch_size", int, 200, ("splitwise",), "results",
-              "Results written per batch.", 1, 100_000),
-)
-PARAMETERS_BY_NAME: dict[str, Parameter] = {p.name: p for p in PARAMETERS}
+def _row(default: Any, scopes: tuple[str, ...], unit: str, help: str, minimum: float | None = None,
+         maximum: float | None = None, exclusive_minimum: bool = False) -> Any:
+    """A field of ``SchedulerConfig`` that is a row of the table: its default and what the table says."""
+    return field(default=default, metadata={"row": {"scopes": scopes, "unit": unit, "help": help,
+                                                    "minimum": minimum, "maximum": maximum,
+                                                    "exclusive_minimum": exclusive_minimum}})
+
+
+REDIS_MODES = ("global", "splitwise")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """A validated scheduler configuration; build it with ``parse_config``."""
+    """A validated scheduler configuration; build it with ``parse_config``. Its fields are the user's
+    parameter table (``PARAMETERS``): each name, type and default is written here and nowhere else."""
 
-    scheduler_name: str = "local"
-    scheduler_max_size: int = -1
-    scheduler_ttl: int = 900
-    scheduler_host: str = "127.0.0.1"
-    scheduler_port: int = 6379
-    scheduler_db: int = 0
-    scheduler_password: str = ""
-    scheduler_topic: str = "default"
-    scheduler_min_load_score: float = 3
-    scheduler_load_shards_num: int = 1
-    scheduler_sync_period: float = 5
-    scheduler_expire_period: float = 3000
-    scheduler_release_load_expire_period: float = 600
-    scheduler_reader_parallel: int = 4
-    scheduler_writer_parallel: int = 4
-    scheduler_reader_batch_size: int = 200
-    scheduler_writer_batch_size: int = 200
+    scheduler_name: str = _row(
+        "local", SCHEDULER_NAMES, "", "Which scheduler the topic uses: local, global or splitwise.")
+    scheduler_max_size: int = _row(
+        -1, ("local",), "requests", "Maximum length of each node's queue; -1 means unbounded. A request that "
+        "does not fit is refused with 'queue full' (HTTP 429).", -1, 10_000_000)
+    scheduler_ttl: int = _row(
+        900, SCHEDULER_NAMES, "seconds",
+        "Maximum time a request may wait in a queue before it is evicted with status 'expired'.", 1, YEAR_S)
+    scheduler_host: str = _row(
+        "127.0.0.1", REDIS_MODES, "", "Redis host of the topic's scheduler. Left at the default, the "
+        "console's FD_REDIS_URL is used.")
+    scheduler_port: int = _row(6379, REDIS_MODES, "", "Redis port of the topic's scheduler.", 1, 65535)
+    scheduler_db: int = _row(
+        0, REDIS_MODES, "", "Redis database index of the topic's scheduler.", 0, 1_000_000)
+    scheduler_password: str = _row(
+        "", REDIS_MODES, "",
+        "Redis password of the topic's scheduler; empty for none. Never shown back in full.")
+    scheduler_topic: str = _row(
+        "default", REDIS_MODES, "",
+        "Nodes under the same topic schedule together; every Redis key is namespaced by it.")
+    scheduler_min_load_score: float = _row(
+        3, ("global",), "requests", "Minimum load score (waiting requests) for a node to be stolen from.",
+        1, 1e9)
+    scheduler_load_shards_num: int = _row(
+        1, ("global",), "shards",
+        "Number of load-table shards; a node's shard is CRC-16/CCITT-FALSE of its name modulo this.", 1, 1024)
+    scheduler_sync_period: float = _row(
+        5, ("splitwise",), "seconds", "Heartbeat and load sync interval, in seconds (fractions allowed). A "
+        "node is stale after three missed periods.", 0, YEAR_S, True)
+    scheduler_expire_period: float = _row(
+        3000, ("splitwise",), "seconds",
+        "Heartbeat expiry, in seconds (fractions allowed): a silent node is removed after this.",
+        0, YEAR_S, True)
+    scheduler_release_load_expire_period: float = _row(
+        600, ("splitwise",), "seconds",
+        "Load held by a silent request is released after this many seconds (leak guard).", 0, YEAR_S, True)
+    scheduler_reader_parallel: int = _row(
+        4, ("splitwise",), "threads", "Number of result reader threads.", 1, 64)
+    scheduler_writer_parallel: int = _row(
+        4, ("splitwise",), "threads", "Number of result writer threads.", 1, 64)
+    scheduler_reader_batch_size: int = _row(
+        200, ("splitwise",), "results", "Results read per batch.", 1, 100_000)
+    scheduler_writer_batch_size: int = _row(
+        200, ("splitwise",), "results", "Results written per batch.", 1, 100_000)
 
     def as_dict(self, *, mask_password: bool = False) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if mask_password and data["scheduler_password"]:
             data["scheduler_password"] = PASSWORD_MASK
         return data
+
+    def for_scripts(self) -> dict[str, Any]:
+        """The parameters the Lua scripts read on every call (``SCRIPT_PARAMETERS``)."""
+        return {name: getattr(self, name) for name in SCRIPT_PARAMETERS}
 
     def replace(self, changes: Mapping[str, Any], *, from_text: bool = False) -> SchedulerConfig:
         """A copy with ``changes`` applied, validated as a whole."""
@@ -117,6 +116,17 @@ class SchedulerConfig:
     def applies(self, name: str) -> bool:
         """Whether parameter ``name`` matters for this config's scheduler."""
         return self.scheduler_name in PARAMETERS_BY_NAME[name].scopes
+
+
+_KINDS = {"str": str, "int": int, "float": float}
+PARAMETERS: tuple[Parameter, ...] = tuple(
+    Parameter(f.name, _KINDS[str(f.type)], f.default, **f.metadata["row"])
+    for f in dataclasses.fields(SchedulerConfig))
+PARAMETERS_BY_NAME: dict[str, Parameter] = {p.name: p for p in PARAMETERS}
+# What the Lua scripts read on every call, published beside the whole configuration in a small JSON.
+SCRIPT_PARAMETERS = ("scheduler_name", "scheduler_ttl", "scheduler_load_shards_num",
+                     "scheduler_min_load_score", "scheduler_sync_period", "scheduler_expire_period",
+                     "scheduler_release_load_expire_period")
 
 
 def parse_config(
@@ -208,8 +218,8 @@ def _fmt(number: float) -> str:
     return str(int(number)) if float(number).is_integer() else str(number)
 
 
-def validate_name(value: Any, field: str) -> str:
-    """A topic or node name: 1-64 letters, digits, '-', '_' or '.'."""
+def validate_name(value: Any, field: str, error: type[FdError] = ConfigError) -> str:
+    """A topic or node name: 1-64 letters, digits, '-', '_' or '.'; else ``error`` naming ``field``."""
     if not isinstance(value, str) or not NAME_RE.match(value):
-        raise ConfigError(f"{field} must be 1-64 letters, digits, '-', '_' or '.'", field=field)
+        raise error(f"{field} must be 1-64 letters, digits, '-', '_' or '.'", field=field)
     return value

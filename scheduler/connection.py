@@ -1,26 +1,39 @@
-"""Which Redis a topic's scheduler uses, from its ``scheduler_host/port/db/password``.
+"""Connections: which Redis a topic's scheduler uses, and how the scripts run on it.
 
-Design note. FastDeploy's Global and Splitwise schedulers connect with host, port, db and password.
+Which Redis. FastDeploy's Global and Splitwise schedulers connect with host, port, db and password.
 Here a base URL (the console's ``FD_REDIS_URL``) comes first, and each of the four parameters that a
 topic sets to something other than its default replaces the base URL's part: a topic that sets
 nothing shares the base Redis, one that sets only ``scheduler_db=5`` lives in database 5 of the same
 server. With no base URL (the bare scheduler interface) the parameters alone say where to connect.
 Passwords travel URL-quoted and never appear in what ``describe`` returns, which is what logs and
 error messages show.
+
+How scripts run. ``ScriptRunner`` sends scripts (``scheduler.scripts``) with EVALSHA on a connection of
+the calling thread's own, several calls in one round trip; see ``ScriptRunner.run``.
 """
 
 from __future__ import annotations
 
+import os
+import select
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from redis import Redis
+from redis.exceptions import NoScriptError, ResponseError
 
 from scheduler.config import PARAMETERS_BY_NAME, SchedulerConfig
+from scheduler.errors import ScriptError
+from scheduler.scripts import ScriptCall
 
 DEFAULT_BASE_URL = "redis://127.0.0.1:6379/0"
 CONNECTION_FIELDS = ("scheduler_host", "scheduler_port", "scheduler_db", "scheduler_password")
 CONNECT_TIMEOUT_S = 3  # a Redis that does not answer fails a request in seconds, not minutes
+LANE_CHECK_AFTER_S = 0.05  # a thread's connection unused this long is checked before its next call
 
 
 @dataclass(frozen=True)
@@ -93,3 +106,119 @@ def describe(url: str) -> str:
 def connect(url: str) -> Redis:
     """A client for ``url`` (bytes replies, as rq needs) that gives up on a dead server quickly."""
     return Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30)
+
+
+_fork_generation = 0  # bumped in a forked child, so that no lane's connection is shared across a fork
+
+
+def _after_fork() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class _Lane(threading.local):
+    """One thread's own connection for the scripts."""
+
+    connection: Any = None
+    generation = -1
+    used = float("-inf")  # time.monotonic() of its last call
+
+
+class ScriptRunner:
+    """Runs scripts and plain commands on the calling thread's own connection to ``redis`` (made from
+    the client's own pool class and settings: passwords, TLS and the retry policy carry over).
+    Safe to share between threads and across a fork."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis  # the client: its pool serves everything that is not a script
+        self._lane = _Lane()
+
+    def run(self, *calls: ScriptCall) -> list[Any]:
+        """``run_scripts(calls)``."""
+        return self.run_scripts(calls)
+
+    def run_scripts(self, calls: Sequence[ScriptCall], commands: Sequence[tuple[Any, ...]] = ()) -> list[Any]:
+        """Run ``commands`` then ``calls`` in one round trip; the calls' replies, in order.
+
+        The scheduler's hot paths are a script or a few per call: going through redis-py's pool and
+        pipeline objects costs a lock, two getpid calls and a readiness poll per round trip, about a
+        third of the client's CPU time per call. Scripts go by digest (EVALSHA): a script Redis lacks
+        (after a restart or SCRIPT FLUSH) is loaded and only the calls it refused run again. An error
+        reply raises after every reply was read, so the connection stays in step; a script's error
+        is a ``ScriptError`` naming its file and line. Connection errors are retried as the client's
+        own retry policy says.
+        """
+        sent = [*commands, *(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.argv) for c in calls)]
+        replies = self._round_trip(sent)
+        _raise_errors(replies[:len(commands)], [None] * len(commands))
+        replies = replies[len(commands):]
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            for script in {calls[i].script.sha: calls[i].script for i in missing}.values():
+                self.redis.script_load(script.source)
+            again = self._round_trip([sent[len(commands) + i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return _raise_errors(replies, calls)
+
+    def run_command(self, *args: Any) -> Any:
+        """One plain command on this thread's own connection (a blocking pop, say)."""
+        return self.run_commands([args])[0]
+
+    def run_commands(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Plain commands in one round trip; their replies (an error reply raises, after all were read)."""
+        return _raise_errors(self._round_trip(list(commands)), [None] * len(commands))
+
+    def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        lane = self._lane
+        if lane.connection is None or lane.generation != _fork_generation:
+            pool = self.redis.connection_pool
+            lane.connection = pool.connection_class(**pool.connection_kwargs)
+            lane.generation = _fork_generation
+        conn = lane.connection
+        # As redis-py's pool does before every command, but only after a pause: a connection the
+        # server closed meanwhile (a restart, its idle timeout, a proxy reset) is replaced before
+        # anything is sent on it, not found dead by the call. A socket with nothing sent on it has
+        # nothing to read unless it was closed. On a busy thread the poll, a call that gives up the
+        # GIL, cost 7% of the splitwise benchmark; a close within its pause fails one call, as one
+        # in flight would. (redis-py keeps the socket in ``_sock``; one not connected yet connects
+        # when the call sends.)
+        now = time.monotonic()
+        sock = conn._sock if now - lane.used > LANE_CHECK_AFTER_S else None
+        lane.used = now
+        if sock is not None:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            if poller.poll(0):
+                conn.disconnect()  # closed, or bytes nobody asked for: either way not fit to use
+        packed = conn.pack_commands(commands)
+
+        def send_and_read() -> list[Any]:
+            try:
+                conn.send_packed_command(packed)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(conn.read_response())
+                    except ResponseError as exc:  # an error reply: the connection is still in step
+                        replies.append(exc)
+                return replies
+            except BaseException:  # anything else (a signal's exception between two replies, say)
+                conn.disconnect()  # leaves replies unread: never read them as the next call's
+                raise
+
+        return conn.retry.call_with_retry(send_and_read, lambda _: conn.disconnect())
+
+
+def _raise_errors(replies: list[Any], calls: Sequence[ScriptCall | None]) -> list[Any]:
+    """``replies`` when none is an error reply; else the first one raised (a script's as
+    ``ScriptError``, naming the file and line)."""
+    for reply, call in zip(replies, calls, strict=True):
+        if isinstance(reply, ResponseError):
+            if call is None:
+                raise reply
+            raise ScriptError(call.script.name, call.script.locate(str(reply)), str(reply)) from reply
+    return replies

@@ -1,4 +1,4 @@
-"""Every Redis key name, built in one place (for Python here, and for the Lua scripts in ``LUA_KEYS``).
+"""Every Redis key name, built in one place (for Python here; the Lua scripts get the same suffixes).
 
 All keys of a topic start with ``fd:{topic}:``; the ``{topic}`` hash tag puts them in one Redis Cluster
 slot, so each script touches one slot. A node's queue is an rq queue named ``fd:{topic}:node:<name>``;
@@ -18,6 +18,7 @@ IDS, CRC, KV, SCHED = "ids", "crc", "kv:", "sched"
 ROLES, PDLOAD, PENDING, SEEN, CHARGES = "roles", "pdload", "pending", "seen", "charges"
 EVENTS, STATS, SERIES = "events", "stats", "series"
 EVENTS_KEPT = 1000  # the event stream is capped at about this many entries
+RETENTION_S = 3600  # how long Redis keeps a finished request's hash and stream (the database keeps it all)
 
 
 def topic_prefix(topic: str) -> str:
@@ -150,28 +151,12 @@ def rq_queue(queue_name: str) -> str:
     return RQ_QUEUE_PREFIX + queue_name
 
 
-# The same names for Lua: every script gets the topic prefix as ARGV[1].
-LUA_KEYS = f"""
-local P = ARGV[1]
-local function k_req(uid) return P .. '{REQ}' .. uid end
-local function k_out(uid) return P .. '{OUT}' .. uid end
-local function k_queue(node) return '{RQ_QUEUE_PREFIX}' .. P .. '{NODE}' .. node end
-local function k_load(shard) return P .. '{LOAD}' .. shard end
-local function k_bell(node) return P .. '{BELL}' .. node end
-local function k_results(origin) return P .. '{RESULTS}' .. origin end
-local K_WAITING = P .. '{WAITING}'
-local K_CONFIG = P .. '{CONFIG}'
-local K_INFLIGHT = P .. '{INFLIGHT}'
-local K_ALIVE = P .. '{ALIVE}'
-local K_IDS = P .. '{IDS}'
-local K_CRC = P .. '{CRC}'
-local K_SCHED = P .. '{SCHED}'
-local K_ROLES = P .. '{ROLES}'
-local K_PDLOAD = P .. '{PDLOAD}'
-local K_PENDING = P .. '{PENDING}'
-local K_SEEN = P .. '{SEEN}'
-local K_CHARGES = P .. '{CHARGES}'
-local K_EVENTS = P .. '{EVENTS}'
-local EVENTS_KEPT = {EVENTS_KEPT}
-local K_STATS = P .. '{STATS}'
-"""
+def lua_constants() -> dict[str, str | int]:
+    """The suffixes and limits the Lua scripts build keys from (``KEY_REQ``, ``RQ_QUEUE_PREFIX``...);
+    ``lua/helpers.lua`` turns them into key names as the builders above do."""
+    suffixes = {"REQ": REQ, "OUT": OUT, "NODE": NODE, "LOAD": LOAD, "BELL": BELL, "RESULTS": RESULTS,
+                "WAITING": WAITING, "INFLIGHT": INFLIGHT, "ALIVE": ALIVE, "IDS": IDS, "CRC": CRC,
+                "SCHED": SCHED, "ROLES": ROLES, "PDLOAD": PDLOAD, "PENDING": PENDING, "SEEN": SEEN,
+                "CHARGES": CHARGES, "EVENTS": EVENTS, "STATS": STATS}
+    return {**{f"KEY_{name}": value for name, value in suffixes.items()},
+            "RQ_QUEUE_PREFIX": RQ_QUEUE_PREFIX, "EVENTS_KEPT": EVENTS_KEPT}

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import time
 
+from scheduler.config import SchedulerConfig
+
 HEARTBEAT_INTERVAL_S = 1.0
 STALE_AFTER_S = 3 * HEARTBEAT_INTERVAL_S
 DEAD_AFTER_S = 6.0  # also when the scheduler moves a dead node's queue to live nodes
 HEARTBEAT_KEY_TTL_S = 3600  # the key outlives death so the console can say how long ago it died
 
 
-def limits(config: dict) -> tuple[float, float]:
-    """(stale after, dead after) in seconds for a topic's published configuration."""
-    if config.get("scheduler_name") == "splitwise":
-        sync, expire = config.get("scheduler_sync_period", 5), config.get("scheduler_expire_period", 3000)
-        return 3 * float(sync), float(expire)
+def limits(config: SchedulerConfig | None) -> tuple[float, float]:
+    """(stale after, dead after) in seconds for a topic's published configuration (None: none yet)."""
+    if config is not None and config.scheduler_name == "splitwise":
+        return 3 * float(config.scheduler_sync_period), float(config.scheduler_expire_period)
     return STALE_AFTER_S, DEAD_AFTER_S
 
 

@@ -14,12 +14,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from scheduler.config import validate_name
-from scheduler.errors import ConfigError
+from scheduler.errors import InvalidRequest
 
 MAX_REQUEST_ID_LEN = 128
-# A request's statuses by rank: it only ever moves to a higher rank, and rank 2 is final.
-STATUS_RANK = {"queued": 0, "running": 1, "finished": 2, "failed": 2, "expired": 2, "cancelled": 2}
-FINAL_STATUSES = tuple(status for status, rank in STATUS_RANK.items() if rank == 2)
 MAX_PROMPT_CHARS = 1_000_000
 
 
@@ -99,15 +96,15 @@ def parse_submission(body: Any, *, max_model_len: int, encode) -> tuple[Request,
     """Validate a submission body of ``POST /api/v1/topics/{topic}/requests``.
 
     Returns (request, client request id or None, requested home node or None). ``encode`` turns the
-    prompt text into token ids. Raises ``ConfigError`` naming the field at fault.
+    prompt text into token ids. Raises ``InvalidRequest`` naming the field at fault.
     """
     if not isinstance(body, dict):
-        raise ConfigError("the request body must be a JSON object")
+        raise InvalidRequest("the request body must be a JSON object")
     allowed = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
                "request_id", "node", "stream"}
     for key in body:
         if key not in allowed:
-            raise ConfigError(f"unknown field '{key}'", field=str(key))
+            raise InvalidRequest(f"unknown field '{key}'", field=str(key))
     prompt_ids = _parse_prompt(body, encode)
     sampling = SamplingParams(
         max_tokens=_int(body, "max_tokens", 16, low=1, high=max_model_len),
@@ -118,13 +115,13 @@ def parse_submission(body: Any, *, max_model_len: int, encode) -> tuple[Request,
     )
     if len(prompt_ids) >= max_model_len:
         prompt_field = "prompt" if "prompt" in body else "prompt_token_ids"
-        raise ConfigError(
+        raise InvalidRequest(
             f"{prompt_field} ({len(prompt_ids)} tokens) leaves no room to generate in the model's "
             f"context of {max_model_len} tokens",
             field=prompt_field,
         )
     if len(prompt_ids) + sampling.max_tokens > max_model_len:
-        raise ConfigError(
+        raise InvalidRequest(
             f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds "
             f"the model's context of {max_model_len} tokens",
             field="max_tokens",
@@ -134,23 +131,23 @@ def parse_submission(body: Any, *, max_model_len: int, encode) -> tuple[Request,
         validate_request_id(request_id)
     node = body.get("node")
     if node is not None:
-        validate_name(node, "node")
+        validate_name(node, "node", InvalidRequest)
     if "stream" in body and not isinstance(body["stream"], bool):
-        raise ConfigError("stream must be true or false", field="stream")
+        raise InvalidRequest("stream must be true or false", field="stream")
     request = Request(request_id=request_id or "", prompt_token_ids=prompt_ids, sampling=sampling)
     return request, request_id, node
 
 
 def validate_request_id(value: Any) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_REQUEST_ID_LEN:
-        raise ConfigError(
+        raise InvalidRequest(
             f"request_id must be a string of 1-{MAX_REQUEST_ID_LEN} printable characters",
             field="request_id",
         )
     if not value.isprintable():
-        raise ConfigError("request_id must contain only printable characters", field="request_id")
+        raise InvalidRequest("request_id must contain only printable characters", field="request_id")
     if value.endswith("/stream"):
-        raise ConfigError("request_id must not end with '/stream' (that URL is the request's stream)",
+        raise InvalidRequest("request_id must not end with '/stream' (that URL is the request's stream)",
                           field="request_id")
     return value
 
@@ -158,22 +155,23 @@ def validate_request_id(value: Any) -> str:
 def _parse_prompt(body: dict[str, Any], encode) -> list[int]:
     has_text, has_ids = "prompt" in body, "prompt_token_ids" in body
     if has_text == has_ids:
-        raise ConfigError("give exactly one of prompt and prompt_token_ids", field="prompt")
+        raise InvalidRequest("give exactly one of prompt and prompt_token_ids", field="prompt")
     if has_text:
         prompt = body["prompt"]
         if not isinstance(prompt, str):
-            raise ConfigError("prompt must be a string", field="prompt")
+            raise InvalidRequest("prompt must be a string", field="prompt")
         if not prompt:
-            raise ConfigError("prompt must not be empty", field="prompt")
+            raise InvalidRequest("prompt must not be empty", field="prompt")
         if len(prompt) > MAX_PROMPT_CHARS:
-            raise ConfigError("prompt is too long", field="prompt")
+            raise InvalidRequest("prompt is too long", field="prompt")
         return list(encode(prompt))
     ids = body["prompt_token_ids"]
     if not isinstance(ids, list) or not ids:
-        raise ConfigError("prompt_token_ids must be a non-empty list of integers", field="prompt_token_ids")
+        raise InvalidRequest("prompt_token_ids must be a non-empty list of integers",
+                             field="prompt_token_ids")
     for token in ids:
         if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= 255:
-            raise ConfigError(
+            raise InvalidRequest(
                 "prompt_token_ids must hold integers from 0 to 255 (byte tokens)", field="prompt_token_ids"
             )
     return ids
@@ -186,9 +184,9 @@ def _int(body: dict[str, Any], name: str, default: int | None, *, low: int, high
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer", field=name)
+        raise InvalidRequest(f"{name} must be an integer", field=name)
     if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}", field=name)
+        raise InvalidRequest(f"{name} must be between {low} and {high}", field=name)
     return value
 
 
@@ -196,8 +194,8 @@ def _float(body: dict[str, Any], name: str, default: float, *, low: float, high:
            open_low: bool = False) -> float:
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a number", field=name)
+        raise InvalidRequest(f"{name} must be a number", field=name)
     if value > high or value < low or (open_low and value == low):
         bound = f"greater than {low:g}" if open_low else f"at least {low:g}"
-        raise ConfigError(f"{name} must be {bound} and at most {high:g}", field=name)
+        raise InvalidRequest(f"{name} must be {bound} and at most {high:g}", field=name)
     return float(value)

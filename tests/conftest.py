@@ -159,8 +159,9 @@ def engine():
 @pytest.fixture
 def run_node(engine, store):
     """Run a node's queued work in this process (rq's burst mode), as ``fdnode --burst`` does."""
-    from fdconsole.nodes.hooks import database_hooks
-    from gpu_worker.node import NodeRuntime, NodeWorker
+    from fdconsole.cluster.hooks import database_hooks
+    from gpu_worker.node import NodeWorker
+    from gpu_worker.runtime import NodeRuntime
 
     def run(node_name: str = "node-a", topic: str = "default") -> None:
         runtime = NodeRuntime(topic=topic, name=node_name, role="mixed", store=store, engine=engine,
@@ -183,13 +184,9 @@ def node_processes(store, redis_url):
 @pytest.fixture
 def global_topic(db, store):
     """Topic ``default`` with the Global scheduler."""
-    from fdconsole.topics.services import ensure_topic
+    from fdconsole.topics.services import change_topic, ensure_topic
 
-    topic = ensure_topic("default")
-    topic.apply_config({"scheduler_name": "global"})
-    topic.save()
-    store.publish_config("default", topic.config)
-    return topic
+    return change_topic(ensure_topic("default"), {"scheduler_name": "global"})
 
 
 # -- browser tests (tests/browser.py) ----------------------------------------------------------------

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 from django.db import connection
 
-from fdconsole.redis_conn import get_topic_store
+from fdconsole.topics.services import topic_store
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 60
@@ -53,7 +53,7 @@ class NodeProcesses:
         deadline = time.monotonic() + START_TIMEOUT_S
         started = time.time()
         while time.monotonic() < deadline:
-            beat = get_topic_store(topic).read_heartbeats(topic, [name])[name]  # where the node beats
+            beat = topic_store(topic).read_heartbeats(topic, [name])[name]  # where the node beats
             if float(beat.get("ts", 0)) > started and beat.get("state") != "stopped":
                 return
             if process.poll() is not None:

@@ -272,16 +272,16 @@ def test_a_valid_patch_is_saved_and_published(api, topic, store):
     ],
 )
 def test_a_valid_patch_at_the_bounds_is_accepted(api, topic, store, changes):
-    from fdconsole.redis_conn import get_topic_store
+    from fdconsole.topics.services import topic_store
 
     answer = api.patch("/api/v1/topics/default", changes)
     assert answer.status_code == 200, answer.content
     expected = {**TABLE_DEFAULTS, **{k: v for k, v in changes.items() if k != "name"}}
     assert scheduler_fields(answer.json()) == expected
-    topic_store = get_topic_store("default")  # scheduler_db=15 moved the topic to database 15
-    assert published(topic_store) == expected
-    if topic_store is not store:
-        topic_store.redis.flushdb()
+    where = topic_store("default")  # scheduler_db=15 moved the topic to database 15
+    assert published(where) == expected
+    if where is not store:
+        where.redis.flushdb()
 
 
 @pytest.mark.parametrize("changes", [{"scheduler_port": 1}, {"scheduler_port": 65535},
@@ -294,7 +294,7 @@ def test_connection_parameters_at_the_bounds_are_valid(changes):
 
 
 def test_a_topic_read_back_and_patched_unchanged_stays_the_same(api, topic, locked_redis):
-    from fdconsole.redis_conn import get_topic_store
+    from fdconsole.topics.services import topic_store
 
     changed = api.patch("/api/v1/topics/default", {"scheduler_port": locked_redis.port,
                                                    "scheduler_password": "s3cret", "scheduler_ttl": 5})
@@ -303,7 +303,7 @@ def test_a_topic_read_back_and_patched_unchanged_stays_the_same(api, topic, lock
     answer = api.patch("/api/v1/topics/default", shown)
     assert answer.status_code == 200, answer.content
     assert scheduler_fields(answer.json()) == scheduler_fields(shown)
-    assert published(get_topic_store("default"))["scheduler_password"] == "s3cret"
+    assert published(topic_store("default"))["scheduler_password"] == "s3cret"
 
 
 @pytest.mark.parametrize(
@@ -336,8 +336,8 @@ def test_a_patch_body_that_is_not_a_json_object_is_refused(api, topic, store, ra
 
 # -- the password ------------------------------------------------------------------------------------
 def test_the_password_is_never_shown_and_the_mask_leaves_it_unchanged(api, topic, store, locked_redis):
-    from fdconsole.redis_conn import get_topic_store
     from fdconsole.topics.models import Topic
+    from fdconsole.topics.services import topic_store
 
     answer = api.patch("/api/v1/topics/default", {"scheduler_port": locked_redis.port,
                                                   "scheduler_password": "hunter2-secret"})
@@ -350,8 +350,8 @@ def test_the_password_is_never_shown_and_the_mask_leaves_it_unchanged(api, topic
     masked_back = api.patch("/api/v1/topics/default", {"scheduler_password": mask, "scheduler_ttl": 9})
     assert masked_back.status_code == 200, masked_back.content
     assert Topic.objects.get(name="default").scheduler_password == "hunter2-secret"
-    assert published(get_topic_store("default"))["scheduler_password"] == "hunter2-secret"
-    assert published(get_topic_store("default"))["scheduler_ttl"] == 9
+    assert published(topic_store("default"))["scheduler_password"] == "hunter2-secret"
+    assert published(topic_store("default"))["scheduler_ttl"] == 9
 
     back_home = {"scheduler_password": "", "scheduler_port": 6379}  # the console's Redis, no password
     assert api.patch("/api/v1/topics/default", back_home).status_code == 200
@@ -361,14 +361,14 @@ def test_the_password_is_never_shown_and_the_mask_leaves_it_unchanged(api, topic
 
 
 def test_a_created_topic_hides_its_password(api, topic, locked_redis):
-    from fdconsole.redis_conn import get_topic_store
+    from fdconsole.topics.services import topic_store
 
     answer = api.post("/api/v1/topics", {"name": "locked", "scheduler_port": locked_redis.port,
                                          "scheduler_password": "pa55word"})
     assert answer.status_code == 201, answer.content
     assert b"pa55word" not in answer.content
     assert b"pa55word" not in api.get("/api/v1/topics/locked").content
-    assert published(get_topic_store("locked"), "locked")["scheduler_password"] == "pa55word"
+    assert published(topic_store("locked"), "locked")["scheduler_password"] == "pa55word"
 
 
 # -- routing -----------------------------------------------------------------------------------------

@@ -42,8 +42,8 @@ def test_eviction_runs_with_an_unbounded_queue_that_is_not_full(api, node):
 
 
 def test_the_reaper_expires_within_a_second_without_any_reader(api, node, store):
+    from fdconsole.cluster.hooks import sync_many
     from fdconsole.inference.models import Request
-    from fdconsole.nodes.hooks import sync_many
     from scheduler.reaper import Reaper
 
     api.patch("/api/v1/topics/default", {"scheduler_ttl": 1})

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from scheduler.config import parse_config
-from scheduler.global_ import GlobalScheduler
+from scheduler.interface import GlobalScheduler
 from scheduler.messages import Request, Result
 
 
@@ -98,13 +98,14 @@ def test_cancel_of_a_waiting_request(pair):
 
 
 def test_a_live_interface_node_keeps_its_queue_and_its_leases(pair, redis_conn):
+    from scheduler import failover, global_
     from scheduler.store import LEASE_S
 
     a, b = pair
     a.put_requests(requests("r1", "r2"))
     assert take(a, batch=1) == ["r1"]
     time.sleep(LEASE_S + 1.5)  # its heartbeat renews the lease; the reapers run all along
-    assert a.store.recover("g") == [] and a.store.rehome("g") == 0
+    assert failover.recover(a.store, "g") == [] and global_.rehome(a.store, "g") == 0
     assert a.stats()["queue_lengths"] == {"a": 1}
     a.put_results([Result("r1", finished=True, finish_reason="length")])
     assert a.get_results()["r1"][0].finished

@@ -87,11 +87,11 @@ def test_a_topic_on_db_5_runs_on_a_real_node_with_every_key_in_db_5(api, redis_c
 
 
 def test_a_topic_with_its_own_port_and_password_runs_there(api, store, engine, locked_redis):
-    from fdconsole.nodes.hooks import database_hooks
-    from fdconsole.redis_conn import get_topic_store
+    from fdconsole.cluster.hooks import database_hooks
     from fdconsole.topics.models import Topic
-    from fdconsole.topics.services import ensure_node
-    from gpu_worker.node import NodeRuntime, NodeWorker
+    from fdconsole.topics.services import ensure_node, topic_store
+    from gpu_worker.node import NodeWorker
+    from gpu_worker.runtime import NodeRuntime
 
     body = {"name": "locked", "scheduler_port": locked_redis.port, "scheduler_password": "pa55word"}
     assert api.post("/api/v1/topics", body).status_code == 201
@@ -99,27 +99,27 @@ def test_a_topic_with_its_own_port_and_password_runs_there(api, store, engine, l
     answer = api.post("/api/v1/topics/locked/requests", {"prompt": "Hi", "max_tokens": 4})
     assert answer.status_code == 202, answer.content
 
-    topic_store = get_topic_store("locked")
-    runtime = NodeRuntime(topic="locked", name="locked-a", role="mixed", store=topic_store, engine=engine,
+    locked_store = topic_store("locked")
+    runtime = NodeRuntime(topic="locked", name="locked-a", role="mixed", store=locked_store, engine=engine,
                           hooks=database_hooks())
     NodeWorker(runtime).work(burst=True, logging_level="WARNING")
 
     assert wait_final(api, answer.json()["request_id"])["status"] == "finished"
-    assert topic_store.redis.connection_pool.connection_kwargs["password"] == "pa55word"
+    assert locked_store.redis.connection_pool.connection_kwargs["password"] == "pa55word"
     assert not store.redis.keys("*locked*")
 
 
 def test_the_reapers_stores_follow_the_topics(topic, store):
-    from fdconsole import redis_conn
+    from fdconsole.topics import services
     from fdconsole.topics.models import Topic
 
     def dbs(stores) -> set[int]:
         return {s.redis.connection_pool.connection_kwargs["db"] for s in stores}
 
     moved = Topic.objects.create(name="moving", scheduler_topic="moving", scheduler_db=TOPIC_DB)
-    assert dbs(redis_conn.topic_stores()) == {0, TOPIC_DB}
+    assert dbs(services.topic_stores()) == {0, TOPIC_DB}
     Topic.objects.filter(pk=moved.pk).update(scheduler_db=MOVED_DB)  # as a move with nothing in flight
-    assert dbs(redis_conn.topic_stores()) == {0, MOVED_DB}
+    assert dbs(services.topic_stores()) == {0, MOVED_DB}
 
 
 def test_a_process_keeps_the_stores_it_used_last_and_no_more(redis_url):

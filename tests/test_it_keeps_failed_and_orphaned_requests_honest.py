@@ -20,8 +20,9 @@ class FailingEngine:
 
 
 def test_a_failed_request_keeps_the_tokens_it_streamed(api, node, store, engine):
-    from fdconsole.nodes.hooks import database_hooks
-    from gpu_worker.node import NodeRuntime, NodeWorker
+    from fdconsole.cluster.hooks import database_hooks
+    from gpu_worker.node import NodeWorker
+    from gpu_worker.runtime import NodeRuntime
 
     answer = api.post("/api/v1/topics/default/requests", {"prompt": "x", "max_tokens": 20})
     request_id = answer.json()["request_id"]
@@ -40,7 +41,7 @@ def test_a_topic_config_lost_by_redis_is_published_again_on_submit(api, node, st
     api.patch("/api/v1/topics/default", {"scheduler_ttl": 7})
     store.redis.delete(keys.config("default"), keys.scheduling_config("default"))  # Redis restarted
     assert api.post("/api/v1/topics/default/requests", {"prompt": "x"}).status_code == 202
-    assert store.config_of("default")["scheduler_ttl"] == 7
+    assert store.config_of("default").scheduler_ttl == 7
 
 
 @pytest.mark.parametrize("path", ["/api/v1/requests/a%00b", "/api/v1/topics/a%00b", "/api/v1/nodes/a%00b",

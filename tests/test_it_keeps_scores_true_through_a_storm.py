@@ -55,7 +55,7 @@ def test_a_storm_leaves_every_request_done_once_and_every_score_exact(global_top
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        statuses = [store.state("default", uid).get("status") for uid in uids]
+        statuses = [store.state("default", uid).status for uid in uids]
         if all(status == "finished" for status in statuses):
             break
         time.sleep(0.25)

@@ -4,7 +4,7 @@ import pytest
 
 from scheduler.config import SchedulerConfig
 from scheduler.errors import ConfigError
-from scheduler.local import LocalScheduler
+from scheduler.interface.in_process import InProcessScheduler
 from scheduler.messages import Request, Result
 
 
@@ -13,7 +13,7 @@ def reqs(*request_ids: str) -> list[Request]:
 
 
 def test_a_larger_max_size_admits_more_at_once() -> None:
-    s = LocalScheduler(SchedulerConfig(scheduler_max_size=1))
+    s = InProcessScheduler(SchedulerConfig(scheduler_max_size=1))
     assert s.put_requests(reqs("a", "b"))[1] == ("b", "queue full (scheduler_max_size=1)")
     s.apply_config(SchedulerConfig(scheduler_max_size=3))
     assert s.put_requests(reqs("b", "c")) == [("b", None), ("c", None)]
@@ -21,7 +21,7 @@ def test_a_larger_max_size_admits_more_at_once() -> None:
 
 
 def test_a_smaller_max_size_keeps_what_waits_and_refuses_new_puts() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     s.put_requests(reqs("a", "b", "c"))
     s.apply_config(SchedulerConfig(scheduler_max_size=2))
     assert s.stats()["waiting"] == 3
@@ -29,13 +29,13 @@ def test_a_smaller_max_size_keeps_what_waits_and_refuses_new_puts() -> None:
 
 
 def test_a_new_ttl_is_reported() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     s.apply_config(SchedulerConfig(scheduler_ttl=60))
     assert s.stats()["ttl"] == 60
 
 
 def test_switching_to_another_scheduler_in_place_is_refused() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     with pytest.raises(ConfigError) as caught:
         s.apply_config(SchedulerConfig(scheduler_name="global"))
     assert caught.value.field == "scheduler_name"
@@ -43,14 +43,14 @@ def test_switching_to_another_scheduler_in_place_is_refused() -> None:
 
 
 def test_stats_count_waiting_and_running() -> None:
-    s = LocalScheduler(SchedulerConfig(scheduler_max_size=10, scheduler_ttl=30))
+    s = InProcessScheduler(SchedulerConfig(scheduler_max_size=10, scheduler_ttl=30))
     s.put_requests(reqs("a", "b", "c"))
     s.get_requests(100, 16, 0, 100, batch=2)
     assert s.stats() == {"scheduler": "local", "waiting": 1, "running": 2, "max_size": 10, "ttl": 30}
 
 
 def test_reset_forgets_every_request_and_result() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     s.put_requests(reqs("a", "b"))
     s.get_requests(100, 16, 0, 100, batch=1)
     s.put_results([Result("a", index=0, token_id=1)])

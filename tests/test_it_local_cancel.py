@@ -1,7 +1,7 @@
 """cancel() ends a waiting request at once and marks a running one for its runner to stop."""
 
 from scheduler.config import SchedulerConfig
-from scheduler.local import LocalScheduler
+from scheduler.interface.in_process import InProcessScheduler
 from scheduler.messages import Request, Result
 
 
@@ -9,12 +9,12 @@ def req(request_id: str) -> Request:
     return Request(request_id, [1, 2, 3])
 
 
-def get(s: LocalScheduler, batch: int = 10) -> list[str]:
+def get(s: InProcessScheduler, batch: int = 10) -> list[str]:
     return [r.request_id for r in s.get_requests(1000, 16, 0, 1000, batch=batch)]
 
 
 def test_a_waiting_request_leaves_the_queue_with_a_cancelled_result() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     s.put_requests([req("a"), req("b")])
     assert s.cancel("a") is True
     assert s.stats()["waiting"] == 1
@@ -25,7 +25,7 @@ def test_a_waiting_request_leaves_the_queue_with_a_cancelled_result() -> None:
 
 
 def test_a_running_request_is_marked_and_its_final_result_is_cancelled() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     s.put_requests([req("a"), req("b")])
     assert get(s) == ["a", "b"]
     s.put_results([Result("a", index=0, token_id=9)])
@@ -41,7 +41,7 @@ def test_a_running_request_is_marked_and_its_final_result_is_cancelled() -> None
 
 
 def test_a_cancelled_running_id_cannot_be_reused_until_the_runner_finished() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     s.put_requests([req("a")])
     get(s)
     s.cancel("a")
@@ -53,7 +53,7 @@ def test_a_cancelled_running_id_cannot_be_reused_until_the_runner_finished() -> 
 
 
 def test_unknown_finished_or_already_cancelled_requests_answer_false() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     assert s.cancel("nope") is False
     s.put_requests([req("a"), req("b"), req("c")])
     get(s, batch=2)
@@ -66,7 +66,7 @@ def test_unknown_finished_or_already_cancelled_requests_answer_false() -> None:
 
 
 def test_a_cancelled_waiting_request_is_never_handed_out() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     s.put_requests([req("a"), req("b"), req("c")])
     s.cancel("b")
     assert get(s) == ["a", "c"]

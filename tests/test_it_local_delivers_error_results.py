@@ -9,12 +9,12 @@ import logging
 import pytest
 
 from scheduler.config import SchedulerConfig
-from scheduler.local import LocalScheduler
+from scheduler.interface.in_process import InProcessScheduler
 from scheduler.messages import Request, Result
 
 
-def running(*request_ids: str) -> LocalScheduler:
-    s = LocalScheduler(SchedulerConfig())
+def running(*request_ids: str) -> InProcessScheduler:
+    s = InProcessScheduler(SchedulerConfig())
     s.put_requests([Request(request_id, [1, 2]) for request_id in request_ids])
     assert len(s.get_requests(1000, 16, 0, 1000, batch=len(request_ids))) == len(request_ids)
     return s

@@ -6,7 +6,7 @@ wrong ids.
 """
 
 from scheduler.config import SchedulerConfig
-from scheduler.local import LocalScheduler
+from scheduler.interface.in_process import InProcessScheduler
 from scheduler.messages import Request
 
 
@@ -22,11 +22,11 @@ def req(request_id: str) -> Request:
     return Request(request_id, [1, 2, 3])
 
 
-def scheduler(clock: FakeClock, *, ttl: int = 100, max_size: int = -1) -> LocalScheduler:
-    return LocalScheduler(SchedulerConfig(scheduler_ttl=ttl, scheduler_max_size=max_size), clock=clock)
+def scheduler(clock: FakeClock, *, ttl: int = 100, max_size: int = -1) -> InProcessScheduler:
+    return InProcessScheduler(SchedulerConfig(scheduler_ttl=ttl, scheduler_max_size=max_size), clock=clock)
 
 
-def take_all(s: LocalScheduler) -> list[str]:
+def take_all(s: InProcessScheduler) -> list[str]:
     return [r.request_id for r in s.get_requests(10_000, 16, 0, 10_000, batch=100)]
 
 

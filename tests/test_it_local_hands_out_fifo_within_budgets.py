@@ -8,12 +8,12 @@ prompt cannot block the queue forever; the first one that does not fit ends the 
 import pytest
 
 from scheduler.config import SchedulerConfig
-from scheduler.local import LocalScheduler
+from scheduler.interface.in_process import InProcessScheduler
 from scheduler.messages import Request
 
 
-def scheduler_with(*prompt_lens: int) -> LocalScheduler:
-    s = LocalScheduler(SchedulerConfig())
+def scheduler_with(*prompt_lens: int) -> InProcessScheduler:
+    s = InProcessScheduler(SchedulerConfig())
     answers = s.put_requests([Request(f"r{i}", [7] * n) for i, n in enumerate(prompt_lens)])
     assert all(error is None for _, error in answers)
     return s
@@ -112,7 +112,7 @@ def test_handed_out_requests_are_running_and_not_handed_out_again() -> None:
 
 
 def test_the_request_object_is_handed_out_unchanged() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     request = Request("a", [3, 1, 4, 1, 5])
     s.put_requests([request])
     assert s.get_requests(10, 4, 0, 100) == [request]

@@ -8,7 +8,7 @@ import sys
 import threading
 
 from scheduler.config import SchedulerConfig
-from scheduler.local import LocalScheduler
+from scheduler.interface.in_process import InProcessScheduler
 from scheduler.messages import Request, Result
 
 
@@ -16,12 +16,12 @@ def req(request_id: str) -> Request:
     return Request(request_id, [1, 2, 3, 4])
 
 
-def get(s: LocalScheduler, batch: int) -> list[str]:
+def get(s: InProcessScheduler, batch: int) -> list[str]:
     return [r.request_id for r in s.get_requests(10_000, 16, 0, 100_000, batch=batch)]
 
 
 def test_finishing_a_never_handed_out_request_does_not_re_dispatch_another() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     s.put_requests([req("a"), req("b"), req("c")])
     assert get(s, 1) == ["a"]
     s.put_results([Result.failure("c", "aborted", "the client went away")])  # c was never handed out
@@ -31,7 +31,7 @@ def test_finishing_a_never_handed_out_request_does_not_re_dispatch_another() -> 
 
 
 def test_cancelling_a_never_handed_out_request_does_not_re_dispatch_another() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     s.put_requests([req("a"), req("b"), req("c"), req("d")])
     assert get(s, 2) == ["a", "b"]
     assert s.cancel("c")
@@ -41,7 +41,7 @@ def test_cancelling_a_never_handed_out_request_does_not_re_dispatch_another() ->
 
 
 def test_finishing_a_handed_out_request_does_not_skip_the_next() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     s.put_requests([req("a"), req("b"), req("c")])
     assert get(s, 1) == ["a"]
     s.put_results([Result("a", index=0, token_id=5, finished=True, finish_reason="stop")])
@@ -49,9 +49,10 @@ def test_finishing_a_handed_out_request_does_not_skip_the_next() -> None:
     assert get(s, 10) == ["b", "c"]
 
 
-def race(num_requests: int, num_threads: int) -> tuple[LocalScheduler, list[list[str]], list[BaseException]]:
+def race(num_requests: int,
+         num_threads: int) -> tuple[InProcessScheduler, list[list[str]], list[BaseException]]:
     """Engines poll get_requests from several threads while a producer puts; what did each get?"""
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     handed_out: list[list[str]] = [[] for _ in range(num_threads)]
     errors: list[BaseException] = []
     start = threading.Barrier(num_threads + 1)

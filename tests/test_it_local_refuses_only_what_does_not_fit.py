@@ -1,7 +1,7 @@
 """A put answers for exactly its own requests: the ones that fit are queued, the rest say why not."""
 
 from scheduler.config import SchedulerConfig
-from scheduler.local import LocalScheduler
+from scheduler.interface.in_process import InProcessScheduler
 from scheduler.messages import Request, Result
 
 
@@ -9,11 +9,11 @@ def req(request_id: str, prompt_len: int = 4) -> Request:
     return Request(request_id, list(range(prompt_len)))
 
 
-def scheduler(max_size: int = -1) -> LocalScheduler:
-    return LocalScheduler(SchedulerConfig(scheduler_max_size=max_size))
+def scheduler(max_size: int = -1) -> InProcessScheduler:
+    return InProcessScheduler(SchedulerConfig(scheduler_max_size=max_size))
 
 
-def take_all(s: LocalScheduler) -> list[str]:
+def take_all(s: InProcessScheduler) -> list[str]:
     return [r.request_id for r in s.get_requests(10_000, 16, 0, 10_000, batch=100)]
 
 

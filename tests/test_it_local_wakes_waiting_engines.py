@@ -5,7 +5,7 @@ import time
 from collections.abc import Callable
 
 from scheduler.config import SchedulerConfig
-from scheduler.local import LocalScheduler
+from scheduler.interface.in_process import InProcessScheduler
 from scheduler.messages import Request, Result
 
 TIMEOUT_S = 10.0
@@ -25,20 +25,20 @@ def seconds_until_woken(wait: Callable[[float], bool], wake: Callable[[], object
 
 
 def test_wait_for_requests_times_out_on_an_empty_queue_and_sees_a_waiting_one() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     assert s.wait_for_requests(0.01) is False
     s.put_requests([Request("a", [1])])
     assert s.wait_for_requests(0) is True
 
 
 def test_a_put_wakes_an_engine_waiting_for_requests() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     elapsed = seconds_until_woken(s.wait_for_requests, lambda: s.put_requests([Request("a", [1])]))
     assert elapsed < TIMEOUT_S / 2  # woken by the put, not by its own timeout
 
 
 def test_a_result_wakes_an_origin_waiting_for_results() -> None:
-    s = LocalScheduler(SchedulerConfig())
+    s = InProcessScheduler(SchedulerConfig())
     s.put_requests([Request("a", [1])])
     s.get_requests(10, 16, 0, 10)
     assert s.wait_for_results(0.01) is False

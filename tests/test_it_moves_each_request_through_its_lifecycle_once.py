@@ -5,10 +5,12 @@ import threading
 
 import pytest
 
+from scheduler import failover
 from scheduler.config import parse_config
 from scheduler.errors import DuplicateRequest, QueueFull
 from scheduler.messages import Request
-from scheduler.store import RequestStore, new_uid
+from scheduler.status import CancelReply, EmitReply, RequestStatus
+from scheduler.store import RequestStore, finish_call, new_uid
 
 
 @pytest.fixture
@@ -124,8 +126,8 @@ def test_a_cancel_that_lands_while_the_node_dies_ends_the_request(lifecycle):
     lifecycle.claim("t", "n1")
     assert lifecycle.cancel("t", uid) == "cancelling"
     run_out_leases(lifecycle)
-    assert lifecycle.recover("t") == []  # not requeued: cancelled
-    assert lifecycle.state("t", uid)["status"] == "cancelled"
+    assert failover.recover(lifecycle, "t") == []  # not requeued: cancelled
+    assert lifecycle.state("t", uid).status == "cancelled"
     assert [e.kind for e in lifecycle.read_output("t", uid)] == ["done"]
     assert lifecycle.queue_length("t", "n1") == 0
 
@@ -134,7 +136,8 @@ def test_failover_puts_requests_back_in_their_order(lifecycle):
     uids = [put(lifecycle) for _ in range(4)]
     lifecycle.claim("t", "n1", 3)
     run_out_leases(lifecycle)
-    assert [uid for uid, _ in lifecycle.recover("t")] == list(reversed(uids[:3]))  # pushed front, last first
+    requeued = [uid for uid, _ in failover.recover(lifecycle, "t")]
+    assert requeued == list(reversed(uids[:3]))  # pushed to the front, last first
     assert [c.uid for c in lifecycle.claim("t", "n1", 4)] == uids  # the original order again
 
 
@@ -155,49 +158,43 @@ def test_a_node_that_takes_no_work_is_no_failover_target(lifecycle):
 
 def test_a_final_result_carrying_the_last_token_streams_it_and_ends_the_request(lifecycle):
     from scheduler import keys
-    from scheduler.store import emit_args, finish_args
 
     uid = new_uid()
     lifecycle.submit("t", uid, Request("r1", [1, 2, 3]), "n1", parse_config({}), origin="o")
     [claim] = lifecycle.claim("t", "n1")
-    assert lifecycle.emit("t", uid, claim.lease, 0, 65, "A") == 0
-    [reply] = lifecycle.run_scripts([("EMIT_FINISH", "t", (*emit_args(uid, claim.lease, 1, 66, "B"),
-                                                           *finish_args("finished", "length", [65, 66])))])
-    assert reply == [0, b"finished"]
+    assert lifecycle.emit("t", uid, claim.lease, 0, 65, "A") == EmitReply.GO_ON
+    call = finish_call("t", uid, claim.lease, RequestStatus.FINISHED, "length", [65, 66],
+                       last_token=(1, 66, "B"))
+    [reply] = lifecycle.runner.run_scripts([call])
+    assert reply == [EmitReply.GO_ON, b"finished"]
     events = lifecycle.read_output("t", uid)
     assert [(e.kind, e.index, e.text) for e in events] == [
         ("token", 0, "A"), ("token", 1, "B"), ("done", -1, "")]
     state = lifecycle.state("t", uid)
-    assert (state["status"], state["num_output_tokens"]) == ("finished", "2")
-    assert state["output_token_ids"] == "[65, 66]"
+    assert (state.status, state.num_output_tokens) == ("finished", 2)
+    assert state.output_token_ids == [65, 66]
     results = lifecycle.take_results("t", "o")
     assert [(r.get("index"), r.get("finished")) for r in results] == [(0, None), (1, None), (None, True)]
     assert lifecycle.redis.zscore(keys.inflight("t"), uid) is None
 
 
 def test_a_final_result_with_an_out_of_order_token_still_ends_the_request_once(lifecycle):
-    from scheduler.store import emit_args, finish_args
-
     uid = put(lifecycle)
     [claim] = lifecycle.claim("t", "n1")
-    args = (*emit_args(uid, claim.lease, 3, 65, "A"), *finish_args("finished", "length"))
-    call = ("EMIT_FINISH", "t", args)
-    assert lifecycle.run_scripts([call]) == [[-2, b"finished"]]
+    call = finish_call("t", uid, claim.lease, RequestStatus.FINISHED, "length", last_token=(3, 65, "A"))
+    assert lifecycle.runner.run_scripts([call]) == [[EmitReply.OUT_OF_ORDER, b"finished"]]
     assert [e.kind for e in lifecycle.read_output("t", uid)] == ["done"]
-    assert lifecycle.run_scripts([call]) == [[-1, b"finished"]]  # it ended: the lease is gone
+    assert lifecycle.runner.run_scripts([call]) == [[EmitReply.LEASE_LOST, b"finished"]]  # the lease is gone
     assert [e.kind for e in lifecycle.read_output("t", uid)] == ["done"]
 
 
 def test_a_final_result_with_a_token_after_a_cancel_ends_cancelled(lifecycle):
-    from scheduler.store import emit_args, finish_args
-
     uid = put(lifecycle)
     [claim] = lifecycle.claim("t", "n1")
-    assert lifecycle.cancel("t", uid) == "cancelling"
-    args = (*emit_args(uid, claim.lease, 0, 65, "A"), *finish_args("finished", "length"))
-    call = ("EMIT_FINISH", "t", args)
-    assert lifecycle.run_scripts([call]) == [[1, b"cancelled"]]
-    assert lifecycle.state("t", uid)["status"] == "cancelled"
+    assert lifecycle.cancel("t", uid) == CancelReply.CANCELLING
+    call = finish_call("t", uid, claim.lease, RequestStatus.FINISHED, "length", last_token=(0, 65, "A"))
+    assert lifecycle.runner.run_scripts([call]) == [[EmitReply.CANCEL_ASKED, b"cancelled"]]
+    assert lifecycle.state("t", uid).status == "cancelled"
 
 
 def test_submitting_nothing_answers_nothing(lifecycle):

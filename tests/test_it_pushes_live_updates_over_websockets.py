@@ -11,9 +11,11 @@ from channels.testing import WebsocketCommunicator
 
 from fdconsole.dashboard.pulse import Pulse, transition_event
 from fdconsole.dashboard.routing import websocket_urlpatterns
+from fdconsole.topics.services import change_topic
 from scheduler.config import parse_config
 from scheduler.messages import Request
 from scheduler.store import new_uid
+from scheduler.telemetry import Telemetry
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ORIGIN = [(b"origin", b"http://localhost")]
@@ -86,9 +88,9 @@ def test_anonymous_users_and_unknown_topics_are_refused(topic, ops):
 
 def test_a_page_is_greeted_with_nodes_chart_points_and_events(topic, node, store, ops):
     store.write_heartbeat("default", "node-a", {"state": "idle", "role": "mixed"})
-    store.add_event("default", "node_joined", node="node-a", role="mixed")
-    store.record_point("default", {"t": time.time() - 1, "rps": 2.0, "tps": 40.0, "queue": 1,
-                                   "load": {"node-a": 1}})
+    Telemetry(store.redis).add_event("default", "node_joined", node="node-a", role="mixed")
+    Telemetry(store.redis).record_point("default", {"t": time.time() - 1, "rps": 2.0, "tps": 40.0, "queue": 1,
+                                                    "load": {"node-a": 1}})
 
     hello = greet("/ws/topics/default/", ops)
     assert hello["hello"] and hello["topic"] == "default"
@@ -100,9 +102,7 @@ def test_a_page_is_greeted_with_nodes_chart_points_and_events(topic, node, store
 
 
 def test_heartbeats_state_changes_events_and_points_reach_the_page(topic, node, store, ops):
-    topic.apply_config({"scheduler_name": "global", "scheduler_min_load_score": 1})
-    topic.save()
-    store.publish_config("default", topic.config)
+    change_topic(topic, {"scheduler_name": "global", "scheduler_min_load_score": 1})
     pulse = Pulse()
 
     async def watch():
@@ -131,7 +131,7 @@ def test_heartbeats_state_changes_events_and_points_reach_the_page(topic, node, 
     assert (steal["node"], steal["from"], steal["count"]) == ("node-a", "node-b", "1")
     point = seen["point"]["point"]
     assert point["queue"] == 3 and point["load"] == {"node-a": 0} and point["submitted_ps"] > 0  # one runs
-    assert store.series("default")[-1] == point  # kept for pages that open later
+    assert Telemetry(store.redis).series("default")[-1] == point  # kept for pages that open later
     assert seen["stopped"]["nodes"][0]["state"] == "dead"
 
 

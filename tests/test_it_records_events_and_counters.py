@@ -5,10 +5,12 @@ import time
 
 import pytest
 
-from scheduler import keys
+from scheduler import failover, global_, keys
 from scheduler.config import parse_config
 from scheduler.messages import Request
+from scheduler.status import RequestStatus
 from scheduler.store import RequestStore, new_uid
+from scheduler.telemetry import Telemetry
 
 
 @pytest.fixture
@@ -26,8 +28,12 @@ def put(store: RequestStore, node: str, request_id: str | None = None) -> str:
     return uid
 
 
+def feed(store: RequestStore) -> Telemetry:
+    return Telemetry(store.redis)
+
+
 def kinds(store: RequestStore) -> list[str]:
-    return [e["kind"] for e in store.events("t")]
+    return [e["kind"] for e in feed(store).events("t")]
 
 
 def test_counters_follow_submissions_tokens_and_final_statuses(watched):
@@ -35,9 +41,9 @@ def test_counters_follow_submissions_tokens_and_final_statuses(watched):
     [claim] = watched.claim("t", "n1")
     for index in range(3):
         watched.emit("t", claim.uid, claim.lease, index, 65, "A")
-    watched.finish("t", claim.uid, claim.lease, status="finished", finish_reason="length")
+    watched.finish("t", claim.uid, claim.lease, status=RequestStatus.FINISHED, finish_reason="length")
     watched.cancel("t", second)
-    assert watched.counters("t") == {"submitted": 2, "tokens": 3, "finished": 1, "cancelled": 1}
+    assert feed(watched).counters("t") == {"submitted": 2, "tokens": 3, "finished": 1, "cancelled": 1}
     assert claim.uid == first
 
 
@@ -45,7 +51,7 @@ def test_a_steal_is_an_event_naming_thief_victim_and_count(watched):
     for _ in range(4):
         put(watched, "busy")
     watched.claim("t", "idle", 2)
-    [steal] = watched.events("t")
+    [steal] = feed(watched).events("t")
     assert (steal["kind"], steal["node"], steal["from"], steal["count"]) == ("steal", "idle", "busy", "1")
     assert abs(float(steal["at"]) - time.time()) < 5
 
@@ -55,7 +61,7 @@ def test_an_expiry_is_an_event_with_its_message(watched):
     put(watched, "n1", request_id="late#1")
     time.sleep(1.1)
     assert len(watched.expire_due("t")) == 1
-    [expired] = watched.events("t")
+    [expired] = feed(watched).events("t")
     assert expired["kind"] == "expired" and expired["request_id"] == "late#1" and expired["node"] == "n1"
     assert "scheduler_ttl=1" in expired["message"]
 
@@ -65,11 +71,11 @@ def test_failover_and_rehoming_are_events(watched):
     [claim] = watched.claim("t", "n1")
     watched.write_heartbeat("t", "n2", {"state": "idle"})
     watched.redis.zadd(keys.inflight("t"), {uid: 0})  # n1's lease ran out
-    assert watched.recover("t") == [(uid, "n2")]
+    assert failover.recover(watched, "t") == [(uid, "n2")]
     put(watched, "gone")  # queued on a node that never beat: re-homed to the live one
-    assert watched.rehome("t") == 1
-    failover, rehomed = watched.events("t")
-    assert (failover["kind"], failover["request_id"], failover["from"], failover["to"]) == \
+    assert global_.rehome(watched, "t") == 1
+    moved, rehomed = feed(watched).events("t")
+    assert (moved["kind"], moved["request_id"], moved["from"], moved["to"]) == \
         ("failover", "moved", "n1", "n2")
     assert (rehomed["kind"], rehomed["from"], rehomed["count"]) == ("rehomed", "gone", "1")
     assert claim.uid == uid
@@ -77,16 +83,16 @@ def test_failover_and_rehoming_are_events(watched):
 
 def test_events_read_after_an_id_and_stay_capped(watched):
     for i in range(3):
-        watched.add_event("t", "node_joined", node=f"n{i}")
-    first, *rest = watched.events("t")
-    assert [e["node"] for e in watched.events("t", after=first["id"])] == ["n1", "n2"]
-    assert watched.last_event_id("t") == rest[-1]["id"]
+        feed(watched).add_event("t", "node_joined", node=f"n{i}")
+    first, *rest = feed(watched).events("t")
+    assert [e["node"] for e in feed(watched).events("t", after=first["id"])] == ["n1", "n2"]
+    assert feed(watched).last_event_id("t") == rest[-1]["id"]
     for i in range(keys.EVENTS_KEPT * 2):
-        watched.add_event("t", "steal", node="x", count=i)
+        feed(watched).add_event("t", "steal", node="x", count=i)
     assert watched.redis.xlen(keys.events("t")) < keys.EVENTS_KEPT * 1.2
 
 
 def test_chart_points_are_kept_oldest_first_and_trimmed(watched):
     for i in range(5):
-        watched.record_point("t", {"t": i, "rps": i * 2}, keep=3)
-    assert [p["t"] for p in watched.series("t")] == [2, 3, 4]
+        feed(watched).record_point("t", {"t": i, "rps": i * 2}, keep=3)
+    assert [p["t"] for p in feed(watched).series("t")] == [2, 3, 4]

@@ -61,7 +61,7 @@ def test_the_default_base_is_where_fastdeploy_would_connect():
 def test_a_bare_global_scheduler_connects_where_its_config_says(redis_url, redis_conn):
     from redis import Redis
 
-    from scheduler.base import create_scheduler
+    from scheduler.interface import create_scheduler
     from scheduler.messages import Request
 
     port = parse_url(redis_url)["port"]

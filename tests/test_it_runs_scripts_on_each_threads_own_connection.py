@@ -9,9 +9,11 @@ import time
 import pytest
 from redis.exceptions import ConnectionError, ResponseError
 
+from scheduler import scripts
 from scheduler.config import parse_config
-from scheduler.global_ import GlobalScheduler
+from scheduler.interface import GlobalScheduler
 from scheduler.messages import Request
+from scheduler.scripts import ScriptCall
 from scheduler.store import RequestStore, new_uid
 
 
@@ -22,8 +24,13 @@ def lane_store(redis_conn) -> RequestStore:
     return store
 
 
+def claim_call(n) -> ScriptCall:
+    return scripts.CLAIM.call("t", node="n1", n=n, may_steal="0", rand=0.5, lease_s=5, available_blocks=-1,
+                              block_size=1, reserved_output_blocks=0, max_num_batched_tokens=0)
+
+
 def client_id(store: RequestStore) -> int:
-    return int(store.run_command("CLIENT", "ID"))
+    return int(store.runner.run_command("CLIENT", "ID"))
 
 
 def test_each_thread_keeps_one_connection_of_its_own(lane_store):
@@ -51,15 +58,15 @@ def test_an_error_reply_raises_and_the_connection_stays_in_step(lane_store):
     uid = new_uid()
     lane_store.submit("t", uid, Request("r1", [1, 2, 3]), "n1", parse_config({"scheduler_topic": "t"}))
     with pytest.raises(ResponseError):
-        lane_store.run_scripts([("CANCEL", "t", (uid,)), ("CLAIM", "t", ("n1", "not-a-number"))])
+        lane_store.runner.run_scripts([scripts.CANCEL.call("t", uid=uid), claim_call(n="not-a-number")])
     # The CANCEL before the failing call ran; the reply after the error was read, not left behind.
-    assert lane_store.state("t", uid)["status"] == "cancelled"
-    assert lane_store.run_command("PING") == b"PONG"
+    assert lane_store.state("t", uid).status == "cancelled"
+    assert lane_store.runner.run_command("PING") == b"PONG"
     assert lane_store.claim("t", "n1") == []
 
 
 def test_a_connection_the_server_closed_is_replaced_before_use(lane_store, redis_conn):
-    from scheduler.store import LANE_CHECK_AFTER_S
+    from scheduler.connection import LANE_CHECK_AFTER_S
 
     before = client_id(lane_store)
     redis_conn.client_kill_filter(_id=before)  # as a restart, an idle timeout or a proxy reset would
@@ -73,7 +80,7 @@ def test_a_connection_killed_mid_use_fails_one_call_and_the_next_reconnects(lane
     outcomes = []
     for _ in range(2):
         try:
-            outcomes.append(lane_store.run_command("PING"))
+            outcomes.append(lane_store.runner.run_command("PING"))
         except ConnectionError:
             outcomes.append("failed")  # the close landed within the pause: as a call in flight
     assert outcomes[-1] == b"PONG" and outcomes.count("failed") <= 1
@@ -93,10 +100,10 @@ def test_an_exception_between_two_replies_never_leaves_one_for_the_next_call(lan
 
     monkeypatch.setattr(AbstractConnection, "read_response", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        lane_store.run_scripts([("CANCEL", "t", ("no-such-uid",)), ("CLAIM", "t", ("n1", 1))])
+        lane_store.runner.run_scripts([scripts.CANCEL.call("t", uid="no-such-uid"), claim_call(n=1)])
     monkeypatch.setattr(AbstractConnection, "read_response", real_read)
-    assert lane_store._lane.connection._sock is None  # closed there and then
-    assert lane_store.run_command("PING") == b"PONG"  # not the CLAIM's left-over reply
+    assert lane_store.runner._lane.connection._sock is None  # closed there and then
+    assert lane_store.runner.run_command("PING") == b"PONG"  # not the CLAIM's left-over reply
 
 
 def _child_client_id(store: RequestStore, answers) -> None:

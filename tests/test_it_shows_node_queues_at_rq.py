@@ -48,12 +48,13 @@ def queue_index(staff_client, name: str) -> int:
 def queued_on_node_a(api, store, request_id: str):
     from fdconsole.inference.models import Request
     from scheduler import keys
+    from scheduler.telemetry import Telemetry
 
     api.post("/api/v1/topics/default/requests", {"prompt": "x", "request_id": request_id, "node": "node-a"})
     uid = Request.objects.get(request_id=request_id).uid
     queue = keys.rq_queue(keys.node_queue_name("default", "node-a"))
     return uid, lambda: (store.redis.lrange(queue, 0, -1), store.load_scores("default", ["node-a"]),
-                         store.waiting_count("default"), store.state("default", uid)["status"])
+                         Telemetry(store.redis).waiting_count("default"), store.state("default", uid).status)
 
 
 @pytest.mark.parametrize("action", ["delete", "requeue", "enqueue", "stop"])

@@ -17,13 +17,10 @@ PROMPTS = ["Hello, splitwise.", "Grüße, 世界! 🚀", LONG]
 
 @pytest.fixture
 def splitwise_topic(db, store):
-    from fdconsole.topics.services import ensure_topic
+    from fdconsole.topics.services import change_topic, ensure_topic
 
-    topic = ensure_topic("default")
-    topic.apply_config({"scheduler_name": "splitwise", "scheduler_sync_period": 0.5})
-    topic.save()
-    store.publish_config("default", topic.config)
-    return topic
+    changes = {"scheduler_name": "splitwise", "scheduler_sync_period": 0.5}
+    return change_topic(ensure_topic("default"), changes)
 
 
 def submit(api, prompt: str, max_tokens: int = 40, **extra) -> str:
@@ -93,14 +90,14 @@ def test_a_decode_node_killed_after_the_handoff_loses_nothing(api, splitwise_top
     deadline = time.monotonic() + 30
     while True:
         state = store.state("default", uid)
-        if state.get("executed_by") in ("dec-1",) and int(state.get("num_output_tokens", 0)) >= 10:
+        if state.executed_by in ("dec-1",) and state.num_output_tokens >= 10:
             break
         assert time.monotonic() < deadline, state
         time.sleep(0.02)
     node_processes.start("dec-2", "default", "--role", "decode", **slow)
     node_processes.kill("dec-1")
     state = store.state("default", uid)
-    assert state["status"] == "running" and int(state["num_output_tokens"]) < 200, "dec-1 finished first"
+    assert state.status == "running" and state.num_output_tokens < 200, "dec-1 finished first"
     body = wait_status(api, request_id, ("finished", "failed", "expired"), timeout=60)
     assert body["status"] == "finished" and body["executed_by"] == "dec-2" and body["decode_node"] == "dec-2"
     assert body["output_token_ids"] == greedy(engine, PROMPTS[0], 200)

@@ -6,8 +6,8 @@ import time
 import pytest
 
 from scheduler.config import parse_config
+from scheduler.interface import SplitwiseScheduler
 from scheduler.messages import Request, Result
-from scheduler.splitwise import SplitwiseScheduler
 
 
 def config(**changes):
@@ -57,7 +57,7 @@ def test_a_prefill_and_decode_cluster_places_by_role(redis_conn):
     try:
         prefill.put_requests([Request("r1", list(range(10)))])
         state = prefill.store.state("sw", prefill.uids["r1"])
-        assert (state["prefill_node"], state["decode_node"], state["phase"]) == ("p1", "d1", "prefill")
+        assert (state.prefill_node, state.decode_node, state.phase) == ("p1", "d1", "prefill")
         loads = redis_conn.hgetall(keys.pd_load("sw"))
         assert loads == {b"p1": b"10", b"d1": b"1"}  # prompt tokens on prefill, requests on decode
     finally:

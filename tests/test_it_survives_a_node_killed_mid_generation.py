@@ -31,7 +31,7 @@ def uid_of(request_id: str) -> str:
 
 def wait_for_tokens(store, uid: str, count: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while int(store.state("default", uid).get("num_output_tokens", 0)) < count:
+    while store.state("default", uid).num_output_tokens < count:
         assert time.monotonic() < deadline, "the request never streamed enough tokens"
         time.sleep(0.01)
 
@@ -67,7 +67,7 @@ def test_a_request_resumes_on_a_live_node_with_every_token_once(api, global_topi
     node_processes.kill("node-a")  # SIGKILL: no goodbye, no handing back
     killed_at = time.monotonic()
     uid = uid_of(request_id)
-    while store.state("default", uid).get("executed_by") != "node-b":
+    while store.state("default", uid).executed_by != "node-b":
         assert time.monotonic() - killed_at < FAILOVER_LIMIT_S, "no live node took the request over"
         time.sleep(0.05)
     reader.join(timeout=FAILOVER_LIMIT_S + 30)

@@ -121,7 +121,8 @@ def saved_ttl() -> tuple[int, int]:
     from fdconsole.topics.models import Topic
 
     topic = Topic.objects.get(name="default")
-    return topic.scheduler_ttl, get_topic_store(topic).config_of("default").get("scheduler_ttl")
+    published = get_topic_store(topic).config_of("default")
+    return topic.scheduler_ttl, published.scheduler_ttl if published else None
 
 
 def test_it_refuses_a_bad_config_value_by_name_and_applies_a_good_one(console, browser_page, shot, ops):

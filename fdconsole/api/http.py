@@ -14,39 +14,10 @@ from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 
 from fdconsole.api.models import ApiToken
-from fdconsole.inference.submit import UnknownObject
-from fdconsole.redis_conn import TopicRedisUnavailable
-from fdconsole.topics.moves import StaffOnly, TopicBusy
-from scheduler.errors import (
-    ConfigError,
-    DuplicateRequest,
-    NoNodeAvailable,
-    QueueFull,
-    SchedulerError,
-    UnknownRequest,
-)
+from fdconsole.errors import ApiError
+from scheduler.errors import FdError
 
 log = logging.getLogger(__name__)
-
-STATUS_OF: dict[type[SchedulerError], int] = {
-    ConfigError: 400,
-    StaffOnly: 403,
-    UnknownObject: 404,
-    UnknownRequest: 404,
-    DuplicateRequest: 409,
-    TopicBusy: 409,
-    QueueFull: 429,
-    NoNodeAvailable: 503,
-    TopicRedisUnavailable: 503,
-}
-
-
-class ApiError(Exception):
-    """An error answer decided in a view."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.field = status, code, message, field
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> JsonResponse:
@@ -104,10 +75,8 @@ def api_view(methods: tuple[str, ...]) -> Callable:
                     raise ApiError(405, "method_not_allowed",
                                    f"{request.method} is not allowed here; use {', '.join(methods)}")
                 return view(request, user, *args, **kwargs)
-            except ApiError as exc:
+            except FdError as exc:  # ours, named: each carries its status
                 return error_response(exc.status, exc.code, exc.message, exc.field)
-            except SchedulerError as exc:
-                return error_response(STATUS_OF.get(type(exc), 400), exc.code, exc.message, exc.field)
             except RedisError as exc:
                 log.warning("Redis unavailable: %s", exc)
                 return error_response(503, "redis_unavailable", f"Redis did not answer: {exc}")

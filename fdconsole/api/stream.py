@@ -16,12 +16,12 @@ from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from redis.exceptions import RedisError
 
-from fdconsole.api.http import ApiError, bearer_user, error_response
-from fdconsole.api.views import get_request_row
+from fdconsole.api.http import bearer_user, error_response
+from fdconsole.errors import ApiError, TopicRedisUnavailable, UnknownObject
 from fdconsole.inference.models import Request
-from fdconsole.inference.submit import UnknownObject
+from fdconsole.inference.submit import get_request_row
 from fdconsole.inference.sync import sync_request
-from fdconsole.redis_conn import TopicRedisUnavailable, topic_url
+from fdconsole.redis_conn import topic_url
 from gpu_worker.tokenizer import ByteTokenizer
 from scheduler.store import AsyncOutputReader
 
@@ -36,10 +36,8 @@ async def stream_request(request: HttpRequest, request_id: str) -> HttpResponse:
         if request.method != "GET":
             raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed here; use GET")
         row = await sync_to_async(get_request_row)(request_id)
-    except ApiError as exc:
+    except (ApiError, UnknownObject) as exc:
         return error_response(exc.status, exc.code, exc.message, exc.field)
-    except UnknownObject as exc:
-        return error_response(404, exc.code, exc.message, exc.field)
     return sse_response(row)
 
 

@@ -2,41 +2,23 @@
 
 from __future__ import annotations
 
-from django.db import connection, transaction
+from django.db import IntegrityError, connection
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 from redis.exceptions import RedisError
 
-from fdconsole.api.http import ApiError, api_view, json_body
+from fdconsole.api.http import api_view, json_body
+from fdconsole.errors import ApiError, UnknownObject
 from fdconsole.inference.models import Request
-from fdconsole.inference.submit import UnknownObject, submit_request
+from fdconsole.inference.submit import get_request_row, submit_request
 from fdconsole.inference.sync import cancel_request, sync_request
 from fdconsole.nodes.models import Node
 from fdconsole.nodes.status import describe_nodes
 from fdconsole.redis_conn import get_redis, topic_redis_errors
 from fdconsole.topics.models import Topic
-from fdconsole.topics.moves import refuse_move_by_non_staff
-from fdconsole.topics.services import publish_topic
-from scheduler.config import NAME_RE, parse_config, validate_name
+from fdconsole.topics.services import change_topic, create_topic, get_topic
+from scheduler.config import NAME_RE, validate_name
 from scheduler.errors import ConfigError
-
-
-def get_topic(name: str) -> Topic:
-    # A name that could never be valid is unknown without asking the database (PostgreSQL would
-    # refuse a NUL in it with an error instead of "not found").
-    topic = Topic.objects.filter(name=name).first() if NAME_RE.match(name) else None
-    if topic is None:
-        raise UnknownObject(f"no topic '{name}'", field="topic")
-    return topic
-
-
-def get_request_row(request_id: str) -> Request:
-    row = None
-    if request_id.isprintable():
-        row = Request.objects.select_related("topic").filter(request_id=request_id).first()
-    if row is None:
-        raise UnknownObject(f"no request '{request_id}'", field="request_id")
-    return row
 
 
 # -- requests ---------------------------------------------------------------------------------------
@@ -80,17 +62,12 @@ def topics(request: HttpRequest, user) -> JsonResponse:
     if not isinstance(body, dict):
         raise ConfigError("the request body must be a JSON object")
     name = validate_name(body.get("name"), "name")
-    changes = {k: v for k, v in body.items() if k != "name"}
-    changes.setdefault("scheduler_topic", name)
-    with transaction.atomic():
-        if Topic.objects.filter(name=name).exists():
-            raise ApiError(409, "duplicate_topic", f"topic '{name}' already exists", "name")
-        topic = Topic(name=name)
-        topic.apply_config(changes)
-        refuse_move_by_non_staff(user, parse_config({"scheduler_topic": name}), topic.config)
-        topic.save()
-        with topic_redis_errors(topic):  # Redis refuses: the new row rolls back
-            publish_topic(topic)
+    if Topic.objects.filter(name=name).exists():
+        raise ApiError(409, "duplicate_topic", f"topic '{name}' already exists", "name")
+    try:
+        topic = create_topic(name, {k: v for k, v in body.items() if k != "name"}, user=user)
+    except IntegrityError:  # created meanwhile by another request
+        raise ApiError(409, "duplicate_topic", f"topic '{name}' already exists", "name") from None
     return JsonResponse(topic_object(topic), status=201)
 
 
@@ -104,15 +81,7 @@ def topic_detail(request: HttpRequest, user, topic: str) -> JsonResponse:
         if isinstance(changes, dict):
             read_only = ("name", "nodes", "created_at", "updated_at")  # GET fields a client may send back
             changes = {k: v for k, v in changes.items() if k not in read_only}
-        with transaction.atomic():
-            row = Topic.objects.select_for_update().get(pk=row.pk)
-            previous = row.config
-            row.apply_config(changes)  # refuses (409) to move a busy topic to another Redis
-            refuse_move_by_non_staff(user, previous, row.config)
-            row.save()
-            # Published inside the transaction: if Redis refuses, the database change rolls back.
-            with topic_redis_errors(row):
-                publish_topic(row, previous)
+        row = change_topic(row, changes, user=user)
     return JsonResponse(topic_object(row))
 
 

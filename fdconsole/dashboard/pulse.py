@@ -17,35 +17,28 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 from collections import defaultdict
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from channels.layers import get_channel_layer
 from redis.exceptions import RedisError
 
+from fdconsole.errors import TopicRedisUnavailable
 from fdconsole.nodes.models import Node
 from fdconsole.nodes.status import describe_nodes
-from fdconsole.redis_conn import TopicRedisUnavailable, get_store, get_topic_store, topic_url
+from fdconsole.redis_conn import get_store, get_topic_telemetry, topic_url
 from fdconsole.topics.models import Topic
-from scheduler.messages import FINAL_STATUSES
+from scheduler.lease import Lease
+from scheduler.status import RequestStatus
+from scheduler.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 TICK_S = 0.2  # a heartbeat reaches the browser within about this (plus the heartbeat's own period)
 POINT_S = 1.0  # one chart point a second
 LEASE_KEY = "fd:console:pulse"
 LEASE_MS = 3000
-HOLD_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-RELEASE_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 0
-"""
 SERIES_SENT = 300  # chart points a page gets when it connects: the last five minutes
 EVENTS_SENT = 50
 CLUSTER_GROUP = "cluster"
@@ -87,18 +80,21 @@ class Pulse:
     """Samples and broadcasts; ``tick`` is synchronous (database, Redis), ``broadcast`` sends."""
 
     def __init__(self) -> None:
-        self.holder = uuid.uuid4().hex
         self.states: dict[tuple[str, str], str] = {}
         self.after: dict[str, str] = {}  # the last event id sent, per topic
         self.counted: dict[str, tuple[float, dict[str, int]]] = {}  # per topic: when, counters then
 
     # -- the lease ------------------------------------------------------------------------------
+    @cached_property
+    def lease(self) -> Lease:
+        return Lease(get_store().redis, LEASE_KEY, LEASE_MS)
+
     def hold_lease(self) -> bool:
         """Take the lease when free, renew it when ours (one atomic step: no two holders after a handover)."""
-        return bool(get_store().redis.eval(HOLD_LEASE, 1, LEASE_KEY, self.holder, LEASE_MS))
+        return self.lease.hold()
 
     def release_lease(self) -> None:
-        get_store().redis.eval(RELEASE_LEASE, 1, LEASE_KEY, self.holder)
+        self.lease.release()
 
     # -- sampling -------------------------------------------------------------------------------
     def tick(self) -> list[tuple[str, dict[str, Any]]]:
@@ -130,37 +126,37 @@ class Pulse:
         self.counted = {topic: seen for topic, seen in self.counted.items() if topic in topics}
 
     def sample_topic(self, topic: Topic, nodes: list[Node], now: float) -> dict[str, Any]:
-        store = get_topic_store(topic)
+        telemetry = get_topic_telemetry(topic)
         described = describe_for_browser(nodes)
-        self.note_transitions(store, topic.name, described)
-        waiting = store.waiting_count(topic.name)
-        point = self.maybe_point(store, topic.name, described, waiting, now)
+        self.note_transitions(telemetry, topic.name, described)
+        waiting = telemetry.waiting_count(topic.name)
+        point = self.maybe_point(telemetry, topic.name, described, waiting, now)
         after = self.after.get(topic.name)
         if after is None:  # first sight: the page's hello carries the recent ones
-            events, self.after[topic.name] = [], store.last_event_id(topic.name)
+            events, self.after[topic.name] = [], telemetry.last_event_id(topic.name)
         else:
-            events = store.events(topic.name, after=after, count=200)
+            events = telemetry.events(topic.name, after=after, count=200)
             if events:
                 self.after[topic.name] = events[-1]["id"]
         return topic_message(topic, now, described, waiting, point, events)
 
-    def note_transitions(self, store, topic: str, nodes: list[dict[str, Any]]) -> None:
+    def note_transitions(self, telemetry: Telemetry, topic: str, nodes: list[dict[str, Any]]) -> None:
         for node in nodes:
             key = (topic, node["name"])
             before, after = self.states.get(key), node["state"]
             self.states[key] = after
             kind = transition_event(before, after, node.get("heartbeat_age_s"))
             if kind:
-                store.add_event(topic, kind, node=node["name"], role=node["role"], state=after,
+                telemetry.add_event(topic, kind, node=node["name"], role=node["role"], state=after,
                                 was=before)
 
-    def maybe_point(self, store, topic: str, nodes: list[dict[str, Any]], waiting: int,
+    def maybe_point(self, telemetry: Telemetry, topic: str, nodes: list[dict[str, Any]], waiting: int,
                     now: float) -> dict[str, Any] | None:
         """Once a second: requests and tokens per second since the last point, queue depth, load."""
         previous = self.counted.get(topic)
         if previous is not None and now - previous[0] < POINT_S:
             return None  # the counters are read once a second, not on every tick
-        counters = store.counters(topic)
+        counters = telemetry.counters(topic)
         self.counted[topic] = (now, counters)
         if previous is None:
             return None  # a rate needs two readings
@@ -169,10 +165,10 @@ class Pulse:
         def rate(*fields: str) -> float:
             return max(0, sum(counters.get(f, 0) - before.get(f, 0) for f in fields)) / seconds
 
-        point = {"t": round(now, 3), "rps": round(rate(*FINAL_STATUSES), 2),
+        point = {"t": round(now, 3), "rps": round(rate(*RequestStatus.finals()), 2),
                  "submitted_ps": round(rate("submitted"), 2), "tps": round(rate("tokens"), 1),
                  "queue": waiting, "load": {n["name"]: n["load_score"] for n in nodes}}
-        store.record_point(topic, point)
+        telemetry.record_point(topic, point)
         return point
 
     # -- running --------------------------------------------------------------------------------
@@ -234,10 +230,10 @@ def hello(topic_name: str | None) -> dict[str, Any]:
     topic = Topic.objects.get(name=topic_name)
     nodes = list(Node.objects.filter(topic=topic).select_related("topic").order_by("name"))
     try:
-        store = get_topic_store(topic)
-        return topic_message(topic, now, describe_for_browser(nodes), store.waiting_count(topic.name),
-                             events=store.events(topic.name, count=EVENTS_SENT),
-                             series=store.series(topic.name, SERIES_SENT), hello=True)
+        telemetry = get_topic_telemetry(topic)
+        return topic_message(topic, now, describe_for_browser(nodes), telemetry.waiting_count(topic.name),
+                             events=telemetry.events(topic.name, count=EVENTS_SENT),
+                             series=telemetry.series(topic.name, SERIES_SENT), hello=True)
     except (RedisError, TopicRedisUnavailable) as exc:
         return {**unavailable(topic, nodes, now, exc), "series": [], "hello": True}
 

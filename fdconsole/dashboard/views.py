@@ -2,8 +2,8 @@
 
 The live pages render what is known at load time (so they read well without JavaScript) and then
 follow the WebSocket feed (``consumers.LiveConsumer``). Forms go through the same services as the API:
-``submit_request`` for requests, ``Topic.apply_config`` (``scheduler.config.parse_config``) for the
-configuration, so a value refused in one place is refused everywhere with the same message.
+``submit_request`` for requests, ``fdconsole.topics.services.change_topic`` for the configuration, so
+a value refused in one place is refused everywhere with the same message.
 """
 
 from __future__ import annotations
@@ -13,26 +13,25 @@ import json
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 from redis.exceptions import RedisError
 
-from fdconsole.api.views import get_request_row, get_topic
 from fdconsole.dashboard.pulse import describe_for_browser, known_rows
+from fdconsole.errors import TopicRedisUnavailable, UnknownObject
 from fdconsole.inference.models import Request
-from fdconsole.inference.submit import UnknownObject, submit_request
+from fdconsole.inference.submit import get_request_row, submit_request
 from fdconsole.inference.sync import cancel_request, sync_request
 from fdconsole.nodes.models import Node
-from fdconsole.redis_conn import TopicRedisUnavailable, get_topic_store, topic_redis_errors
+from fdconsole.redis_conn import get_topic_store, topic_redis_errors
 from fdconsole.topics.models import Topic
-from fdconsole.topics.moves import refuse_move_by_non_staff
-from fdconsole.topics.services import publish_topic
+from fdconsole.topics.services import change_topic, get_topic
 from gpu_worker.tokenizer import ByteTokenizer
 from scheduler.config import PARAMETERS, PARAMETERS_BY_NAME, PASSWORD_MASK
-from scheduler.errors import ConfigError, SchedulerError
+from scheduler.errors import FdError, InvalidRequest
+from scheduler.status import RequestStatus
 
 _tokenizer = ByteTokenizer()
 PAGE_SIZE = 50
@@ -94,17 +93,10 @@ def topic_config(request: HttpRequest, topic: str) -> HttpResponse:
         submitted = {p.name: request.POST.get(p.name, "") for p in PARAMETERS}
         changes = _changed_fields(row, submitted)
         try:
-            with transaction.atomic(), topic_redis_errors(row):
-                locked = Topic.objects.select_for_update().get(pk=row.pk)
-                previous = locked.config
-                locked.apply_config(changes, from_text=True)
-                refuse_move_by_non_staff(request.user, previous, locked.config)
-                locked.save()
-                # Inside the transaction: if Redis refuses, the database keeps the old configuration.
-                publish_topic(locked, previous)
+            change_topic(row, changes, user=request.user, from_text=True)
         except TopicRedisUnavailable as exc:
             errors["__all__"] = f"Nothing was saved: {exc.message}"
-        except SchedulerError as exc:
+        except FdError as exc:
             errors[exc.field or "__all__"] = exc.message
         else:
             if changes:
@@ -170,7 +162,8 @@ def request_list(request: HttpRequest) -> HttpResponse:
     page = Paginator(rows, PAGE_SIZE).get_page(request.GET.get("page"))
     query = "&".join(f"{k}={v}" for k, v in filters.items() if v)
     return render(request, "requests.html", {
-        "page": page, "filters": filters, "query": query, "statuses": Request.Status.values,
+        "page": page, "filters": filters, "query": query,
+        "statuses": [status.value for status in RequestStatus],
         "topics": Topic.objects.order_by("name").values_list("name", flat=True),
         "nodes": Node.objects.order_by("name").values_list("name", flat=True),
     })
@@ -186,7 +179,7 @@ def request_new(request: HttpRequest) -> HttpResponse:
         form["prompt"] = request.POST.get("prompt", "")  # the prompt as typed, spaces included
         try:
             row = submit_request(get_topic(form["topic"]), _submission(form), request.user)
-        except SchedulerError as exc:
+        except FdError as exc:
             error = {"field": exc.field, "message": exc.message}
         except RedisError as exc:
             error = {"field": None, "message": f"Redis did not answer, the request was not queued: {exc}"}
@@ -210,7 +203,7 @@ def _submission(form: dict[str, str]) -> dict:
         try:
             body[name] = parse(text)
         except ValueError:
-            raise ConfigError(f"{name} must be a number, not '{text}'", field=name) from None
+            raise InvalidRequest(f"{name} must be a number, not '{text}'", field=name) from None
     if form["node"]:
         body["node"] = form["node"]
     return body

@@ -12,22 +12,15 @@ from django.conf import settings
 from django.db import models
 
 from gpu_worker.tokenizer import streamed_text
-from scheduler.messages import FINAL_STATUSES
+from scheduler.status import RequestStatus
 
 
 class Request(models.Model):
-    class Status(models.TextChoices):
-        QUEUED = "queued"
-        RUNNING = "running"
-        FINISHED = "finished"
-        FAILED = "failed"
-        EXPIRED = "expired"
-        CANCELLED = "cancelled"
-
     uid = models.CharField(max_length=32, unique=True, editable=False, help_text="Internal id (Redis, rq).")
     request_id = models.CharField(max_length=128, unique=True)
     topic = models.ForeignKey("topics.Topic", on_delete=models.CASCADE, related_name="requests")
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    status = models.CharField(max_length=16, choices=RequestStatus.choices(), default=RequestStatus.QUEUED,
+                              db_index=True)
     home_node = models.CharField(max_length=64, blank=True, db_index=True)
     executed_by = models.CharField(max_length=64, blank=True)
     prefill_node = models.CharField(max_length=64, blank=True)
@@ -58,7 +51,7 @@ class Request(models.Model):
 
     @property
     def is_final(self) -> bool:
-        return self.status in FINAL_STATUSES
+        return RequestStatus(self.status).is_final
 
     @property
     def output_text(self) -> str:

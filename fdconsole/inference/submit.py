@@ -8,35 +8,42 @@ Redis) the row is deleted again before the error reaches the client.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from fdconsole.errors import UnknownObject
 from fdconsole.inference.models import Request
 from fdconsole.inference.sync import sync_uids
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store
-from fdconsole.topics.models import Topic
 from gpu_worker.tokenizer import ByteTokenizer
-from scheduler.errors import ConfigError, DuplicateRequest, QueueFull, SchedulerError
+from scheduler.errors import DuplicateRequest, InvalidRequest, QueueFull
 from scheduler.messages import parse_submission
 from scheduler.store import new_uid
+
+if TYPE_CHECKING:
+    from fdconsole.topics.models import Topic
 
 _tokenizer = ByteTokenizer()
 
 
-class UnknownObject(SchedulerError):
-    """A topic, node or request that does not exist (HTTP 404)."""
-
-    code = "not_found"
+def get_request_row(request_id: str) -> Request:
+    """The request ``request_id``; ``UnknownObject`` when there is none."""
+    row = None
+    if request_id.isprintable():
+        row = Request.objects.select_related("topic").filter(request_id=request_id).first()
+    if row is None:
+        raise UnknownObject(f"no request '{request_id}'", field="request_id")
+    return row
 
 
 def submit_request(topic: Topic, body: Any, user=None) -> Request:
     """Validate ``body`` and queue it on ``topic``; returns the recorded row.
 
-    Raises ConfigError (400), UnknownObject (404), DuplicateRequest (409), QueueFull (429),
+    Raises InvalidRequest (400), UnknownObject (404), DuplicateRequest (409), QueueFull (429),
     NoNodeAvailable (503) or a redis error (503).
     """
     request, request_id, node_name = parse_submission(
@@ -83,8 +90,8 @@ def _candidate_nodes(topic: Topic, node_name: str | None, store) -> list[str]:
         if node is None:
             raise UnknownObject(f"topic '{topic.name}' has no node '{node_name}'", field="node")
         if not node.enabled:
-            raise ConfigError(f"node '{node_name}' is {node.admin_state} and takes no new requests",
-                              field="node")
+            raise InvalidRequest(f"node '{node_name}' is {node.admin_state} and takes no new requests",
+                                 field="node")
         return [node.name]
     enabled = list(
         Node.objects.filter(topic=topic, admin_state=Node.AdminState.ENABLED)

@@ -6,7 +6,6 @@ conditional on the row's status rank, so a slow reader can never move a request 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -15,8 +14,10 @@ from django.utils import timezone
 
 from fdconsole.inference.models import Request
 from fdconsole.redis_conn import get_topic_store
-from scheduler.messages import FINAL_STATUSES, STATUS_RANK
-from scheduler.store import RETENTION_S, RequestStore
+from scheduler.keys import RETENTION_S
+from scheduler.state import RequestState
+from scheduler.status import RequestStatus
+from scheduler.store import RequestStore
 
 log = logging.getLogger(__name__)
 LOST_GRACE_S = 60
@@ -42,11 +43,11 @@ def sync_request(row: Request, store: RequestStore | None = None) -> Request:
     if row.is_final:
         return row
     store = store or get_topic_store(row.topic)
-    if row.status == "queued":
+    if row.status == RequestStatus.QUEUED:
         # Lazy eviction: a reader sees an overdue request expire even when no reaper runs.
         store.expire_due(row.topic.name)
     state = store.state(row.topic.name, row.uid)
-    if not state:
+    if state is None:
         return _mark_lost_if_overdue(row)
     changes = _changes_from_state(row, state, store)
     _conditional_update(row, changes)
@@ -61,34 +62,34 @@ def sync_uids(topic: str, uids: list[str], store: RequestStore | None = None) ->
     return len(rows)
 
 
-def _changes_from_state(row: Request, state: dict[str, str], store: RequestStore) -> dict:
-    status = state.get("status", row.status)
+def _changes_from_state(row: Request, state: RequestState, store: RequestStore) -> dict:
     changes = {
-        "status": status,
-        "executed_by": state.get("executed_by", ""),
-        "home_node": state.get("home_node", row.home_node),
-        "prefill_node": state.get("prefill_node", ""),
-        "decode_node": state.get("decode_node", ""),
-        "handoff_bytes": int(state["handoff_bytes"]) if state.get("handoff_bytes") else None,
-        "handoff_ms": float(state["handoff_ms"]) if state.get("handoff_ms") else None,
-        "started_at": _time(state.get("started_at")),
-        "first_token_at": _time(state.get("first_token_at")),
-        "finished_at": _time(state.get("finished_at")),
-        "finish_reason": state.get("finish_reason", ""),
-        "error_code": state.get("error_code", ""),
-        "error_message": state.get("error_message", ""),
+        "status": state.status,
+        "executed_by": state.executed_by,
+        "home_node": state.home_node,
+        "prefill_node": state.prefill_node,
+        "decode_node": state.decode_node,
+        "handoff_bytes": state.handoff_bytes,
+        "handoff_ms": state.handoff_ms,
+        "started_at": _time(state.started_at),
+        "first_token_at": _time(state.first_token_at),
+        "finished_at": _time(state.finished_at),
+        "finish_reason": state.finish_reason,
+        "error_code": state.error_code,
+        "error_message": state.error_message,
     }
-    if status in FINAL_STATUSES and "output_token_ids" in state:
-        changes["output_token_ids"] = json.loads(state["output_token_ids"])
-    elif status in ("running",) + FINAL_STATUSES:
+    if state.is_final and state.output_token_ids is not None:
+        changes["output_token_ids"] = state.output_token_ids
+    elif state.status >= RequestStatus.RUNNING:
         tokens = [e for e in store.read_output(row.topic.name, row.uid) if e.kind == "token"]
         changes["output_token_ids"] = [e.token_id for e in tokens]
     return changes
 
 
 def _conditional_update(row: Request, changes: dict) -> None:
-    new_rank = STATUS_RANK.get(changes["status"], 0)
-    allowed = [s for s, rank in STATUS_RANK.items() if rank < new_rank or (rank == new_rank and rank < 2)]
+    """Write ``changes`` unless the row has moved past their status meanwhile (never backwards)."""
+    new = RequestStatus(changes["status"])
+    allowed = [status for status in RequestStatus if status.may_become(new)]
     updated = Request.objects.filter(pk=row.pk, status__in=allowed).update(**changes)
     if updated:
         for name, value in changes.items():
@@ -102,17 +103,17 @@ def _mark_lost_if_overdue(row: Request) -> Request:
     persistence, or the submit died half-way). Once its TTL and the retention are past, say so."""
     ttl = row.topic.config.scheduler_ttl
     deadline = row.created_at + timedelta(seconds=ttl + LOST_GRACE_S)
-    if row.status == "running":
+    if row.status == RequestStatus.RUNNING:
         deadline = row.created_at + timedelta(seconds=ttl + RETENTION_S)
     if timezone.now() < deadline:
         return row
     log.warning("request %s lost its live state in Redis; marking it failed", row.request_id)
     _conditional_update(row, {
-        "status": "failed", "finished_at": timezone.now(), "error_code": "lost",
+        "status": RequestStatus.FAILED, "finished_at": timezone.now(), "error_code": "lost",
         "error_message": "the request's live state was lost (was Redis restarted?)",
     })
     return row
 
 
-def _time(raw: str | None) -> datetime | None:
-    return datetime.fromtimestamp(float(raw), tz=UTC) if raw else None
+def _time(seconds: float | None) -> datetime | None:
+    return datetime.fromtimestamp(seconds, tz=UTC) if seconds is not None else None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store, topic_redis_errors
-from fdconsole.topics.models import Topic
 from scheduler.liveness import heartbeat_age, limits, node_state
+
+if TYPE_CHECKING:
+    from fdconsole.topics.models import Topic
 
 
 def describe_nodes(nodes: list[Node]) -> list[dict[str, Any]]:

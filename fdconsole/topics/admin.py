@@ -1,10 +1,18 @@
+"""Topics in the admin, changed through ``fdconsole.topics.services`` like everywhere else: a refused
+change shows beside its field, and when the topic's Redis does not take the configuration nothing is
+saved."""
+
+from __future__ import annotations
+
 from django import forms
 from django.contrib import admin, messages
+from django.http import HttpResponseRedirect
 
-from fdconsole.redis_conn import TopicRedisUnavailable, topic_redis_errors
+from fdconsole.errors import TopicRedisUnavailable
 from fdconsole.topics.models import Topic
-from fdconsole.topics.services import publish_topic
+from fdconsole.topics.services import change_topic, check_change, create_topic
 from scheduler.config import PARAMETERS
+from scheduler.errors import FdError
 
 
 class TopicForm(forms.ModelForm):
@@ -12,6 +20,7 @@ class TopicForm(forms.ModelForm):
 
     scheduler_password = forms.CharField(required=False, widget=forms.PasswordInput(render_value=False),
                                          help_text="Leave empty to keep the current password.")
+    user = None  # who edits (set by TopicAdmin.get_form): the service checks what they may change
 
     class Meta:
         model = Topic
@@ -20,6 +29,15 @@ class TopicForm(forms.ModelForm):
     def clean_scheduler_password(self) -> str:
         entered = self.cleaned_data.get("scheduler_password", "")
         return entered or (self.instance.scheduler_password if self.instance.pk else "")
+
+    def _post_clean(self) -> None:
+        super()._post_clean()  # the model's own validation of the row as edited
+        if self.errors or self.instance.pk is None:
+            return
+        try:
+            check_change(Topic.objects.get(pk=self.instance.pk), self.instance.config, self.user)
+        except FdError as exc:
+            self.add_error(exc.field if exc.field in self.fields else None, exc.message)
 
 
 @admin.register(Topic)
@@ -39,17 +57,24 @@ class TopicAdmin(admin.ModelAdmin):
         # Keys in Redis and rows of in-flight requests hang off the name: it cannot change.
         return (*self.readonly_fields, "name") if obj else self.readonly_fields
 
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change, **kwargs)
+        return type(form.__name__, (form,), {"user": request.user})
+
     @admin.display(description="nodes")
     def node_count(self, obj: Topic) -> int:
         return obj.nodes.count()
 
     def save_model(self, request, obj: Topic, form, change: bool) -> None:
-        # The saved row's configuration, before this save: the Redis the topic may be moving from.
-        previous = Topic.objects.get(pk=obj.pk).config if change else None
-        super().save_model(request, obj, form, change)
+        config = {p.name: getattr(obj, p.name) for p in PARAMETERS}
+        saved = (change_topic(obj, config, user=request.user) if change
+                 else create_topic(obj.name, config, user=request.user))
+        obj.pk, obj.created_at, obj.updated_at = saved.pk, saved.created_at, saved.updated_at
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        # The admin saves in a transaction; a Redis that refuses the configuration rolls it back.
         try:
-            with topic_redis_errors(obj):
-                publish_topic(obj, previous)
+            return super().changeform_view(request, object_id, form_url, extra_context)
         except TopicRedisUnavailable as exc:
-            self.message_user(request, f"Saved, but Redis did not take the new configuration: {exc.message}",
-                              messages.WARNING)
+            self.message_user(request, f"Nothing was saved: {exc.message}", messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())

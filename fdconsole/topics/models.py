@@ -1,7 +1,9 @@
 """The Topic model: a name plus one column per scheduler parameter of the user's table.
 
 The columns are generated from ``scheduler.config.PARAMETERS`` so that names, types and defaults
-cannot drift from the table; validation is ``scheduler.config.parse_config`` and nothing else.
+cannot drift from the table; validation is ``scheduler.config.parse_config`` and nothing else. The
+model validates only; changing a topic (saved, published to its Redis, checked against its users and
+its work) is ``fdconsole.topics.services``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 
 from scheduler.config import PARAMETERS, Parameter, SchedulerConfig, parse_config, validate_name
-from scheduler.errors import ConfigError, SchedulerError
+from scheduler.errors import ConfigError, FdError
 
 
 class Topic(models.Model):
@@ -31,30 +33,22 @@ class Topic(models.Model):
         # Through the parser: the database gives 5.0 for a float column holding 5; the API shows 5.
         return parse_config({p.name: getattr(self, p.name) for p in PARAMETERS})
 
-    def apply_config(self, changes: dict[str, Any], *, from_text: bool = False) -> SchedulerConfig:
-        """Validate ``changes`` over the current configuration and set them on this instance.
-
-        Raises ``ConfigError`` naming the field at fault, or ``TopicBusy`` (409) when the changes move
-        a saved topic with unfinished requests or running nodes to another Redis; the instance is
-        untouched on error.
-        """
-        from fdconsole.topics.moves import refuse_busy_move
-
+    def validated(self, changes: dict[str, Any], *, from_text: bool = False) -> SchedulerConfig:
+        """``changes`` over the current configuration, validated (``ConfigError`` naming the field at
+        fault). Validation only: see ``fdconsole.topics.services`` to change a topic."""
         config = parse_config(changes, base=self.config, from_text=from_text)
         if config.scheduler_topic != self.name:
-            raise ConfigError(
-                f"scheduler_topic must be the topic's own name '{self.name}'", field="scheduler_topic"
-            )
-        if self.pk is not None:
-            refuse_busy_move(self, self.config, config)
-        for name, value in config.as_dict().items():
-            setattr(self, name, value)
+            raise ConfigError(f"scheduler_topic must be the topic's own name '{self.name}'",
+                              field="scheduler_topic")
         return config
 
-    def clean(self) -> None:
-        """The admin form's validation: the same rules as ``apply_config``, over the saved row."""
-        from fdconsole.topics.moves import refuse_busy_move
+    def set_config(self, config: SchedulerConfig) -> None:
+        """Put a validated configuration in this row's columns (not saved)."""
+        for name, value in config.as_dict().items():
+            setattr(self, name, value)
 
+    def clean(self) -> None:
+        """The admin form's validation: the same rules as ``validated``, over the row as edited."""
         try:
             validate_name(self.name, "name")
             if not self.scheduler_topic or self.scheduler_topic == "default":
@@ -62,10 +56,7 @@ class Topic(models.Model):
             parse_config(self.config.as_dict())
             if self.scheduler_topic != self.name:
                 raise ConfigError("scheduler_topic must be the topic's own name", field="scheduler_topic")
-            saved = Topic.objects.filter(pk=self.pk).first() if self.pk is not None else None
-            if saved is not None:
-                refuse_busy_move(self, saved.config, self.config)
-        except SchedulerError as exc:
+        except FdError as exc:
             raise ValidationError({exc.field or "__all__": exc.message}) from None
 
 

@@ -10,43 +10,28 @@ requests have ended and its nodes are stopped.
 from __future__ import annotations
 
 from contextlib import suppress
-from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from fdconsole.errors import Forbidden, TopicBusy
 from fdconsole.inference.models import Request
 from fdconsole.inference.sync import sync_request
 from fdconsole.redis_conn import get_topic_store, topic_url
+from fdconsole.topics.models import Topic
 from scheduler.config import SchedulerConfig
 from scheduler.connection import CONNECTION_FIELDS
-from scheduler.errors import SchedulerError
 from scheduler.liveness import limits, node_state
-from scheduler.messages import FINAL_STATUSES
-
-if TYPE_CHECKING:
-    from fdconsole.topics.models import Topic
+from scheduler.status import RequestStatus
 
 SYNC_LIMIT = 100  # unfinished rows brought up to date from Redis before counting them
 
 
-class TopicBusy(SchedulerError):
-    """The topic's Redis cannot change now (HTTP 409): work or nodes depend on it."""
-
-    code = "topic_busy"
-
-
-class StaffOnly(SchedulerError):
-    """Only staff may point a topic at another Redis (HTTP 403): the console connects wherever it says."""
-
-    code = "forbidden"
-
-
 def refuse_move_by_non_staff(user, old: SchedulerConfig, new: SchedulerConfig) -> None:
-    """Raise ``StaffOnly`` when ``new`` puts the topic in another Redis and ``user`` is not staff: which
+    """Raise ``Forbidden`` when ``new`` puts the topic in another Redis and ``user`` is not staff: which
     server the console and the nodes connect to (and run scripts on) is an operator's decision."""
     field = moved_field(old, new)
     if field is not None and not getattr(user, "is_staff", False):
-        raise StaffOnly(f"only staff may change {field}: it decides which Redis server the console and "
+        raise Forbidden(f"only staff may change {field}: it decides which Redis server the console and "
                         "the topic's nodes connect to", field=field)
 
 
@@ -76,7 +61,8 @@ def refuse_busy_move(topic: Topic, old: SchedulerConfig, new: SchedulerConfig) -
 def _unfinished_requests(topic: Topic, old: SchedulerConfig) -> int:
     """Unfinished requests, after bringing the rows up to date from the current Redis (a row may lag
     behind a request that has ended, or expired waiting)."""
-    rows = Request.objects.select_related("topic").filter(topic=topic).exclude(status__in=FINAL_STATUSES)
+    rows = (Request.objects.select_related("topic").filter(topic=topic)
+            .exclude(status__in=RequestStatus.finals()))
     store = get_topic_store(old)
     with suppress(RedisError):  # the current Redis is down: the rows are what we know; they count
         for row in rows[:SYNC_LIMIT]:

@@ -1,35 +1,85 @@
-"""Finding or creating topics and nodes by name, as fdnode and fdcluster need, and publishing a
-topic's configuration to its Redis."""
+"""Changing a topic: the one way, for the API (create, PATCH), the config page, the admin, the
+benchmarks and the commands. Also finding or creating topics and nodes by name, as fdnode and
+fdcluster need.
+
+The rule. A change is validated (``Topic.validated``), allowed for the user (only staff may point a
+topic at another Redis), allowed for the topic (not moved to another Redis while it has work or
+running nodes: ``fdconsole.topics.moves``), saved, and published to the topic's Redis, where running
+nodes take it up at their next scheduling step. All of it happens in one database transaction: when
+the topic's Redis does not take the configuration, nothing is saved (``TopicRedisUnavailable``), so
+the database and Redis never disagree about a topic.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from django.db import transaction
+from django.conf import settings
+from django.db import IntegrityError, transaction
 from redis.exceptions import RedisError
 
+from fdconsole.errors import UnknownObject
 from fdconsole.nodes.models import Node
-from fdconsole.redis_conn import get_topic_store, topic_url
+from fdconsole.redis_conn import get_topic_store, store_for_url, topic_redis_errors, topic_url
 from fdconsole.topics.models import Topic
-from scheduler.config import SchedulerConfig, validate_name
+from fdconsole.topics.moves import refuse_busy_move, refuse_move_by_non_staff
+from scheduler.config import NAME_RE, SchedulerConfig, validate_name
 from scheduler.connection import describe
 from scheduler.errors import ConfigError
+from scheduler.store import RequestStore
 
 log = logging.getLogger(__name__)
 
 
-def ensure_topic(name: str) -> Topic:
-    """The topic ``name``, created with the default configuration when missing; its config published."""
-    validate_name(name, "topic")
-    topic, _ = Topic.objects.get_or_create(name=name, defaults={"scheduler_topic": name})
-    publish_topic(topic)
+def create_topic(name: str, changes: dict[str, Any] | None = None, *, user=None,
+                 from_text: bool = False) -> Topic:
+    """A new topic ``name`` with ``changes`` over the default configuration, saved and published.
+    ``user`` is who asks (None: the system itself, trusted). Raises ``ConfigError`` (invalid),
+    ``Forbidden``, ``TopicRedisUnavailable``; a duplicate name is the caller's to refuse first."""
+    validate_name(name, "name")
+    topic = Topic(name=name, scheduler_topic=name)
+    with transaction.atomic():
+        _apply(topic, {"scheduler_topic": name, **(changes or {})}, user, from_text, previous=None)
     return topic
 
 
+def change_topic(topic: Topic, changes: dict[str, Any], *, user=None, from_text: bool = False) -> Topic:
+    """``topic`` with ``changes`` applied, saved and published; returns the saved row. Raises
+    ``ConfigError``, ``Forbidden``, ``TopicBusy`` (a busy topic moved to another Redis) or
+    ``TopicRedisUnavailable`` (nothing saved)."""
+    with transaction.atomic():
+        row = Topic.objects.select_for_update().get(pk=topic.pk)
+        _apply(row, changes, user, from_text, previous=row.config)
+    return row
+
+
+def check_change(topic: Topic, config: SchedulerConfig, user) -> None:
+    """Raise what ``change_topic`` would for giving the saved ``topic`` the validated ``config`` now
+    (the admin asks while validating its form, so that a refusal shows beside the field)."""
+    previous = topic.config
+    refuse_busy_move(topic, previous, config)
+    refuse_move_by_non_staff(user, previous, config)
+
+
+def _apply(row: Topic, changes: dict[str, Any], user, from_text: bool,
+           previous: SchedulerConfig | None) -> None:
+    config = row.validated(changes, from_text=from_text)
+    if previous is not None:
+        refuse_busy_move(row, previous, config)
+    if user is not None:
+        refuse_move_by_non_staff(user, previous or SchedulerConfig(scheduler_topic=row.name), config)
+    row.set_config(config)
+    row.save()
+    # Inside the caller's transaction: if Redis refuses, the database change rolls back.
+    with topic_redis_errors(row):
+        publish_topic(row, previous)
+
+
 def publish_topic(topic: Topic, previous: SchedulerConfig | None = None) -> None:
-    """Publish the topic's configuration to its Redis, where running nodes take it up. When the save
-    moved the topic to another Redis (``previous`` lived elsewhere; ``Topic.apply_config`` allows that
-    only while the topic is idle), the old Redis forgets it, so that no reaper walks it there."""
+    """Publish the topic's configuration to its Redis, where running nodes take it up. When the change
+    moved the topic to another Redis (``previous`` lived elsewhere; allowed only while the topic is
+    idle), the old Redis forgets it, so that no reaper walks it there."""
     store = get_topic_store(topic)
     store.publish_config(topic.name, topic.config)
     old_url = topic_url(previous) if previous is not None else None
@@ -45,6 +95,42 @@ def publish_topic(topic: Topic, previous: SchedulerConfig | None = None) -> None
     except RedisError as exc:  # the move is done; the old Redis only keeps a stale copy of the config
         log.warning("topic %s moved, but its old Redis at %s did not forget it: %s",
                     topic.name, describe(old_url), exc)
+
+
+def ensure_topic(name: str) -> Topic:
+    """The topic ``name``, created with the default configuration when missing; its config published."""
+    validate_name(name, "topic")
+    topic = Topic.objects.filter(name=name).first()
+    if topic is None:
+        try:
+            return create_topic(name)
+        except IntegrityError:  # another process (a node starting beside this one) created it first
+            topic = Topic.objects.get(name=name)
+    publish_topic(topic)
+    return topic
+
+
+def get_topic(name: str) -> Topic:
+    """The topic ``name``; ``UnknownObject`` when there is none."""
+    # A name that could never be valid is unknown without asking the database (PostgreSQL would
+    # refuse a NUL in it with an error instead of "not found").
+    topic = Topic.objects.filter(name=name).first() if NAME_RE.match(name) else None
+    if topic is None:
+        raise UnknownObject(f"no topic '{name}'", field="topic")
+    return topic
+
+
+def topic_store(name: str) -> RequestStore:
+    """The store of topic ``name``'s Redis; for a topic the database does not know yet, that of the
+    default configuration (where fdnode would create it)."""
+    row = Topic.objects.filter(name=name).first()
+    return get_topic_store(row if row is not None else SchedulerConfig(scheduler_topic=name))
+
+
+def topic_stores() -> list[RequestStore]:
+    """The console's store and one per distinct topic Redis (what the console's reaper walks)."""
+    urls = {settings.FD_REDIS_URL} | {topic_url(topic) for topic in Topic.objects.all()}
+    return [store_for_url(url) for url in sorted(urls)]
 
 
 def ensure_node(name: str, topic: Topic, role: str | None = None, device: str | None = None) -> Node:

@@ -9,7 +9,7 @@ from django.db.models import F
 
 from fdconsole.inference.sync import sync_uids
 from fdconsole.nodes.models import Node
-from gpu_worker.node import NodeHooks
+from gpu_worker.runtime import NodeHooks
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,5 @@
-"""The interface every scheduler offers (FastDeploy's four calls, with their meaning kept).
-
-Variants are sibling modules (``local``, later ``global_``, ``splitwise``) chosen by ``create_scheduler``.
-"""
+"""The interface every scheduler offers: FastDeploy's four calls, with their meaning kept, plus
+cancel, reset, stats and a live change of configuration."""
 
 from __future__ import annotations
 
@@ -9,7 +7,6 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from scheduler.config import SchedulerConfig
-from scheduler.errors import ConfigError
 from scheduler.messages import Request, Result
 
 
@@ -54,21 +51,3 @@ class Scheduler(ABC):
     @abstractmethod
     def apply_config(self, config: SchedulerConfig) -> None:
         """Take a changed configuration without a restart."""
-
-
-def create_scheduler(config: SchedulerConfig, **kwargs: Any) -> Scheduler:
-    """The scheduler named by ``config.scheduler_name``."""
-    from scheduler.global_ import GlobalScheduler
-    from scheduler.local import LocalScheduler
-    from scheduler.splitwise import SplitwiseScheduler
-
-    schedulers: dict[str, type[Scheduler]] = {
-        "local": LocalScheduler, "global": GlobalScheduler, "splitwise": SplitwiseScheduler,
-    }
-    try:
-        cls = schedulers[config.scheduler_name]
-    except KeyError:
-        raise ConfigError(
-            f"scheduler '{config.scheduler_name}' is not available yet", field="scheduler_name"
-        ) from None
-    return cls(config, **kwargs)

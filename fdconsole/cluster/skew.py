@@ -21,10 +21,10 @@ from django.conf import settings
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store
 from fdconsole.topics.models import Topic
-from fdconsole.topics.services import ensure_node, ensure_topic
-from scheduler import keys
+from fdconsole.topics.services import create_topic, ensure_node
 from scheduler.bench import delete_topic_keys
 from scheduler.messages import Request, SamplingParams
+from scheduler.status import RequestStatus
 from scheduler.store import new_uid
 
 START_TIMEOUT_S = 60
@@ -33,11 +33,8 @@ RUN_TIMEOUT_S = 300
 
 def bench_skew(nodes: int, requests: int, work_ms: float, log) -> dict[str, Any]:
     topic_name = f"bench-skew-{uuid.uuid4().hex[:6]}"
-    topic = ensure_topic(topic_name)
-    topic.apply_config({"scheduler_name": "global"})
-    topic.save()
+    topic = create_topic(topic_name, {"scheduler_name": "global"})
     store = get_topic_store(topic)
-    store.publish_config(topic_name, topic.config)
     names = [f"{topic_name}-{i}" for i in range(1, nodes + 1)]
     processes = []
     try:
@@ -85,11 +82,9 @@ def _run(store, topic: Topic, home: str, requests: int) -> float:
     uids = [uid for uid, _, _ in items]
     deadline = started + RUN_TIMEOUT_S
     while time.monotonic() < deadline:
-        with store.redis.pipeline(transaction=False) as pipe:
-            for uid in uids:
-                pipe.hget(keys.request(topic.name, uid), "status")
-            if all(status == b"finished" for status in pipe.execute()):
-                return time.monotonic() - started
+        states = store.states(topic.name, uids, ["status"])
+        if all(state is not None and state.status == RequestStatus.FINISHED for state in states):
+            return time.monotonic() - started
         time.sleep(0.02)
     raise RuntimeError(f"the requests did not finish within {RUN_TIMEOUT_S}s")
 

@@ -22,11 +22,10 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from fdconsole.api.models import ApiToken, hash_token
+from fdconsole.cluster.hooks import sync_many
 from fdconsole.dashboard.pulse import PulseThread
 from fdconsole.embedded_redis import start_for_url
-from fdconsole.nodes.hooks import sync_many
-from fdconsole.redis_conn import topic_stores
-from fdconsole.topics.services import ensure_node, ensure_topic
+from fdconsole.topics.services import ensure_node, ensure_topic, topic_stores
 from scheduler.config import validate_name
 from scheduler.errors import ConfigError
 from scheduler.reaper import Reaper

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from fdconsole.nodes.hooks import database_hooks
+from fdconsole.cluster.hooks import database_hooks
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store
 from fdconsole.topics.services import ensure_node, ensure_topic
@@ -32,7 +32,8 @@ class Command(BaseCommand):
                             help="benchmarks: replace the model by a stand-in taking this long per request")
 
     def handle(self, *args, **options) -> None:
-        from gpu_worker.node import NodeRuntime, NodeWorker
+        from gpu_worker.node import NodeWorker
+        from gpu_worker.runtime import NodeRuntime
 
         try:
             topic = ensure_topic(options["topic"])

@@ -1,4 +1,5 @@
-"""The Local scheduler: one in-process FIFO queue that a node's engine admits requests from.
+"""The in-process scheduler: one FIFO queue in memory with FastDeploy's Local semantics, defects
+fixed; a node's engine admits requests from it by its KV-block and token budgets.
 
 Design note. FastDeploy's LocalScheduler keeps a list of ids and a read cursor into it; removing an id
 anywhere in the list moves the cursor, which hands requests out twice or skips them, and its TTL
@@ -10,8 +11,8 @@ has been taken, and sits in exactly one of two places while it is alive:
   handed out at most once and removing one (cancel, expiry, an early final result) disturbs no other.
 - ``running``: handed out and not yet finished.
 
-A request whose final result is queued in ``outputs`` is in neither; it stays in ``requests`` (so its
-id is still a duplicate) until ``get_results`` has taken that final result.
+A request whose final result is queued in ``outputs`` is in neither (its status is final); it stays in
+``requests`` (so its id is still a duplicate) until ``get_results`` has taken that final result.
 
 Expiry: put times come from a monotonic clock and ``waiting`` is in put order, so the expired requests
 are always a prefix of ``waiting`` and eviction stops at the first live one.
@@ -30,7 +31,6 @@ block on it instead of polling.
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import threading
@@ -40,31 +40,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler.base import Scheduler
 from scheduler.config import SchedulerConfig
 from scheduler.errors import ConfigError
+from scheduler.interface.base import Scheduler
 from scheduler.messages import Request, Result
+from scheduler.status import RequestStatus
 
 logger = logging.getLogger(__name__)
-
-
-class RequestStatus(enum.IntEnum):
-    """Ordered so that ``status >= FINISHED`` means "no more results are accepted"."""
-
-    WAITING = 0
-    RUNNING = 1
-    FINISHED = 2  # final result queued for the origin, not taken yet
 
 
 @dataclass
 class _Entry:
     request: Request
     put_time: float  # clock() at put; TTL is measured from here
-    status: RequestStatus = RequestStatus.WAITING
+    status: RequestStatus = RequestStatus.QUEUED  # final: its final result waits in outputs
     cancelled: bool = False  # set on a running request; its final result becomes "cancelled"
 
 
-class LocalScheduler(Scheduler):
+class InProcessScheduler(Scheduler):
     """Thread-safe in-process scheduler with FastDeploy's Local semantics, defects fixed."""
 
     def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic) -> None:
@@ -170,7 +163,7 @@ class LocalScheduler(Scheduler):
             logger.warning("dropping a result for unknown request %r (finished, expired or reset)",
                            result.request_id)
             return
-        if entry.status >= RequestStatus.FINISHED:
+        if entry.status.is_final:
             logger.warning("dropping a result for request %r after its final result", result.request_id)
             return
         if entry.cancelled:
@@ -187,7 +180,7 @@ class LocalScheduler(Scheduler):
         request_id = entry.request.request_id
         self.waiting.pop(request_id, None)
         self.running.pop(request_id, None)
-        entry.status = RequestStatus.FINISHED
+        entry.status = _final_status(final)
         self.outputs.setdefault(request_id, []).append(final)
 
     def get_results(self) -> dict[str, list[Result]]:
@@ -197,7 +190,7 @@ class LocalScheduler(Scheduler):
             taken, self.outputs = self.outputs, {}
             for request_id in taken:
                 entry = self.requests.get(request_id)
-                if entry is not None and entry.status >= RequestStatus.FINISHED:
+                if entry is not None and entry.status.is_final:
                     del self.requests[request_id]
         return taken
 
@@ -217,9 +210,9 @@ class LocalScheduler(Scheduler):
         """
         with self._cond:
             entry = self.requests.get(request_id)
-            if entry is None or entry.status >= RequestStatus.FINISHED or entry.cancelled:
+            if entry is None or entry.status.is_final or entry.cancelled:
                 return False
-            if entry.status == RequestStatus.WAITING:
+            if entry.status == RequestStatus.QUEUED:
                 self._finish(entry, _terminal(request_id, "cancelled", "the request was cancelled"))
             else:
                 entry.cancelled = True
@@ -296,6 +289,16 @@ class LocalScheduler(Scheduler):
             self.config = config
             if self._evict_expired():
                 self._cond.notify_all()
+
+
+def _final_status(final: Result) -> RequestStatus:
+    """The status a request ends with, from its final result."""
+    if final.error is None:
+        return RequestStatus.FINISHED
+    code = final.error.get("code")
+    if code in (RequestStatus.CANCELLED, RequestStatus.EXPIRED):
+        return RequestStatus(code)
+    return RequestStatus.FAILED
 
 
 def _terminal(request_id: str, code: str, message: str) -> Result:

@@ -53,7 +53,7 @@ class Command(BaseCommand):
                            repeats=options["repeats"])
 
     def bench_skew(self, options) -> dict:
-        from fdconsole.nodes.skew import bench_skew
+        from fdconsole.cluster.skew import bench_skew
 
         if options["nodes"] < 2 or options["requests"] < 1 or options["work_ms"] <= 0:
             raise CommandError("--nodes must be at least 2, --requests at least 1, --work-ms above 0")
@@ -82,7 +82,7 @@ class Command(BaseCommand):
             return bench_scheduler("local", options["requests"])
         name = options["scheduler"]
         with redis_bench_topic(settings.FD_REDIS_URL, name) as (redis, config):
-            from scheduler.base import create_scheduler
+            from scheduler.interface import create_scheduler
 
             scheduler = create_scheduler(config, redis=redis, node="bench-node")
             try:

@@ -1,0 +1,63 @@
+"""What a node process runs with: its topic and name, its store, its resident engine, the requests
+it holds, and the hooks that tell its host application (the console's database) what happened.
+
+One runtime per process, installed by ``gpu_worker.node.NodeWorker`` before its first claim; a job
+(``gpu_worker.jobs.run_request``) finds it with ``current_runtime``, so no job ever loads the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.store import Claim, RequestStore
+
+
+@dataclass
+class NodeHooks:
+    """What the node tells its host application (the console's database) about its work."""
+
+    on_change: Callable[[str, str], None] = lambda topic, uid: None  # a request's state moved
+    on_finished: Callable[[str, bool], None] = lambda node, stolen: None  # ran one (stolen or not)
+    on_expired: Callable[[str, list[str]], None] = lambda topic, uids: None  # the reaper ended these
+    admin_state: Callable[[str], str] = lambda node: "enabled"  # enabled, draining or disabled
+
+
+@dataclass
+class NodeRuntime:
+    topic: str
+    name: str
+    role: str
+    store: RequestStore
+    engine: Any  # gpu_worker.engine.Engine, loaded once
+    hooks: NodeHooks = field(default_factory=NodeHooks)
+    held: dict[str, Claim] = field(default_factory=dict)  # uid -> claim of the requests it runs
+    admin_state: str = "enabled"  # draining: finishes its own queue, steals nothing; disabled: claims nothing
+    token_delay_s: float = 0.0  # a pause after each streamed token (demos, failover tests)
+
+    @property
+    def may_claim(self) -> bool:
+        return self.admin_state != "disabled"
+
+    @property
+    def may_steal(self) -> bool:
+        return self.admin_state == "enabled"
+
+    @property
+    def leases(self) -> dict[str, str]:
+        return {uid: claim.lease for uid, claim in list(self.held.items())}
+
+
+_runtime: NodeRuntime | None = None
+
+
+def install_runtime(runtime: NodeRuntime) -> None:
+    global _runtime
+    _runtime = runtime
+
+
+def current_runtime() -> NodeRuntime:
+    if _runtime is None:
+        raise RuntimeError("no node runtime installed: jobs run only inside `manage.py fdnode`")
+    return _runtime
