@@ -81,3 +81,34 @@ def test_the_stream_ends_with_an_error_event_naming_the_topic(api, gone):
     error = json.loads(data.removeprefix("data: "))
     assert error["code"] == "redis_unavailable"
     assert "topic 'default'" in error["message"] and f"127.0.0.1:{gone}" in error["message"]
+
+
+def test_the_config_page_and_the_admin_save_nothing_either(topic, store, settings):
+    """One rule for every way a topic changes (fdconsole.topics.services): Redis refuses, nothing saved."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    from fdconsole.topics.models import Topic
+    from scheduler.config import PARAMETERS
+
+    operator = get_user_model().objects.create_superuser("root", password="pw-root-123")
+    client = Client()
+    client.force_login(operator)
+    port = closed_port()
+    form = {p.name: getattr(topic, p.name) for p in PARAMETERS}
+
+    page = client.post("/topics/default/config/", {**form, "scheduler_port": str(port)})
+    assert page.status_code == 400 and "Nothing was saved" in page.content.decode()
+    admin = client.post(f"/admin/topics/topic/{topic.pk}/change/",
+                        {**form, "name": "default", "scheduler_port": port, "scheduler_password": PASSWORD},
+                        follow=True)
+    said = " ".join(str(m) for m in admin.context["messages"])
+    assert "Nothing was saved" in said and f"127.0.0.1:{port}" in said and PASSWORD not in said
+    added = client.post("/admin/topics/topic/add/", {**form, "name": "far", "scheduler_topic": "far",
+                                                     "scheduler_port": port}, follow=True)
+    assert "Nothing was saved" in " ".join(str(m) for m in added.context["messages"])
+
+    row = Topic.objects.get(name="default")
+    assert (row.scheduler_port, row.scheduler_password) == (6379, "")
+    assert not Topic.objects.filter(name="far").exists()
+    assert json.loads(store.redis.get("fd:{default}:config"))["scheduler_port"] == 6379
