@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -66,6 +66,7 @@ class Script:
     name: str
     args: tuple[str, ...]  # the function's parameters, in order
     varargs: bool  # the function takes more after them (``...``)
+    names: frozenset[str]  # the same, as a set
     keys: int  # standalone scripts: how many leading arguments go to KEYS (0: a topic script)
     source: str  # the assembled Lua
     segments: tuple[Segment, ...]
@@ -74,25 +75,28 @@ class Script:
     def call(self, topic: str, *more: Any, **named: Any) -> ScriptCall:
         """A call of this topic script on ``topic`` with its arguments by name (``more`` after them,
         for a script that takes ``...``). A missing or unknown name raises TypeError."""
-        return ScriptCall(self, (keys.config(topic),),
-                          (keys.topic_prefix(topic), keys.RETENTION_S, *self._values(named, more)))
+        if named.keys() != self.names or (more and not self.varargs):
+            self._refuse(named, more)
+        config_key, prefix = _topic_keys(topic)
+        values = map(named.__getitem__, self.args)
+        return ScriptCall(self, (config_key,), (prefix, keys.RETENTION_S, *values, *more))
 
     def call_standalone(self, **named: Any) -> ScriptCall:
         """A call of this standalone script: its first ``keys`` arguments are its keys."""
-        values = self._values(named, ())
+        if named.keys() != self.names:
+            self._refuse(named, ())
+        values = [named[name] for name in self.args]
         return ScriptCall(self, tuple(values[:self.keys]), tuple(values[self.keys:]))
 
-    def _values(self, named: dict[str, Any], more: tuple[Any, ...]) -> list[Any]:
-        try:
-            values = [named.pop(name) for name in self.args]
-        except KeyError as missing:
-            raise TypeError(f"script {self.name} needs argument {missing} (it takes {', '.join(self.args)})"
-                            ) from None
-        if named:
-            raise TypeError(f"script {self.name} takes no argument {', '.join(named)}")
-        if more and not self.varargs:
-            raise TypeError(f"script {self.name} takes no arguments after {self.args[-1]}")
-        return [*values, *more]
+    def _refuse(self, named: dict[str, Any], more: tuple[Any, ...]) -> None:
+        missing = [name for name in self.args if name not in named]
+        if missing:
+            raise TypeError(f"script {self.name} needs argument '{missing[0]}' "
+                            f"(it takes {', '.join(self.args)})")
+        unknown = [name for name in named if name not in self.names]
+        if unknown:
+            raise TypeError(f"script {self.name} takes no argument {', '.join(unknown)}")
+        raise TypeError(f"script {self.name} takes no arguments after {self.args[-1]}")
 
     def where(self, line: int) -> str:
         """``file.lua:N`` of line ``line`` of the assembled source (as Redis numbers it, from 1)."""
@@ -103,6 +107,13 @@ class Script:
         """Where the error ``message`` from Redis happened, as ``file.lua:N``; None when it says not."""
         found = _WHERE.search(message)
         return self.where(int(found.group(1))) if found else None
+
+
+@lru_cache(maxsize=1024)
+def _topic_keys(topic: str) -> tuple[str, str]:
+    """A topic script's key (the topic's config key: it routes the call to the topic's Redis Cluster
+    slot) and its first argument (the topic's key prefix)."""
+    return keys.config(topic), keys.topic_prefix(topic)
 
 
 @cache
@@ -156,7 +167,8 @@ def load(file: str, name: str, *, keys: int = 0) -> Script:
         call = Part(f"return {name}(unpack(ARGV, 3))\n", f"{file}.lua (call)", 1)
         libraries = [_parts(lib)[0] for lib in LIBRARY]
         source, segments = _assemble([_constants(), *libraries, section, call])
-    return Script(name, args, varargs, keys, source, segments, hashlib.sha1(source.encode()).hexdigest())
+    return Script(name=name, args=args, names=frozenset(args), varargs=varargs, keys=keys, source=source,
+                  segments=segments, sha=hashlib.sha1(source.encode()).hexdigest())
 
 
 # The request lifecycle (lifecycle.lua; Python side: scheduler.store)

@@ -112,13 +112,16 @@ def finish_call(topic: str, uid: str, lease: str, status: RequestStatus, finish_
     ``last_token`` (index, token id, text) streams a final token in the same step (its reply: [an
     ``EmitReply``, the status])."""
     code, message = error or ("", "")
-    end = {"uid": uid, "lease": lease, "status": status, "finish_reason": finish_reason or "",
-           "output_token_ids": json.dumps(list(output_token_ids)), "error_code": code,
-           "error_message": message}
+    output = json.dumps(list(output_token_ids)) if output_token_ids else "[]"
     if last_token is None:
-        return scripts.FINISH.call(topic, **end)
+        return scripts.FINISH.call(topic, uid=uid, lease=lease, status=status,
+                                   finish_reason=finish_reason or "", output_token_ids=output,
+                                   error_code=code, error_message=message)
     index, token_id, text = last_token
-    return scripts.EMIT_FINISH.call(topic, **end, index=index, token_id=token_id, text=text, lease_s=LEASE_S)
+    return scripts.EMIT_FINISH.call(topic, uid=uid, lease=lease, index=index, token_id=token_id,
+                                    text=text, lease_s=LEASE_S, status=status,
+                                    finish_reason=finish_reason or "", output_token_ids=output,
+                                    error_code=code, error_message=message)
 
 
 class RequestStore:

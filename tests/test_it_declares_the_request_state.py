@@ -54,7 +54,8 @@ def walk_local_and_global(store: RequestStore) -> None:
     assert len(store.expire_due("t")) == 1
 
 
-def walk_splitwise(store: RequestStore) -> None:
+def handed_off(store: RequestStore) -> str:
+    """A splitwise request placed on p1 and d1, its first token streamed by p1, then handed to d1."""
     store.publish_config("t", config(scheduler_name="splitwise"))
     store.renew("t", "p1", {}, role="prefill")
     store.renew("t", "d1", {}, role="decode")
@@ -62,6 +63,11 @@ def walk_splitwise(store: RequestStore) -> None:
     [claim] = store.claim("t", "p1")
     store.emit("t", uid, claim.lease, 0, 65, "A")
     assert splitwise.hand_off(store, "t", uid, claim.lease, 1234, 1.5)
+    return uid
+
+
+def walk_splitwise(store: RequestStore) -> None:
+    handed_off(store)
     [claim] = store.claim("t", "d1")
     assert claim.phase == "decode"
     store.redis.zrem(keys.alive("t"), "p1", "d1")
@@ -80,13 +86,7 @@ def test_every_field_the_scripts_write_is_declared(store, walk):
 
 
 def test_the_hash_parses_into_typed_fields(store):
-    store.publish_config("t", config(scheduler_name="splitwise"))
-    store.renew("t", "p1", {}, role="prefill")
-    store.renew("t", "d1", {}, role="decode")
-    uid = submit(store)
-    [claim] = store.claim("t", "p1")
-    store.emit("t", uid, claim.lease, 0, 65, "A")
-    splitwise.hand_off(store, "t", uid, claim.lease, 1234, 1.5)
+    uid = handed_off(store)
     state = store.state("t", uid)
     assert state.status is RequestStatus.QUEUED and state.phase == "decode"
     assert (state.prefill_node, state.decode_node, state.queue_node) == ("p1", "d1", "d1")
