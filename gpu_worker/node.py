@@ -158,23 +158,24 @@ class NodeWorker(SimpleWorker):
 
     def _job_for(self, claim: Claim) -> Job:
         """The job that runs ``claim``: built here, never read back from Redis. What the request's job
-        hash says is only looked at, to warn when someone else wrote it; it is then overwritten with
+        hash names is only looked at, to warn when someone else wrote it; then it is overwritten with
         this job, so that django-rq shows what actually runs."""
         key = Job.key_for(claim.uid)
-        planted = _foreign_code(self.connection.hgetall(key))
-        if planted:
-            log.warning("request %s: its rq job hash names %s; ignored: the node runs the request it "
-                        "claimed and nothing else", claim.uid, ", ".join(planted))
+        planted = _foreign_code(dict(zip(JOB_CODE_FIELDS, self.connection.hmget(key, JOB_CODE_FIELDS),
+                                         strict=True)))
         topic = self.runtime.topic
         job = Job.create(run_request, args=[topic, claim.uid], id=claim.uid, connection=self.connection,
                          serializer=JSONSerializer, timeout=JOB_TIMEOUT_S, result_ttl=keys.RETENTION_S,
                          failure_ttl=JOB_FAILURE_TTL_S, origin=self.node_queue.name,
                          description=f"request {claim.request.request_id!r} of {topic}")
-        with self.connection.pipeline() as pipe:
-            pipe.delete(key)  # whatever else a writer left in it goes too
-            job.save(pipeline=pipe)
-            pipe.expire(key, JOB_TIMEOUT_S + keys.RETENTION_S)
-            pipe.execute()
+        if planted:
+            log.warning("request %s: its rq job hash names %s; ignored: the node runs the request it "
+                        "claimed and nothing else", claim.uid, ", ".join(planted))
+            with self.connection.pipeline() as pipe:
+                pipe.delete(key)  # whatever else its writer left in it goes too
+                job.save(pipeline=pipe)
+                pipe.expire(key, JOB_TIMEOUT_S + keys.RETENTION_S)
+                pipe.execute()
         return job
 
     def clean_registries(self) -> None:
@@ -194,14 +195,15 @@ class NodeWorker(SimpleWorker):
 
 
 CALLBACK_FIELDS = ("success_callback_name", "failure_callback_name", "stopped_callback_name")
+JOB_CODE_FIELDS = ("data", *CALLBACK_FIELDS, "webhooks")  # where a job hash names code to run
 MAX_JOB_DATA = 1 << 16  # a request job's data is its function name and two ids
 
 
-def _foreign_code(job_hash: dict[bytes, bytes]) -> list[str]:
+def _foreign_code(job_hash: dict[str, bytes | None]) -> list[str]:
     """What a request's job hash names besides ``run_request``: another function, callbacks, webhooks.
     Read as data only (zlib, JSON); nothing in it is imported."""
     found = []
-    raw = job_hash.get(b"data")
+    raw = job_hash.get("data")
     if raw:
         try:  # at most MAX_JOB_DATA bytes inflated: a bomb ends as unreadable, not as memory
             func_name = json.loads(zlib.decompressobj().decompress(raw, MAX_JOB_DATA))[0]
@@ -210,8 +212,8 @@ def _foreign_code(job_hash: dict[bytes, bytes]) -> list[str]:
         if func_name != RUN_REQUEST_JOB:
             found.append(f"function {func_name!r}")
     for name in CALLBACK_FIELDS:
-        if job_hash.get(name.encode()):
-            found.append(f"{name.removesuffix('_name')} {job_hash[name.encode()].decode(errors='replace')!r}")
-    if job_hash.get(b"webhooks"):
+        if job_hash.get(name):
+            found.append(f"{name.removesuffix('_name')} {job_hash[name].decode(errors='replace')!r}")
+    if job_hash.get("webhooks"):
         found.append("webhooks")
     return found
