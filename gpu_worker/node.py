@@ -7,7 +7,8 @@ job to perform. That job is built here from the claim (topic, uid) and names ``r
 reference: nothing read from Redis is imported or called. A job hash in Redis that names another
 function or any callback was written by someone else; it is logged, overwritten, and never run. rq's
 registry maintenance, which runs the failure callbacks that abandoned jobs' hashes name, is replaced
-by one that only drops the abandoned entries (failover moves their requests on).
+by one that only drops the abandoned entries (failover moves their requests on), and its queue
+enqueues no dependents that a set in Redis may list.
 
 Beside the job loop run three daemon threads: the heartbeat (liveness for the console, lease renewal
 for failover), the reaper (TTL eviction, failover of dead nodes' work) and the admin-state poller.
@@ -27,7 +28,7 @@ import zlib
 from typing import Any
 
 import redis
-from rq import worker_registration
+from rq import Queue, worker_registration
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -95,11 +96,21 @@ class AdminStatePoller(threading.Thread):
                 log.exception("could not read the admin state")
 
 
+class NodeQueue(Queue):
+    """A node's rq queue as its worker sees it. A request's job has no dependents, so what a
+    dependents set in Redis lists is never enqueued: it would land in the scheduler's queues behind
+    the scripts' back (a node queue's length is its load score)."""
+
+    def enqueue_dependents(self, job: Job, pipeline: Any = None, exclude_job_id: str | None = None) -> None:
+        return None
+
+
 class NodeWorker(SimpleWorker):
     """rq's in-process worker bound to one node's queue, claiming through the scheduler."""
 
     def __init__(self, runtime: NodeRuntime, **kwargs: Any) -> None:
-        self.node_queue = runtime.store.node_queue(runtime.topic, runtime.name)
+        self.node_queue = NodeQueue(keys.node_queue_name(runtime.topic, runtime.name),
+                                    connection=runtime.store.redis, serializer=JSONSerializer)
         super().__init__(
             [self.node_queue], connection=runtime.store.redis, serializer=JSONSerializer,
             name=f"fdnode.{runtime.name}.{uuid.uuid4().hex[:8]}", **kwargs,

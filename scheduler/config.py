@@ -20,6 +20,7 @@ from scheduler.errors import ConfigError, FdError
 SCHEDULER_NAMES = ("local", "global", "splitwise")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")  # \Z: '$' would let a trailing newline through
 PASSWORD_MASK = "********"
+UNBOUNDED = -1  # scheduler_max_size of a queue without a bound (the Lua gets it as a constant too)
 YEAR_S = 365 * 24 * 3600
 
 
@@ -202,7 +203,7 @@ def _parse_number(param: Parameter, raw: Any, from_text: bool) -> int | float:
 
 def _check_bounds(param: Parameter, value: float) -> None:
     name = param.name
-    if name == "scheduler_max_size" and value != -1 and value < 1:
+    if name == "scheduler_max_size" and value != UNBOUNDED and value < 1:
         raise ConfigError("scheduler_max_size must be -1 (unbounded) or at least 1", field=name)
     low, high = param.minimum, param.maximum
     if low is not None:

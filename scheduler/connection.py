@@ -9,7 +9,7 @@ Passwords travel URL-quoted and never appear in what ``describe`` returns, which
 error messages show.
 
 How scripts run. ``ScriptRunner`` sends scripts (``scheduler.scripts``) with EVALSHA on a connection of
-the calling thread's own, several calls in one round trip; see ``ScriptRunner.run``.
+the calling thread's own, several calls in one round trip; see ``ScriptRunner.run_scripts``.
 """
 
 from __future__ import annotations
@@ -135,10 +135,6 @@ class ScriptRunner:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis  # the client: its pool serves everything that is not a script
         self._lane = _Lane()
-
-    def run(self, *calls: ScriptCall) -> list[Any]:
-        """``run_scripts(calls)``."""
-        return self.run_scripts(calls)
 
     def run_scripts(self, calls: Sequence[ScriptCall], commands: Sequence[tuple[Any, ...]] = ()) -> list[Any]:
         """Run ``commands`` then ``calls`` in one round trip; the calls' replies, in order.

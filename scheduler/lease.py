@@ -21,8 +21,9 @@ class Lease:
     def hold(self) -> bool:
         """Take the lease when free, renew it when ours; True while we hold it."""
         call = scripts.HOLD_LEASE.call_standalone(lease_key=self.key, holder=self.holder, ttl_ms=self.ttl_ms)
-        return bool(self.runner.run(call)[0])
+        return bool(self.runner.run_scripts([call])[0])
 
     def release(self) -> None:
         """Give it up, if ours, so another may take it at once."""
-        self.runner.run(scripts.RELEASE_LEASE.call_standalone(lease_key=self.key, holder=self.holder))
+        call = scripts.RELEASE_LEASE.call_standalone(lease_key=self.key, holder=self.holder)
+        self.runner.run_scripts([call])

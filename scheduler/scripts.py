@@ -8,12 +8,13 @@ re-homing), ``lifecycle.lua`` (submit, claim, stream, finish, cancel, expire, he
 arguments, by name and in order. That signature is the one place the arguments are declared:
 ``Script.call`` takes them by keyword, so no position is written twice.
 
-A topic script (the default) runs as: a chunk of constants generated from Python (``keys.lua_constants``
-and ``status.lua_constants``), the helper part of every file above in that order (so a helper may use
-those before it), the script's own function, then ``return <name>(unpack(ARGV, 3))``. Redis reports
-an error at a line of that assembled text; ``Script.where`` maps it back to the file and line, and
-the runner (``scheduler.connection.ScriptRunner``) raises ``ScriptError`` naming them. A standalone
-script (``lease.lua``) is its own function alone, with its first ``keys`` arguments in KEYS.
+A topic script (the default) runs as: a chunk of constants generated from Python
+(``keys.lua_constants``, ``config.UNBOUNDED``, ``status.lua_constants``), the helper part of every
+file above in that order (so a helper may use those before it), the script's own function, then
+``return <name>(unpack(ARGV, 3))``. Redis reports an error at a line of that assembled text;
+``Script.where`` maps it back to the file and line, and the runner
+(``scheduler.connection.ScriptRunner``) raises ``ScriptError`` naming them. A standalone script
+(``lease.lua``) is its own function alone, with its first ``keys`` arguments in KEYS.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from scheduler import keys, status
+from scheduler import config, keys, status
 
 LUA_DIR = Path(__file__).with_name("lua")
 LIBRARY = ("helpers", "splitwise", "stealing", "lifecycle", "failover")  # each may use those before it
-GENERATED = "<constants from scheduler/keys.py and scheduler/status.py>"
+GENERATED = "<constants from scheduler/keys.py, config.py and status.py>"
 _MARKER = re.compile(r"^-- @script (\w+)[ \t]*$", re.M)
 _SIGNATURE = re.compile(r"^local function (\w+)\(([^)]*)\)", re.M)
 _WHERE = re.compile(r"user_script:(\d+)")
@@ -132,7 +133,8 @@ def _parts(name: str) -> tuple[Part, dict[str, Part]]:
 
 def _constants() -> Part:
     lines = ["-- " + GENERATED]
-    for name, value in {**keys.lua_constants(), **status.lua_constants()}.items():
+    constants = {**keys.lua_constants(), "UNBOUNDED": config.UNBOUNDED, **status.lua_constants()}
+    for name, value in constants.items():
         lines.append(f"local {name} = {value!r}" if isinstance(value, str) else f"local {name} = {value}")
     return Part("\n".join(lines) + "\n", GENERATED, 1)
 

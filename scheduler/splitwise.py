@@ -12,7 +12,6 @@ places it once one is live (or it expires by its TTL). The prefill node writes t
 from __future__ import annotations
 
 import random
-import zlib
 from typing import TYPE_CHECKING
 
 from scheduler import keys, scripts
@@ -20,11 +19,6 @@ from scheduler.scripts import ScriptCall
 
 if TYPE_CHECKING:
     from scheduler.store import RequestStore
-
-
-def result_shard(request_id: str, shards: int) -> int:
-    """Which of ``shards`` result lists (and writer) carries a request's results: always the same."""
-    return zlib.crc32(request_id.encode()) % shards
 
 
 def hand_off(store: RequestStore, topic: str, uid: str, lease: str, num_bytes: int, ms: float) -> bool:
@@ -43,14 +37,6 @@ def upkeep_call(topic: str, limit: int = 1000) -> ScriptCall:
     """Drop expired nodes (their queues back to placement, at most ``limit`` requests) and release
     leaked load (reply: how many requests moved)."""
     return scripts.SPLITWISE_UPKEEP.call(topic, rand=random.random(), limit=limit)
-
-
-def place_pending(store: RequestStore, topic: str, limit: int = 500) -> int:
-    return int(store.run(place_pending_call(topic, limit)))
-
-
-def upkeep(store: RequestStore, topic: str, limit: int = 1000) -> int:
-    return int(store.run(upkeep_call(topic, limit)))
 
 
 def pd_load(store: RequestStore, topic: str, node: str) -> int:

@@ -95,4 +95,3 @@ _BY_TYPE: dict[str, Callable[[str], Any]] = {
     "list[int] | None": _optional(json.loads),
 }
 _PARSERS: dict[str, Callable[[str], Any]] = {f.name: _BY_TYPE[str(f.type)] for f in fields(RequestState)}
-FIELDS = tuple(_PARSERS)

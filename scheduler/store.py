@@ -18,9 +18,11 @@ tokens already streamed.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 import uuid
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,16 +34,16 @@ from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
 from scheduler import keys, scripts
-from scheduler.config import PARAMETERS_BY_NAME, SchedulerConfig, parse_config
+from scheduler.config import PARAMETERS_BY_NAME, UNBOUNDED, SchedulerConfig, parse_config
 from scheduler.connection import ScriptRunner
-from scheduler.errors import DuplicateRequest, NoNodeAvailable, QueueFull
+from scheduler.errors import DuplicateRequest, FdError, NoNodeAvailable, QueueFull
 from scheduler.loadtable import shard_of
 from scheduler.messages import Request
 from scheduler.scripts import ScriptCall
-from scheduler.splitwise import result_shard
 from scheduler.state import RequestState
 from scheduler.status import CancelReply, EmitReply, RequestStatus, SubmitReply, status_or_reply
 
+log = logging.getLogger(__name__)
 RUN_REQUEST_JOB = "gpu_worker.jobs.run_request"  # what a request's rq job hash names (for django-rq)
 JOB_TIMEOUT_S = 3600
 JOB_FAILURE_TTL_S = 24 * 3600  # how long a failed job stays in django-rq's failed registry
@@ -92,6 +94,11 @@ class Budget:
 
 
 NO_BUDGET = Budget(UNBUDGETED, 1, 0, 0)
+
+
+def result_shard(request_id: str, shards: int) -> int:
+    """Which of ``shards`` result lists (and writer) carries a request's results: always the same."""
+    return zlib.crc32(request_id.encode()) % shards
 
 
 def new_uid() -> str:
@@ -149,9 +156,18 @@ class RequestStore:
         return self.redis.exists(keys.config(topic), keys.scheduling_config(topic)) == 2
 
     def config_of(self, topic: str) -> SchedulerConfig | None:
-        """The configuration published for ``topic`` (None before the first publish)."""
+        """The configuration published for ``topic``; None before the first publish, or when what is
+        there is not a configuration this version can read (a parameter it does not know, from a newer
+        version or from anyone who wrote to this Redis, is left out)."""
         raw = self.published_config_json(topic)
-        return parse_config(json.loads(raw)) if raw else None
+        if raw is None:
+            return None
+        try:
+            published = json.loads(raw)
+            return parse_config({k: v for k, v in published.items() if k in PARAMETERS_BY_NAME})
+        except (ValueError, AttributeError, FdError) as exc:
+            log.warning("the configuration published for topic %s cannot be read: %s", topic, exc)
+            return None
 
     def topics(self) -> list[str]:
         return sorted(t.decode() for t in self.redis.smembers(keys.TOPICS))
@@ -168,9 +184,6 @@ class RequestStore:
     def published_config_json(self, topic: str) -> bytes | None:
         """The configuration as published here, byte for byte (None when this Redis has none)."""
         return self.redis.get(keys.config(topic))
-
-    def node_queue(self, topic: str, node: str) -> Queue:
-        return Queue(keys.node_queue_name(topic, node), connection=self.redis, serializer=JSONSerializer)
 
     # -- placement -----------------------------------------------------------------------------
     def next_home(self, topic: str, nodes: list[str]) -> str:
@@ -205,10 +218,9 @@ class RequestStore:
         """
         if not items:
             return [], []
-        local = config.scheduler_name == "local"
-        max_size = config.scheduler_max_size if local else PARAMETERS_BY_NAME["scheduler_max_size"].default
+        max_size = config.scheduler_max_size if config.scheduler_name == "local" else UNBOUNDED
         calls: list[ScriptCall] = []
-        if max_size != -1:  # evict overdue requests first, so that none holds a place in the queue
+        if max_size != UNBOUNDED:  # evict overdue requests first, so that none holds a place in the queue
             calls.append(scripts.EXPIRE_DUE.call(topic, limit=500))
         for uid, request, home in items:
             shard = str(result_shard(request.request_id, result_shards)) if result_shards else ""
@@ -223,7 +235,7 @@ class RequestStore:
         refused = [uid for (uid, _, _), reply in zip(items, outcome, strict=True) if reply != SubmitReply.OK]
         if refused and rq_jobs:
             self.redis.delete(*(Job.key_for(uid) for uid in refused))
-        expired = [uid.decode() for uid in replies[0]] if max_size != -1 else []
+        expired = [uid.decode() for uid in replies[0]] if max_size != UNBOUNDED else []
         return expired, outcome
 
     def _job_commands(self, topic: str, uid: str, request: Request, home: str,

@@ -54,7 +54,7 @@ def test_a_request_is_forgotten_after_its_error_result_was_taken() -> None:
 
 def test_results_for_unknown_requests_are_dropped_with_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
     s = running("a")
-    with caplog.at_level(logging.WARNING, logger="scheduler.local"):
+    with caplog.at_level(logging.WARNING, logger="scheduler.interface.in_process"):
         s.put_results([Result.failure("ghost", "oom", "x"), token("a", 0)])
     assert s.get_results() == {"a": [token("a", 0)]}
     assert any("ghost" in record.getMessage() for record in caplog.records)

@@ -1,7 +1,8 @@
 """Nothing read from Redis is imported or called. Whoever can write to a topic's Redis can rewrite a
-request's rq job hash (its function, arguments, callbacks) or plant an abandoned job in the node's
-started registry, whose failure callback rq's maintenance would call; a node builds the job it runs
-from its claim and runs exactly the request it claimed, nothing else."""
+request's rq job hash (its function, arguments, callbacks, webhooks), plant an abandoned job in the
+node's started registry, whose failure callback rq's maintenance would call, or list dependents that
+rq would enqueue once the request's job is done; a node builds the job it runs from its claim and
+runs exactly the request it claimed, nothing else."""
 
 import json
 import logging
@@ -25,6 +26,16 @@ def plant_job_hash(redis, uid: str, marker) -> None:
         "stopped_callback_name": PLANTED,
         "webhooks": json.dumps([{"url": "http://127.0.0.1:9/planted", "job_status": "finished"}]),
     })
+
+
+def plant_dependent(redis, uid: str, queue_name: str) -> None:
+    """A job listed as depending on the request's, queued (by rq) on the node's queue once it is done."""
+    from rq.job import Job
+
+    data = zlib.compress(json.dumps(["os.getcwd", None, [], {}]).encode())
+    redis.hset(Job.key_for("dependent"), mapping={"data": data, "origin": queue_name, "status": "deferred",
+                                                  "dependency_id": uid, "dependency_ids": json.dumps([uid])})
+    redis.sadd(f"{Job.key_for(uid)}:dependents", "dependent")
 
 
 def plant_abandoned_job(redis, queue_name: str) -> str:
@@ -57,7 +68,9 @@ def test_a_planted_job_hash_is_ignored_and_the_request_runs_as_claimed(api, node
     request_id = answer.json()["request_id"]
     uid = Request.objects.get(request_id=request_id).uid
     plant_job_hash(store.redis, uid, marker)
-    registry = plant_abandoned_job(store.redis, keys.node_queue_name("default", "node-a"))
+    queue_name = keys.node_queue_name("default", "node-a")
+    registry = plant_abandoned_job(store.redis, queue_name)
+    plant_dependent(store.redis, uid, queue_name)
 
     with caplog.at_level(logging.WARNING, logger="gpu_worker.node"):
         run_node()
@@ -78,6 +91,9 @@ def test_a_planted_job_hash_is_ignored_and_the_request_runs_as_claimed(api, node
     assert not store.redis.hget(Job.key_for(uid), "success_callback_name")
     # The abandoned entry was dropped by the node's maintenance without its job being fetched and run.
     assert store.redis.zcard(registry) == 0
+    # Nothing was put in the node's queue behind the scheduler's back: its length is still its score.
+    assert store.queue_length("default", "node-a") == 0
+    assert store.load_scores("default", ["node-a"]) == {"node-a": 0.0}
 
 
 def test_a_job_hash_that_names_the_request_job_raises_no_warning(api, node, run_node, store, caplog):

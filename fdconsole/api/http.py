@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from fdconsole.api.models import ApiToken
 from fdconsole.errors import ApiError
-from scheduler.errors import FdError
+from scheduler.errors import FdError, ScriptError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,10 @@ def api_view(methods: tuple[str, ...]) -> Callable:
                 return view(request, user, *args, **kwargs)
             except FdError as exc:  # ours, named: each carries its status
                 return error_response(exc.status, exc.code, exc.message, exc.field)
+            except ScriptError:  # a bug, or Redis refusing a command: the log says where, not the client
+                log.exception("a scheduler script failed")
+                return error_response(500, "server_error",
+                                      "a scheduler script failed; the server log says where")
             except RedisError as exc:
                 log.warning("Redis unavailable: %s", exc)
                 return error_response(503, "redis_unavailable", f"Redis did not answer: {exc}")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
+from django.db import IntegrityError
 from django.http import HttpResponseRedirect
 
-from fdconsole.errors import TopicRedisUnavailable
 from fdconsole.topics.models import Topic
 from fdconsole.topics.services import change_topic, check_change, create_topic
 from scheduler.config import PARAMETERS
@@ -72,9 +72,14 @@ class TopicAdmin(admin.ModelAdmin):
         obj.pk, obj.created_at, obj.updated_at = saved.pk, saved.created_at, saved.updated_at
 
     def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
-        # The admin saves in a transaction; a Redis that refuses the configuration rolls it back.
+        # The admin saves in a transaction: a refusal at saving time (the topic's Redis does not take
+        # the configuration; the topic got busy, or its name taken, since the form was checked) rolls
+        # it back, and the page says why.
         try:
             return super().changeform_view(request, object_id, form_url, extra_context)
-        except TopicRedisUnavailable as exc:
+        except FdError as exc:
             self.message_user(request, f"Nothing was saved: {exc.message}", messages.ERROR)
-            return HttpResponseRedirect(request.get_full_path())
+        except IntegrityError:
+            self.message_user(request, "Nothing was saved: a topic of that name was created meanwhile",
+                              messages.ERROR)
+        return HttpResponseRedirect(request.get_full_path())

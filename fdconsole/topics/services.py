@@ -58,17 +58,17 @@ def check_change(topic: Topic, config: SchedulerConfig, user) -> None:
     """Raise what ``change_topic`` would for giving the saved ``topic`` the validated ``config`` now
     (the admin asks while validating its form, so that a refusal shows beside the field)."""
     previous = topic.config
-    refuse_busy_move(topic, previous, config)
     refuse_move_by_non_staff(user, previous, config)
+    refuse_busy_move(topic, previous, config)
 
 
 def _apply(row: Topic, changes: dict[str, Any], user, from_text: bool,
            previous: SchedulerConfig | None) -> None:
     config = row.validated(changes, from_text=from_text)
+    if user is not None:  # who may ask first: the busy check reads Redis and tells about the topic's work
+        refuse_move_by_non_staff(user, previous or SchedulerConfig(scheduler_topic=row.name), config)
     if previous is not None:
         refuse_busy_move(row, previous, config)
-    if user is not None:
-        refuse_move_by_non_staff(user, previous or SchedulerConfig(scheduler_topic=row.name), config)
     row.set_config(config)
     row.save()
     # Inside the caller's transaction: if Redis refuses, the database change rolls back.
@@ -79,22 +79,27 @@ def _apply(row: Topic, changes: dict[str, Any], user, from_text: bool,
 def publish_topic(topic: Topic, previous: SchedulerConfig | None = None) -> None:
     """Publish the topic's configuration to its Redis, where running nodes take it up. When the change
     moved the topic to another Redis (``previous`` lived elsewhere; allowed only while the topic is
-    idle), the old Redis forgets it, so that no reaper walks it there."""
+    idle), the old Redis forgets it once the change is committed, so that no reaper walks it there
+    (and a change rolled back leaves it where it was)."""
     store = get_topic_store(topic)
     store.publish_config(topic.name, topic.config)
     old_url = topic_url(previous) if previous is not None else None
-    if old_url is None or old_url == topic_url(topic):
-        return
+    if old_url is not None and old_url != topic_url(topic):
+        published = store.published_config_json(topic.name)
+        transaction.on_commit(lambda: _forget_in_old_redis(topic.name, previous, old_url, published))
+
+
+def _forget_in_old_redis(name: str, previous: SchedulerConfig, old_url: str, published: bytes | None) -> None:
     try:
         old = get_topic_store(previous)
         # Two URLs may name one server ('localhost' for '127.0.0.1', a rotated password both accept):
         # if the old one already holds what was just published, it is the same Redis, not a move.
-        if old.published_config_json(topic.name) == store.published_config_json(topic.name):
+        if old.published_config_json(name) == published:
             return
-        old.forget_topic(topic.name)
+        old.forget_topic(name)
     except RedisError as exc:  # the move is done; the old Redis only keeps a stale copy of the config
-        log.warning("topic %s moved, but its old Redis at %s did not forget it: %s",
-                    topic.name, describe(old_url), exc)
+        log.warning("topic %s moved, but its old Redis at %s did not forget it: %s", name, describe(old_url),
+                    exc)
 
 
 def ensure_topic(name: str) -> Topic:

@@ -40,13 +40,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler.config import SchedulerConfig
+from scheduler.config import UNBOUNDED, SchedulerConfig
 from scheduler.errors import ConfigError
 from scheduler.interface.base import Scheduler
 from scheduler.messages import Request, Result
 from scheduler.status import RequestStatus
 
 logger = logging.getLogger(__name__)
+CANCELLED_MESSAGE = "the request was cancelled"
 
 
 @dataclass
@@ -87,7 +88,7 @@ class InProcessScheduler(Scheduler):
         if request_id in self.requests:
             return f"duplicate request id '{request_id}'"
         max_size = self.config.scheduler_max_size
-        if max_size != -1 and len(self.waiting) >= max_size:
+        if max_size != UNBOUNDED and len(self.waiting) >= max_size:
             return f"queue full (scheduler_max_size={max_size})"
         entry = _Entry(request, put_time=self.clock())
         self.requests[request_id] = entry
@@ -168,7 +169,7 @@ class InProcessScheduler(Scheduler):
             return
         if entry.cancelled:
             if result.finished:  # the runner stopped: its end is reported as the cancellation
-                self._finish(entry, _terminal(result.request_id, "cancelled", "the request was cancelled"))
+                self._finish(entry, _terminal(result.request_id, RequestStatus.CANCELLED, CANCELLED_MESSAGE))
             return  # tokens made after the cancel are not wanted any more
         if result.finished:
             self._finish(entry, result)
@@ -213,7 +214,7 @@ class InProcessScheduler(Scheduler):
             if entry is None or entry.status.is_final or entry.cancelled:
                 return False
             if entry.status == RequestStatus.QUEUED:
-                self._finish(entry, _terminal(request_id, "cancelled", "the request was cancelled"))
+                self._finish(entry, _terminal(request_id, RequestStatus.CANCELLED, CANCELLED_MESSAGE))
             else:
                 entry.cancelled = True
             self._cond.notify_all()
@@ -247,7 +248,7 @@ class InProcessScheduler(Scheduler):
                 break  # put order is put-time order: everything behind is younger
             request_id = entry.request.request_id
             message = f"the request waited more than {ttl} s in the queue (scheduler_ttl={ttl})"
-            self._finish(entry, _terminal(request_id, "expired", message))
+            self._finish(entry, _terminal(request_id, RequestStatus.EXPIRED, message))
             expired.append(request_id)
         if expired:
             logger.info("evicted %d expired request(s): %s", len(expired), expired)
@@ -301,6 +302,7 @@ def _final_status(final: Result) -> RequestStatus:
     return RequestStatus.FAILED
 
 
-def _terminal(request_id: str, code: str, message: str) -> Result:
+def _terminal(request_id: str, status: RequestStatus, message: str) -> Result:
     """A final result for a request that ends without (more) generation: expired or cancelled."""
+    code = status.value
     return Result(request_id, finished=True, finish_reason=code, error={"code": code, "message": message})

@@ -33,9 +33,8 @@ from scheduler.liveness import HEARTBEAT_INTERVAL_S
 from scheduler.messages import Request, Result
 from scheduler.reaper import Reaper
 from scheduler.scripts import ScriptCall
-from scheduler.splitwise import result_shard
 from scheduler.status import CancelReply, EmitReply, RequestStatus, SubmitReply
-from scheduler.store import Budget, Claim, RequestStore, emit_call, finish_call, new_uid
+from scheduler.store import Budget, Claim, RequestStore, emit_call, finish_call, new_uid, result_shard
 
 log = logging.getLogger(__name__)
 IDLE_S = 0.1  # the longest a reader blocks on an empty list before it checks whether to stop

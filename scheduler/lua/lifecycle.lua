@@ -67,12 +67,12 @@ end
 
 -- @script submit
 -- Queues one request on node home, or, in splitwise mode, on the nodes placement chooses from the
--- live nodes' roles and loads (with no eligible node it waits in the pending list). max_size is -1
--- except in local mode. Returns {SUBMIT_OK, enqueue time} or {SUBMIT_FULL} or {SUBMIT_DUPLICATE}.
+-- live nodes' roles and loads (with no eligible node it waits in the pending list). max_size is
+-- UNBOUNDED except in local mode. Returns {SUBMIT_OK, enqueue time} or {SUBMIT_FULL} or {SUBMIT_DUPLICATE}.
 local function submit(uid, request_id, home, payload, prompt_tokens, max_size, origin, rand, result_shard)
   local cfg = need_config()
   max_size = tonumber(max_size)
-  if max_size ~= -1 and redis.call('LLEN', k_queue(home)) >= max_size then return {SUBMIT_FULL} end
+  if max_size ~= UNBOUNDED and redis.call('LLEN', k_queue(home)) >= max_size then return {SUBMIT_FULL} end
   local req = k_req(uid)
   if redis.call('EXISTS', req) == 1 or redis.call('HSETNX', K_IDS, request_id, uid) == 0 then
     return {SUBMIT_DUPLICATE}
