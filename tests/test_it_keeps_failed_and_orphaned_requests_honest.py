@@ -62,3 +62,19 @@ def test_a_nul_in_a_node_name_or_password_is_refused(api, node):
 def test_an_id_ending_in_stream_is_refused(api, node):
     answer = api.post("/api/v1/topics/default/requests", {"prompt": "x", "request_id": "a/stream"})
     assert answer.status_code == 400 and answer.json()["error"]["field"] == "request_id"
+
+
+def test_a_published_config_with_a_parameter_this_version_does_not_know_still_reads(api, node, store):
+    """A newer version (or anyone who can write to the topic's Redis) may publish more: the node list and
+    the live pages keep working on what this version knows."""
+    import json
+
+    from scheduler import keys
+
+    api.patch("/api/v1/topics/default", {"scheduler_name": "splitwise", "scheduler_sync_period": 2})
+    published = json.loads(store.redis.get(keys.config("default")))
+    store.redis.set(keys.config("default"), json.dumps({**published, "scheduler_from_the_future": 1}))
+    assert store.config_of("default").scheduler_sync_period == 2
+    assert api.get("/api/v1/nodes").status_code == 200
+    store.redis.set(keys.config("default"), "not json")
+    assert store.config_of("default") is None and api.get("/api/v1/nodes/node-a").status_code == 200
