@@ -6,8 +6,9 @@
 --   ARGV[1] = the topic's key prefix, fd:{topic}:
 --   ARGV[2] = seconds Redis keeps a finished request's hash and output stream
 --   ARGV[3..] = the script's own arguments: the parameters of its function, in order
--- Before this file comes a chunk of constants generated from Python (key suffixes, request statuses,
--- reply codes), so that each is spelled once.
+-- The UPPER_CASE names without a definition here (KEY_REQ, QUEUED, SUBMIT_OK, EMIT_GO_ON, UNBOUNDED...)
+-- are constants Python defines (key suffixes, request statuses, reply codes): the assembly writes their
+-- values in their place (scheduler/scripts.py), so that each is spelled once.
 --
 -- Invariants every script keeps:
 -- * a queued request's uid is in exactly one node queue (the hash field queue_node names it) or, in
