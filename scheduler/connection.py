@@ -147,10 +147,16 @@ class ScriptRunner:
         is a ``ScriptError`` naming its file and line. Connection errors are retried as the client's
         own retry policy says.
         """
-        sent = [*commands, *(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.argv) for c in calls)]
+        sent = [*commands, *[("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.argv) for c in calls]]
         replies = self._round_trip(sent)
-        _raise_errors(replies[:len(commands)], [None] * len(commands))
-        replies = replies[len(commands):]
+        if commands:
+            _raise_errors(replies[:len(commands)])
+            replies = replies[len(commands):]
+        for reply in replies:  # the common case, on every call's path: no error reply at all
+            if isinstance(reply, ResponseError):
+                break
+        else:
+            return replies
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             for script in {calls[i].script.sha: calls[i].script for i in missing}.values():
@@ -166,7 +172,7 @@ class ScriptRunner:
 
     def run_commands(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Plain commands in one round trip; their replies (an error reply raises, after all were read)."""
-        return _raise_errors(self._round_trip(list(commands)), [None] * len(commands))
+        return _raise_errors(self._round_trip(list(commands)))
 
     def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         lane = self._lane
@@ -209,12 +215,14 @@ class ScriptRunner:
         return conn.retry.call_with_retry(send_and_read, lambda _: conn.disconnect())
 
 
-def _raise_errors(replies: list[Any], calls: Sequence[ScriptCall | None]) -> list[Any]:
-    """``replies`` when none is an error reply; else the first one raised (a script's as
-    ``ScriptError``, naming the file and line)."""
-    for reply, call in zip(replies, calls, strict=True):
+def _raise_errors(replies: list[Any], calls: Sequence[ScriptCall] | None = None) -> list[Any]:
+    """``replies`` when none is an error reply; else the first one raised: a script's (``calls``, in
+    the order of the replies) as ``ScriptError``, naming the file and line. On every call's path: kept
+    to one plain loop."""
+    for i, reply in enumerate(replies):
         if isinstance(reply, ResponseError):
-            if call is None:
+            if calls is None:
                 raise reply
-            raise ScriptError(call.script.name, call.script.locate(str(reply)), str(reply)) from reply
+            script = calls[i].script
+            raise ScriptError(script.name, script.locate(str(reply)), str(reply)) from reply
     return replies

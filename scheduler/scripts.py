@@ -146,11 +146,16 @@ def _literals() -> dict[str, str]:
     return literals
 
 
+@cache
+def _constant_names() -> re.Pattern[str]:
+    return re.compile(r"\b(" + "|".join(map(re.escape, _literals())) + r")\b")
+
+
 def _with_constants(part: Part) -> Part:
     """``part`` with each constant's value in place of its name (line for line: errors still map)."""
     literals = _literals()
-    names = re.compile(r"\b(" + "|".join(map(re.escape, literals)) + r")\b")
-    return Part(names.sub(lambda found: literals[found.group(1)], part.text), part.source, part.first_line)
+    text = _constant_names().sub(lambda found: literals[found.group(1)], part.text)
+    return Part(text, part.source, part.first_line)
 
 
 def _assemble(parts: list[Part]) -> tuple[str, tuple[Segment, ...]]:
