@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache, cached_property, lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -68,11 +68,19 @@ class Script:
     name: str
     args: tuple[str, ...]  # the function's parameters, in order
     varargs: bool  # the function takes more after them (``...``)
-    names: frozenset[str]  # the same, as a set
     keys: int  # standalone scripts: how many leading arguments go to KEYS (0: a topic script)
     source: str  # the assembled Lua
     segments: tuple[Segment, ...]
-    sha: str  # EVALSHA's digest of ``source``
+
+    @cached_property
+    def names(self) -> frozenset[str]:
+        """``args`` as a set (what a call's keywords must be)."""
+        return frozenset(self.args)
+
+    @cached_property
+    def sha(self) -> str:
+        """EVALSHA's digest of ``source``."""
+        return hashlib.sha1(self.source.encode()).hexdigest()
 
     def call(self, topic: str, *more: Any, **named: Any) -> ScriptCall:
         """A call of this topic script on ``topic`` with its arguments by name (``more`` after them,
@@ -188,8 +196,7 @@ def load(file: str, name: str, *, keys: int = 0) -> Script:
         call = Part(f"return {name}(unpack(ARGV, 3))\n", f"{file}.lua (call)", 1)
         libraries = [_parts(lib)[0] for lib in LIBRARY[:LIBRARY.index(file) + 1]]
         source, segments = _assemble([_with_constants(part) for part in (*libraries, section)] + [call])
-    return Script(name=name, args=args, names=frozenset(args), varargs=varargs, keys=keys, source=source,
-                  segments=segments, sha=hashlib.sha1(source.encode()).hexdigest())
+    return Script(name=name, args=args, varargs=varargs, keys=keys, source=source, segments=segments)
 
 
 # The request lifecycle (lifecycle.lua; Python side: scheduler.store)
