@@ -13,7 +13,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 class Command(BaseCommand):
     help = ("Run a benchmark and print its figures as one JSON object (model, scheduler, splitwise, skew, "
-            "handoff).")
+            "handoff, serve).")
 
     def add_arguments(self, parser) -> None:
         sub = parser.add_subparsers(dest="kind", required=True)
@@ -37,6 +37,18 @@ class Command(BaseCommand):
         scheduler.add_argument("--requests", type=int, default=10_000)
         splitwise = sub.add_parser("splitwise", help="scheduler --scheduler splitwise: the same workload")
         splitwise.add_argument("--requests", type=int, default=10_000)
+        serve = sub.add_parser("serve", help="a load through a running console's HTTP API and SSE streams")
+        serve.add_argument("--api", default="native", choices=["native", "openai"])
+        serve.add_argument("--requests", type=int, default=100, help="requests per concurrency level")
+        serve.add_argument("--concurrency", default="1,4,16", help="levels, comma-separated (default 1,4,16)")
+        serve.add_argument("--max-tokens", type=int, default=64)
+        serve.add_argument("--plot", default=None, metavar="FILE",
+                           help="also write an SVG of tokens/s and TTFT p50 against concurrency")
+        serve.add_argument("--url", default="http://127.0.0.1:8000", help="the running console")
+        serve.add_argument("--topic", default="default")
+        serve.add_argument("--prompt", default=None, help="default: a short text prompt")
+        serve.add_argument("--token", default=None,
+                           help="default: FD_API_TOKEN, else a temporary token minted here, deleted after")
 
     def handle(self, *args, **options) -> None:
         try:
@@ -89,3 +101,21 @@ class Command(BaseCommand):
                 return bench_scheduler(name, options["requests"], scheduler=scheduler)
             finally:
                 scheduler.close()
+
+    def bench_serve(self, options) -> dict:
+        from fdconsole.cluster.serve_bench import DEFAULT_PROMPT, ServeBenchError, bench_serve, parse_levels
+        from fdconsole.cluster.serve_plot import write_svg
+
+        levels = parse_levels(options["concurrency"])
+        if options["requests"] < 1 or options["max_tokens"] < 1:
+            raise CommandError("--requests and --max-tokens must be at least 1")
+        try:
+            figures = bench_serve(api=options["api"], url=options["url"], token=options["token"],
+                                  topic=options["topic"], prompt=options["prompt"] or DEFAULT_PROMPT,
+                                  max_tokens=options["max_tokens"], num_requests=options["requests"],
+                                  levels=levels, log=self.stderr.write)
+        except ServeBenchError as exc:
+            raise CommandError(str(exc)) from None
+        if options["plot"]:
+            self.stderr.write(f"wrote {write_svg(options['plot'], figures['results'], 'fdbench serve')}")
+        return figures
