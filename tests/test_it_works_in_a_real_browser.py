@@ -88,9 +88,10 @@ def test_it_shows_a_node_started_after_the_page_loaded(console, browser_page, sh
 
     node_processes.start("node-7", "default")
     expect(state_of(page, "node-7")).to_have_text("idle", timeout=LIVE_MS)
-    for field in ("role", "load_score", "heartbeat_age", "queue_length", "running", "steals"):
+    for field in ("role", "load_score", "heartbeat_age", "queue_length", "running", "steals", "batch_size",
+                  "waiting", "kv_blocks", "prefix_cache_hit_rate", "preemptions", "tokens_per_s"):
         expect(page.locator(f'tr[data-node="node-7"] td[data-field="{field}"]')).to_have_count(1)
-    for chart in ("#chart-rps", "#chart-tps", "#chart-queue", "#chart-load"):
+    for chart in ("#chart-rps", "#chart-tps", "#chart-queue", "#chart-load", "#chart-kv", "#chart-batch"):
         expect(page.locator(chart)).to_be_visible()
     page.wait_for_timeout(SAMPLE_MS)
     assert page.evaluate("window.__marker") == 1, "the page reloaded"

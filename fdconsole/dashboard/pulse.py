@@ -4,11 +4,12 @@ Design note. One pulse broadcasts for the whole console: it holds a lease in the
 NX PX``, renewed every tick), so several console processes do not send everything twice, and another
 takes over within ``LEASE_MS`` when the holder stops. Each tick reads, per topic, the nodes (database
 rows joined with heartbeats and queue lengths), the events the scripts appended since the last tick, and
-once a second a chart point (rates from the scripts' counters, queue depth, load per node) that it also
-appends to the topic's series in Redis, so a page opened later, or after a restart, draws the last
-minutes. Node state changes (joined, stale, died, stopped, draining) are noticed here, by comparing
-ticks, and written to the topic's event stream like the scripts' events. Messages go to the channel
-layer groups ``cluster`` and ``topic.<name>``; the consumers forward them to browsers.
+once a second a chart point (rates from the scripts' counters, queue depth, load per node, and the KV
+blocks and batch size the live nodes' heartbeats report, summed) that it also appends to the topic's
+series in Redis, so a page opened later, or after a restart, draws the last minutes. Node state changes
+(joined, stale, died, stopped, draining) are noticed here, by comparing ticks, and written to the
+topic's event stream like the scripts' events. Messages go to the channel layer groups ``cluster`` and
+``topic.<name>``; the consumers forward them to browsers.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from redis.exceptions import RedisError
 
 from fdconsole.errors import TopicRedisUnavailable
 from fdconsole.nodes.models import Node
-from fdconsole.nodes.status import describe_nodes
+from fdconsole.nodes.status import describe_nodes, engine_figures
 from fdconsole.redis_conn import get_store, get_topic_telemetry, topic_url
 from fdconsole.topics.models import Topic
 from scheduler.lease import Lease
@@ -70,10 +71,23 @@ def transition_event(before: str | None, after: str, heartbeat_age: float | None
 
 def browser_node(node: dict[str, Any]) -> dict[str, Any]:
     """A node as the pages show it: the API's fields plus the heartbeat's epoch time (the page ages it
-    live) and how many requests it runs."""
-    beat, running = node.get("last_heartbeat"), node.get("running")
+    live), how many requests it runs and its prefix-cache hit rate in percent."""
+    beat, running, hits = node.get("last_heartbeat"), node.get("running"), node.get("prefix_cache_hit_rate")
     return {**node, "heartbeat_ts": datetime.fromisoformat(beat).timestamp() if beat else None,
-            "running_count": len(running.split(",")) if running else 0}
+            "running_count": len(running.split(",")) if running else 0,
+            "prefix_cache_hit_pct": round(100 * hits, 1) if hits is not None else None}
+
+
+def engine_totals(nodes: list[dict[str, Any]]) -> dict[str, int | None]:
+    """KV blocks in use and in all, and sequences running, summed over the live nodes that report them;
+    None when none does (old engines). A dead node's last heartbeat lingers: it is not counted."""
+
+    def total(field: str) -> int | None:
+        values = [n[field] for n in nodes if n["state"] in LIVE and n.get(field) is not None]
+        return sum(values) if values else None
+
+    return {"kv_used": total("kv_blocks_used"), "kv_total": total("kv_blocks_total"),
+            "batch": total("batch_size")}
 
 
 class Pulse:
@@ -152,7 +166,8 @@ class Pulse:
 
     def maybe_point(self, telemetry: Telemetry, topic: str, nodes: list[dict[str, Any]], waiting: int,
                     now: float) -> dict[str, Any] | None:
-        """Once a second: requests and tokens per second since the last point, queue depth, load."""
+        """Once a second: requests and tokens per second since the last point, queue depth, load, KV
+        blocks and batch size."""
         previous = self.counted.get(topic)
         if previous is not None and now - previous[0] < POINT_S:
             return None  # the counters are read once a second, not on every tick
@@ -167,7 +182,8 @@ class Pulse:
 
         point = {"t": round(now, 3), "rps": round(rate(*RequestStatus.finals()), 2),
                  "submitted_ps": round(rate("submitted"), 2), "tps": round(rate("tokens"), 1),
-                 "queue": waiting, "load": {n["name"]: n["load_score"] for n in nodes}}
+                 "queue": waiting, "load": {n["name"]: n["load_score"] for n in nodes},
+                 **engine_totals(nodes)}
         telemetry.record_point(topic, point)
         return point
 
@@ -210,7 +226,8 @@ def known_rows(nodes: list[Node]) -> list[dict[str, Any]]:
     """The nodes as the database alone knows them, for when their topic's Redis does not answer."""
     return [{"name": n.name, "topic": n.topic.name, "role": n.role, "state": "unknown",
              "admin_state": n.admin_state, "requests_run": n.requests_run,
-             "requests_stolen": n.requests_stolen, "heartbeat_ts": None, "running_count": 0} for n in nodes]
+             "requests_stolen": n.requests_stolen, "heartbeat_ts": None, "running_count": 0,
+             "prefix_cache_hit_pct": None, **engine_figures({})} for n in nodes]
 
 
 def topic_summary(topic: Topic, update: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,13 @@
-"""Node records joined with their live state (heartbeat, queue length) for the API and pages."""
+"""Node records joined with their live state (heartbeat, queue length) for the API and pages.
+
+A heartbeat is whatever the node wrote, as strings: an old node or a stand-in engine leaves out the
+engine's figures (batch, KV blocks, prefix-cache hits, preemptions, tokens/s), and a value that does not
+parse is shown as unknown (None) rather than failing the whole node list.
+"""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -48,7 +54,7 @@ def _describe(node: Node, heartbeat: dict[str, str], queue_length: int,
         "device": heartbeat.get("device") or node.device,
         "admin_state": node.admin_state,
         "state": node_state(heartbeat, node.admin_state, None, *topic_limits),
-        "splitwise_load": int(heartbeat["load"]) if heartbeat.get("load") else None,
+        "splitwise_load": _integer(heartbeat.get("load")),
         "transfer": heartbeat.get("transfer") or None,
         "load_score": queue_length,
         "queue_length": queue_length,
@@ -60,7 +66,49 @@ def _describe(node: Node, heartbeat: dict[str, str], queue_length: int,
         "requests_stolen": node.requests_stolen,
         "max_num_seqs": node.max_num_seqs,
         "max_num_batched_tokens": node.max_num_batched_tokens,
+        **engine_figures(heartbeat),
     }
+
+
+def engine_figures(heartbeat: dict[str, str]) -> dict[str, int | float | None]:
+    """The node engine's figures from its heartbeat; each None when absent or unparseable."""
+    return {
+        "batch_size": _count(heartbeat.get("batch")),
+        "waiting": _count(heartbeat.get("waiting")),
+        "kv_blocks_used": _count(heartbeat.get("kv_blocks_used")),
+        "kv_blocks_total": _count(heartbeat.get("kv_blocks_total")),
+        "prefix_cache_hit_rate": _fraction(heartbeat.get("prefix_hit_rate")),
+        "preemptions": _count(heartbeat.get("preemptions")),
+        "tokens_per_s": _rate(heartbeat.get("tokens_per_s")),
+    }
+
+
+def _integer(text: str | None) -> int | None:
+    try:
+        return int(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _count(text: str | None) -> int | None:
+    """A non-negative integer, or None."""
+    value = _integer(text)
+    return value if value is not None and value >= 0 else None
+
+
+def _rate(text: str | None) -> float | None:
+    """A finite non-negative number, or None (NaN and infinities are not JSON)."""
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _fraction(text: str | None) -> float | None:
+    """A number in [0, 1], or None (empty while nothing was looked up yet)."""
+    value = _rate(text)
+    return value if value is not None and value <= 1 else None
 
 
 def _iso(ts: float) -> str:

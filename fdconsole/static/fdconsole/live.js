@@ -96,6 +96,12 @@
 
   function dash(value) { return value == null ? "–" : String(value); }
 
+  /* "37 / 512": KV cache blocks in use of the node's total; a dash when its engine does not say. */
+  function kvBlocks(node) {
+    if (node.kv_blocks_used == null && node.kv_blocks_total == null) return "–";
+    return dash(node.kv_blocks_used) + " / " + dash(node.kv_blocks_total);
+  }
+
   function renderNodes(list) {
     if (!table) return;
     var body = table.tBodies[0];
@@ -111,6 +117,12 @@
       cell(row, "queue_length", dash(node.queue_length), true);
       cell(row, "running", node.running_count ?
         link("/requests/?status=running&node=" + encodeURIComponent(node.name), String(node.running_count)) : "0", true);
+      cell(row, "batch_size", dash(node.batch_size), true);
+      cell(row, "waiting", dash(node.waiting), true);
+      cell(row, "kv_blocks", kvBlocks(node), true);
+      cell(row, "prefix_cache_hit_rate", node.prefix_cache_hit_pct == null ? "–" : node.prefix_cache_hit_pct.toFixed(1) + "%", true);
+      cell(row, "preemptions", dash(node.preemptions), true);
+      cell(row, "tokens_per_s", node.tokens_per_s == null ? "–" : node.tokens_per_s.toFixed(1), true);
       cell(row, "steals", dash(node.requests_stolen), true);
       cell(row, "run", dash(node.requests_run), true);
       return row;
@@ -163,7 +175,9 @@
   function renderCharts() {
     if (!window.fdCharts) return;
     var now = serverNow();
-    var pick = function (field) { return series.map(function (p) { return [p.t, p[field]]; }); };
+    var pick = function (field) {  // points without the field (older points, old engines) are left out
+      return series.filter(function (p) { return p[field] != null; }).map(function (p) { return [p.t, p[field]]; });
+    };
     chart("chart-rps", [{name: "finished", points: pick("rps")}], now);
     chart("chart-tps", [{name: "tokens", points: pick("tps")}], now);
     chart("chart-queue", [{name: "waiting", points: pick("queue")}], now);
@@ -175,15 +189,23 @@
                             .map(function (p) { return [p.t, p.load[name]]; })};
     });
     chart("chart-load", loadLines, now);
-    var legend = document.getElementById("legend-load");
-    if (legend) {
-      legend.replaceChildren.apply(legend, loadLines.map(function (line) {
-        var item = document.createElement("span");
-        item.style.setProperty("--swatch", line.color);
-        item.textContent = line.name;
-        return item;
-      }));
-    }
+    legend("legend-load", loadLines);
+    var kvLines = [{name: "in use", color: fdCharts.palette[0], points: pick("kv_used")},
+                   {name: "total", color: fdCharts.palette[7], points: pick("kv_total")}];
+    chart("chart-kv", kvLines, now);
+    legend("legend-kv", kvLines);
+    chart("chart-batch", [{name: "batch", points: pick("batch")}], now);
+  }
+
+  function legend(id, lines) {
+    var box = document.getElementById(id);
+    if (!box) return;
+    box.replaceChildren.apply(box, lines.map(function (line) {
+      var item = document.createElement("span");
+      item.style.setProperty("--swatch", line.color);
+      item.textContent = line.name;
+      return item;
+    }));
   }
 
   function chart(id, lines, now) {
