@@ -2,17 +2,27 @@ from django.contrib import admin, messages
 from django.urls import reverse
 from django.utils.html import format_html
 
-from fdconsole.nodes.models import Node
+from fdconsole.nodes.models import CAPACITY_FIELDS, Node
 
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ("name", "topic", "role", "admin_state", "device", "host", "requests_run",
-                    "requests_stolen", "last_started_at", "live_view")
+    list_display = ("name", "topic", "role", "admin_state", "device", "max_num_seqs", "block_size", "host",
+                    "requests_run", "requests_stolen", "last_started_at", "live_view")
     list_filter = ("topic", "role", "admin_state")
     search_fields = ("name", "host")
     readonly_fields = ("requests_run", "requests_stolen", "host", "created_at", "updated_at",
                        "last_started_at")
+    fieldsets = (
+        (None, {"fields": ("name", "topic", "role", "device", "admin_state")}),
+        ("Capacity", {
+            "fields": CAPACITY_FIELDS,
+            "description": "The node's engine: its batch, per-step token budget and KV cache. These "
+                           "take effect when the node process (re)starts; a running node keeps the "
+                           "capacity it started with.",
+        }),
+        ("Activity", {"fields": readonly_fields}),
+    )
     actions = ("enable_nodes", "drain_nodes", "disable_nodes")
 
     @admin.display(description="Live")

@@ -12,7 +12,7 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from fdconsole.nodes.models import Node
+from fdconsole.nodes.models import CAPACITY_FIELDS, Node
 from fdconsole.redis_conn import get_topic_store, topic_redis_errors
 from scheduler.liveness import heartbeat_age, limits, node_state
 
@@ -66,6 +66,8 @@ def _describe(node: Node, heartbeat: dict[str, str], queue_length: int,
         "requests_stolen": node.requests_stolen,
         "max_num_seqs": node.max_num_seqs,
         "max_num_batched_tokens": node.max_num_batched_tokens,
+        # The record's settings; a running node keeps those it started with until it restarts.
+        "capacity": {name: getattr(node, name) for name in CAPACITY_FIELDS},
         **engine_figures(heartbeat),
     }
 
