@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gpu_worker.attention import PagedAttention
+from gpu_worker.kv_cache import CacheShape
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -122,6 +125,13 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # [B, T, C]
         return self.c_proj(y)
 
+    def forward_packed(self, x: torch.Tensor, attention: PagedAttention) -> torch.Tensor:
+        N, C = x.size()  # packed tokens of every sequence in the step, n_embd
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=1)  # each [N, C]
+        shape = (N, self.n_head, C // self.n_head)
+        y = attention(self.layer, q.view(shape), k.view(shape), v.view(shape))  # [N, nh, hd]
+        return self.c_proj(y.reshape(N, C))
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -145,6 +155,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), kv_cache, mask)  # [B, T, C]
         return x + self.mlp(self.ln_2(x))  # [B, T, C]
+
+    def forward_packed(self, x: torch.Tensor, attention: PagedAttention) -> torch.Tensor:
+        x = x + self.attn.forward_packed(self.ln_1(x), attention)  # [N, C]
+        return x + self.mlp(self.ln_2(x))  # [N, C]
 
 
 class GPT(nn.Module):
@@ -184,6 +198,27 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         x = self.transformer.ln_f(x)  # [B, T, C]
         return self.lm_head(x)[..., : self.config.vocab_size]  # [B, T, V], padding columns dropped
+
+    def forward_packed(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: PagedAttention,
+                       logits_rows: torch.Tensor) -> torch.Tensor:
+        """The engine's interface: logits [M, vocab_size] of the packed rows ``logits_rows`` [M].
+
+        ``token_ids`` and ``positions`` [N] are the step's new tokens of every sequence, packed
+        (see ``gpu_worker.attention``); their keys and values go to the paged cache on the way.
+        """
+        x = self.transformer.wte(token_ids) + self.transformer.wpe(positions)  # [N, C]
+        for block in self.transformer.h:
+            x = block.forward_packed(x, attention)  # [N, C]
+        x = self.transformer.ln_f(x.index_select(0, logits_rows))  # [M, C]: only rows that sample
+        return self.lm_head(x)[:, : self.config.vocab_size]  # [M, V]
+
+    def cache_shape(self, dtype: torch.dtype = torch.float32) -> CacheShape:
+        """What one token's keys and values take, for sizing a ``PagedKVCache``."""
+        return CacheShape(self.config.n_layer, self.config.n_head, self.config.head_dim, dtype)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.block_size
 
 
 def _uniform_(param: torch.Tensor, std: float, generator: torch.Generator) -> None:

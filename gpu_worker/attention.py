@@ -1,0 +1,141 @@
+"""Attention over the paged KV cache for one packed step, in plain PyTorch (SDPA).
+
+Design note. A step packs every scheduled sequence's new tokens into one flat batch of N tokens:
+first the sequences that compute one token (decodes, and prefill chunks of one token), then the
+longer prefill chunks, each contiguous. Linear layers run on all N tokens at once; only attention
+depends on the sequence. Each layer writes the step's keys and values into the pool at their slots,
+then reads each sequence's whole context back through its block table:
+
+- the one-token rows together: their block tables, padded to the longest, gather a [D, S] context;
+  a mask hides each row's slots past its own length; one SDPA call.
+- each longer chunk by itself: its context of L slots, queries the last T of them, causally.
+
+Everything here that does not depend on the layer (slots, tables, masks) is built once per step by
+``PagedAttention.build``, so that a layer costs two gathers and one SDPA call per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from gpu_worker.kv_cache import PagedKVCache
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """One sequence's part of a step: ``num_new`` tokens appended after ``num_cached`` computed ones."""
+
+    block_table: Sequence[int]
+    num_cached: int
+    num_new: int
+
+    @property
+    def context_len(self) -> int:
+        return self.num_cached + self.num_new
+
+
+@dataclass
+class _Chunk:
+    start: int  # first row of the chunk in the packed batch
+    end: int
+    table: torch.Tensor  # [M] block ids covering the context
+    context_len: int
+    mask: torch.Tensor | None  # [T, L], None when the chunk is the whole context (plain causal)
+
+
+class PagedAttention:
+    """How the N tokens of one step attend; shared by every layer of the forward pass."""
+
+    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, num_single: int,
+                 single_tables: torch.Tensor | None, single_mask: torch.Tensor | None,
+                 single_len: int, chunks: list[_Chunk]) -> None:
+        self.cache = cache
+        self.slots = slots  # [N]
+        self.num_single = num_single  # rows 0..num_single-1 are one-token sequences
+        self.single_tables = single_tables  # [D, M]
+        self.single_mask = single_mask  # [D, 1, 1, S] or None when every row has the longest context
+        self.single_len = single_len  # S: the longest context among the one-token rows
+        self.chunks = chunks
+
+    @classmethod
+    def build(cls, cache: PagedKVCache, chunks: Sequence[SequenceChunk],
+              device: torch.device | str) -> PagedAttention:
+        """The plan for a step whose packed rows follow ``chunks`` in order. One-token chunks must
+        come first (``order_for_step`` sorts them so)."""
+        bs = cache.block_size
+        slots: list[int] = []
+        for chunk in chunks:
+            table = chunk.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(chunk.num_cached, chunk.context_len))
+        num_single = 0
+        while num_single < len(chunks) and chunks[num_single].num_new == 1:
+            num_single += 1
+        singles = chunks[:num_single]
+        single_tables = single_mask = None
+        single_len = 0
+        if singles:
+            single_len = max(c.context_len for c in singles)
+            width = -(-single_len // bs)
+            rows = [list(c.block_table[:width]) + [0] * (width - min(width, len(c.block_table)))
+                    for c in singles]
+            single_tables = torch.tensor(rows, dtype=torch.long, device=device)  # [D, M]
+            lengths = [c.context_len for c in singles]
+            if min(lengths) != single_len:  # else every row sees the first single_len slots: no mask
+                visible = torch.arange(width * bs, device=device)[None, :] < torch.tensor(
+                    lengths, device=device)[:, None]  # [D, S]
+                single_mask = visible[:, None, None, :]  # [D, 1, 1, S]
+        planned, row = [], num_single
+        for chunk in chunks[num_single:]:
+            assert chunk.num_new > 1, "one-token chunks must come first"
+            width = -(-chunk.context_len // bs)
+            table = torch.tensor(list(chunk.block_table[:width]), dtype=torch.long, device=device)
+            mask = None
+            if chunk.num_cached:
+                keys = torch.arange(chunk.context_len, device=device)  # [L]
+                queries = torch.arange(chunk.num_cached, chunk.context_len, device=device)  # [T]
+                mask = keys[None, :] <= queries[:, None]  # [T, L]
+            planned.append(_Chunk(row, row + chunk.num_new, table, chunk.context_len, mask))
+            row += chunk.num_new
+        return cls(cache, torch.tensor(slots, dtype=torch.long, device=device), num_single, single_tables,
+                   single_mask, single_len, planned)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention output [N, nh, hd] for queries [N, nh, hd]; ``k``/``v`` [N, kvh, hd] are the step's
+        new keys and values, stored in the pool first."""
+        self.cache.write(layer, self.slots, k, v)
+        if self.num_single == q.size(0) and not self.chunks:
+            return self._singles(layer, q)
+        out = torch.empty_like(q)  # [N, nh, hd]
+        if self.num_single:
+            out[:self.num_single] = self._singles(layer, q[:self.num_single])
+        for chunk in self.chunks:
+            keys, values = self.cache.gather(layer, chunk.table[None])  # each [1, kvh, M*bs, hd]
+            keys, values = keys[:, :, :chunk.context_len], values[:, :, :chunk.context_len]
+            queries = q[chunk.start:chunk.end].transpose(0, 1)[None]  # [1, nh, T, hd]
+            y = _sdpa(queries, keys, values, chunk.mask, causal=chunk.mask is None)  # [1, nh, T, hd]
+            out[chunk.start:chunk.end] = y[0].transpose(0, 1)
+        return out
+
+    def _singles(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        keys, values = self.cache.gather(layer, self.single_tables)  # each [D, kvh, M*bs, hd]
+        if self.single_mask is None:
+            keys, values = keys[:, :, :self.single_len], values[:, :, :self.single_len]
+        y = _sdpa(q[:, :, None], keys, values, self.single_mask, causal=False)  # [D, nh, 1, hd]
+        return y[:, :, 0]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          causal: bool) -> torch.Tensor:
+    if k.size(1) != q.size(1):  # grouped-query attention: each kv head serves a group of query heads
+        group = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def order_for_step(chunks: Sequence) -> list[int]:
+    """Indices of ``chunks`` (anything with ``num_new``) with the one-token ones first, order kept."""
+    return sorted(range(len(chunks)), key=lambda i: chunks[i].num_new != 1)
