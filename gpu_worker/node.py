@@ -1,10 +1,12 @@
 """A node process: one rq worker (no fork per job) with the model resident on its device.
 
 ``NodeWorker`` is rq's ``SimpleWorker`` with the JSON serializer, bound to the node's own queue. It
-does not pop rq's list itself: it claims through the store (own queue first, stealing when idle in
-global mode), which moves the load score and takes a lease in the same atomic step, then hands rq a
-job to perform. That job is built here from the claim (topic, uid) and names ``run_request`` by
-reference: nothing read from Redis is imported or called. A job hash in Redis that names another
+does not pop rq's list itself: its engine's step loop (``gpu_worker.serving``) claims through the
+store what the engine can admit (own queue first, stealing in global mode), which moves the load
+score and takes a lease in the same atomic step, then hands rq each claim as a job; running the job
+admits the request into the batch, and the job stays started until the request ends. That job is
+built here from the claim (topic, uid) and names ``run_request`` by reference: nothing read from
+Redis is imported or called. A job hash in Redis that names another
 function or any callback was written by someone else; it is logged, overwritten, and never run. rq's
 registry maintenance, which runs the failure callbacks that abandoned jobs' hashes name, is replaced
 by one that only drops the abandoned entries (failover moves their requests on), and its queue
@@ -12,7 +14,7 @@ enqueues no dependents that a set in Redis may list.
 
 Beside the job loop run three daemon threads: the heartbeat (liveness for the console, lease renewal
 for failover), the reaper (TTL eviction, failover of dead nodes' work) and the admin-state poller.
-SIGTERM is rq's warm shutdown: the current request finishes, then the process exits 0.
+SIGTERM is a warm shutdown: the node claims nothing more, finishes the requests it holds, then exits 0.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections import deque
 from typing import Any
 
 import redis
@@ -38,6 +41,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from gpu_worker.jobs import run_request
 from gpu_worker.runtime import NodeRuntime, install_runtime
+from gpu_worker.serving import StepLoop
 from scheduler import failover, keys, splitwise
 from scheduler.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_KEY_TTL_S
 from scheduler.reaper import Reaper
@@ -64,10 +68,12 @@ class Heartbeat(threading.Thread):
 
     def beat(self, state: str) -> None:
         rt = self.runtime
+        figures = rt.loop.figures() if rt.loop is not None else {}
         rt.store.write_heartbeat(rt.topic, rt.name, {
             "state": state, "role": rt.role, "host": socket.gethostname(), "pid": os.getpid(),
-            "device": str(rt.engine.device), "running": ",".join(rt.held), "admin_state": rt.admin_state,
-            "transfer": "redis", "load": splitwise.pd_load(rt.store, rt.topic, rt.name),
+            "device": str(rt.engine.device), "running": ",".join(list(rt.held)),
+            "admin_state": rt.admin_state,
+            "transfer": "redis", "load": splitwise.pd_load(rt.store, rt.topic, rt.name), **figures,
         }, rt.leases, ttl_s=HEARTBEAT_KEY_TTL_S, accepts_work=rt.admin_state == "enabled")
 
     def stop(self) -> None:
@@ -106,7 +112,7 @@ class NodeQueue(Queue):
 
 
 class NodeWorker(SimpleWorker):
-    """rq's in-process worker bound to one node's queue, claiming through the scheduler."""
+    """rq's in-process worker bound to one node's queue, running its engine's step loop."""
 
     def __init__(self, runtime: NodeRuntime, **kwargs: Any) -> None:
         self.node_queue = NodeQueue(keys.node_queue_name(runtime.topic, runtime.name),
@@ -116,6 +122,9 @@ class NodeWorker(SimpleWorker):
             name=f"fdnode.{runtime.name}.{uuid.uuid4().hex[:8]}", **kwargs,
         )
         self.runtime = runtime
+        self.loop = runtime.loop = StepLoop(runtime, self.name, self.connection)
+        self.claimed: deque[Claim] = deque()  # claimed, handed to rq one job at a time
+        self.rq_beat_at = 0.0
 
     def work(self, burst: bool = False, **kwargs: Any) -> bool:
         rt = self.runtime
@@ -128,36 +137,68 @@ class NodeWorker(SimpleWorker):
         heartbeat.beat("idle")  # alive before the first claim, so failover never picks a dead node over it
         reaper = Reaper(rt.store, rt.hooks.on_expired)
         poller = AdminStatePoller(rt)
-        for thread in (heartbeat, reaper, poller):
+        for thread in (heartbeat, reaper, poller, self.loop.hooks):
             thread.start()
         try:
-            return super().work(burst=burst, **kwargs)
+            worked = super().work(burst=burst, **kwargs)
+            self._finish_held()
+            return worked
         finally:
             poller.stopped.set()
             reaper.stop()
             heartbeat.stop()
+            self.loop.hooks.stop()
+
+    def _finish_held(self) -> None:
+        """Before exiting, every request the node holds finishes here, those claimed but not yet
+        started included. The heartbeat keeps their leases alive meanwhile."""
+        while self.claimed:
+            self.execute_job(self._job_for(self.claimed[0]), self.node_queue)
+            self.claimed.popleft()
+        while self.runtime.engine.has_work:
+            self.loop.step(claim=False)
+        self.loop.flush()
+
+    def _shutdown(self) -> None:
+        """SIGTERM or Ctrl-C: stop claiming; rq's loop ends once this request is handed to the engine."""
+        self._stop_requested = True
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Admits the claimed request into the running batch (``run_request``); returns at once."""
+        run_request(self.runtime.topic, job.id, job=job)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
-        """Claim the next request (rq's loop calls this); None ends a burst or an idle limit."""
+        """Steps the engine until a claim comes in (rq's loop calls this, then ``execute_job``);
+        None ends a burst, an idle limit, or the worker on request."""
         rt = self.runtime
-        self.set_state(WorkerStatus.IDLE)
-        self.procline(f"Listening on {self.node_queue.name}")
         idle_since = time.monotonic()
         backoff = 1.0
         while True:
+            if self.claimed:
+                claim = self.claimed.popleft()
+                return self._job_for(claim), self.node_queue
+            if self._stop_requested:
+                return None
+            busy = rt.engine.has_work
             try:
-                self.heartbeat()
-                claims = rt.store.claim(rt.topic, rt.name, 1, may_steal=rt.may_steal) if rt.may_claim else []
+                self._maintain(busy)
+                if busy:
+                    self._hold(self.loop.step(claim=not self._stop_requested))
+                    idle_since = time.monotonic()
+                    continue
+                self.loop.flush()
+                call = self.loop.claim_call()
+                self._hold(rt.store.parse_claims(rt.store.run(call)) if call is not None else [])
             except redis.exceptions.ConnectionError as exc:
-                log.error("Redis did not answer (%s); trying again in %.0f s", exc, backoff)
+                log.error("Redis did not answer (%s); letting go of what runs, trying again in %.0f s",
+                          exc, backoff)
+                self.loop.drop_all()
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
             backoff = 1.0
-            if claims:
-                claim = claims[0]
-                rt.held[claim.uid] = claim
-                return self._job_for(claim), self.node_queue
+            if self.claimed:
+                continue
             if timeout is None:  # burst mode: nothing left
                 return None
             if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
@@ -166,6 +207,22 @@ class NodeWorker(SimpleWorker):
                 rt.store.wait_for_work(rt.topic, rt.name, IDLE_WAIT_S)
             except redis.exceptions.ConnectionError:
                 continue  # handled with a backoff on the next claim
+
+    def _hold(self, claims: list[Claim]) -> None:
+        for claim in claims:
+            self.runtime.held[claim.uid] = claim  # the heartbeat renews its lease from now on
+            self.claimed.append(claim)
+
+    def _maintain(self, busy: bool) -> None:
+        """rq's worker heartbeat and state (for django-rq's worker views), at most once a second."""
+        if time.monotonic() - self.rq_beat_at < 1.0:
+            return
+        self.rq_beat_at = time.monotonic()
+        self.heartbeat()
+        state = WorkerStatus.BUSY if busy else WorkerStatus.IDLE
+        if self.get_state() != state:
+            self.set_state(state)
+            self.procline(f"{'Running a batch' if busy else 'Listening'} on {self.node_queue.name}")
 
     def _job_for(self, claim: Claim) -> Job:
         """The job that runs ``claim``: built here, never read back from Redis. What the request's job

@@ -30,11 +30,12 @@ class NodeRuntime:
     name: str
     role: str
     store: RequestStore
-    engine: Any  # gpu_worker.engine.Engine, loaded once
+    engine: Any  # gpu_worker.batch_engine.BatchEngine (or a stand-in), loaded once
     hooks: NodeHooks = field(default_factory=NodeHooks)
     held: dict[str, Claim] = field(default_factory=dict)  # uid -> claim of the requests it runs
     admin_state: str = "enabled"  # draining: finishes its own queue, steals nothing; disabled: claims nothing
-    token_delay_s: float = 0.0  # a pause after each streamed token (demos, failover tests)
+    token_delay_s: float = 0.0  # a pause after each step that streamed tokens (demos, failover tests)
+    loop: Any = None  # gpu_worker.serving.StepLoop, set by the node's worker
 
     @property
     def may_claim(self) -> bool:

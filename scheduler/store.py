@@ -263,11 +263,20 @@ class RequestStore:
               budget: Budget = NO_BUDGET) -> list[Claim]:
         """Claim up to ``n`` requests for ``node``: its own queue first (FIFO), else, in global mode,
         steal from the most loaded nodes. Overdue requests are expired instead of handed out."""
-        reply = self.run(scripts.CLAIM.call(
+        call = self.claim_call(topic, node, n, may_steal=may_steal, budget=budget)
+        return self.parse_claims(self.run(call))
+
+    def claim_call(self, topic: str, node: str, n: int = 1, *, may_steal: bool = True,
+                   budget: Budget = NO_BUDGET) -> ScriptCall:
+        """``claim`` as a call to send with others (its reply goes to ``parse_claims``)."""
+        return scripts.CLAIM.call(
             topic, node=node, n=n, may_steal="1" if may_steal else "0", rand=random.random(), lease_s=LEASE_S,
             available_blocks=budget.available_blocks, block_size=budget.block_size,
             reserved_output_blocks=budget.reserved_output_blocks,
-            max_num_batched_tokens=budget.max_num_batched_tokens))
+            max_num_batched_tokens=budget.max_num_batched_tokens)
+
+    @staticmethod
+    def parse_claims(reply: list) -> list[Claim]:
         return [Claim(uid.decode(), lease.decode(), Request.from_dict(json.loads(payload)), int(streamed),
                       home.decode(), phase.decode()) for uid, lease, payload, streamed, home, phase in reply]
 

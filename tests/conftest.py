@@ -157,14 +157,23 @@ def engine():
 
 
 @pytest.fixture
-def run_node(engine, store):
+def batch_engine(engine):
+    """A node's batching engine over the session's model, with a small KV cache (quick to allocate)."""
+    from gpu_worker.batch_engine import BatchEngine
+    from gpu_worker.capacity import EngineCapacity
+
+    return BatchEngine(engine, EngineCapacity(num_kv_blocks=512))
+
+
+@pytest.fixture
+def run_node(batch_engine, store):
     """Run a node's queued work in this process (rq's burst mode), as ``fdnode --burst`` does."""
     from fdconsole.cluster.hooks import database_hooks
     from gpu_worker.node import NodeWorker
     from gpu_worker.runtime import NodeRuntime
 
     def run(node_name: str = "node-a", topic: str = "default") -> None:
-        runtime = NodeRuntime(topic=topic, name=node_name, role="mixed", store=store, engine=engine,
+        runtime = NodeRuntime(topic=topic, name=node_name, role="mixed", store=store, engine=batch_engine,
                               hooks=database_hooks())
         NodeWorker(runtime).work(burst=True, logging_level="WARNING")
 

@@ -86,7 +86,7 @@ def test_a_topic_on_db_5_runs_on_a_real_node_with_every_key_in_db_5(api, redis_c
     assert not topic_db.exists("fd:{five}:config") and b"five" not in topic_db.smembers("fd:topics")
 
 
-def test_a_topic_with_its_own_port_and_password_runs_there(api, store, engine, locked_redis):
+def test_a_topic_with_its_own_port_and_password_runs_there(api, store, batch_engine, locked_redis):
     from fdconsole.cluster.hooks import database_hooks
     from fdconsole.topics.models import Topic
     from fdconsole.topics.services import ensure_node, topic_store
@@ -100,7 +100,7 @@ def test_a_topic_with_its_own_port_and_password_runs_there(api, store, engine, l
     assert answer.status_code == 202, answer.content
 
     locked_store = topic_store("locked")
-    runtime = NodeRuntime(topic="locked", name="locked-a", role="mixed", store=locked_store, engine=engine,
+    runtime = NodeRuntime(topic="locked", name="locked-a", role="mixed", store=locked_store, engine=batch_engine,
                           hooks=database_hooks())
     NodeWorker(runtime).work(burst=True, logging_level="WARNING")
 

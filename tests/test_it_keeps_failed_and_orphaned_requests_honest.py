@@ -7,19 +7,22 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 class FailingEngine:
-    """The real engine for the first tokens, then an error (a CUDA fault, say)."""
+    """The real batching engine for the first steps, then an error (a CUDA fault, say)."""
 
-    def __init__(self, engine, after: int) -> None:
-        self.engine, self.after, self.device = engine, after, engine.device
+    def __init__(self, batch_engine, after: int) -> None:
+        self.batch_engine, self.after, self.steps = batch_engine, after, 0
 
-    def generate(self, *args, **kwargs):
-        for step in self.engine.generate(*args, **kwargs):
-            if step.index >= self.after:
-                raise RuntimeError("device fell over")
-            yield step
+    def __getattr__(self, name: str):
+        return getattr(self.batch_engine, name)
+
+    def step(self):
+        if self.steps == self.after:
+            raise RuntimeError("device fell over")
+        self.steps += 1
+        return self.batch_engine.step()
 
 
-def test_a_failed_request_keeps_the_tokens_it_streamed(api, node, store, engine):
+def test_a_failed_request_keeps_the_tokens_it_streamed(api, node, store, batch_engine):
     from fdconsole.cluster.hooks import database_hooks
     from gpu_worker.node import NodeWorker
     from gpu_worker.runtime import NodeRuntime
@@ -27,7 +30,7 @@ def test_a_failed_request_keeps_the_tokens_it_streamed(api, node, store, engine)
     answer = api.post("/api/v1/topics/default/requests", {"prompt": "x", "max_tokens": 20})
     request_id = answer.json()["request_id"]
     runtime = NodeRuntime(topic="default", name="node-a", role="mixed", store=store,
-                          engine=FailingEngine(engine, after=4), hooks=database_hooks())
+                          engine=FailingEngine(batch_engine, after=4), hooks=database_hooks())
     NodeWorker(runtime).work(burst=True, logging_level="CRITICAL")
     body = api.get(f"/api/v1/requests/{request_id}").json()
     assert body["status"] == "failed"

@@ -131,3 +131,32 @@ def test_sigterm_finishes_the_current_request_then_exits_cleanly(api, global_top
     wait_for_tokens(store, uid_of(request_id), 5)
     assert node_processes.kill("node-a", signal.SIGTERM) == 0
     assert api.get(f"/api/v1/requests/{request_id}").json()["status"] == "finished"
+
+
+def test_a_node_killed_with_a_full_batch_loses_none_and_duplicates_no_token(api, global_topic, store,
+                                                                             node_processes, engine):
+    from fdconsole.topics.services import ensure_node
+
+    ensure_node("node-a", global_topic)
+    node_processes.start("node-a", "default", **SLOW)
+    prompts = [f"Batch member {i}, keep going." for i in range(12)]
+    ids = [submit(api, "node-a", prompt=prompt, max_tokens=150) for prompt in prompts]
+    readers = [stream_in_background(api, request_id) for request_id in ids]
+    for request_id in ids:  # all twelve run together on node-a
+        wait_for_tokens(store, uid_of(request_id), 5)
+    assert all(store.state("default", uid_of(r)).executed_by == "node-a" for r in ids)
+    ensure_node("node-b", global_topic)
+    node_processes.start("node-b", "default", **SLOW)
+    node_processes.kill("node-a")
+    for reader, _ in readers:
+        reader.join(timeout=FAILOVER_LIMIT_S + 60)
+    for prompt, (_, results) in zip(prompts, readers, strict=True):
+        assert results, "a stream never ended"
+        events = results[0]
+        tokens = [data for name, data in events if name == "token"]
+        expected = greedy(engine, prompt, 150)
+        assert [t["index"] for t in tokens] == list(range(len(expected)))  # every index once, in order
+        assert [name for name, _ in events].count("done") == 1
+        done = events[-1][1]
+        assert done["status"] == "finished" and done["executed_by"] == "node-b"
+        assert done["output_token_ids"] == expected == [t["token_id"] for t in tokens]

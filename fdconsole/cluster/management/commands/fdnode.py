@@ -46,16 +46,20 @@ class Command(BaseCommand):
         runtime = NodeRuntime(topic=topic.name, name=node.name, role=node.role, store=get_topic_store(topic),
                               engine=engine, hooks=database_hooks(),
                               token_delay_s=settings.FD_TOKEN_DELAY_MS / 1000)
-        log.info("node %s of topic %s ready on %s (role %s)", node.name, topic.name, engine.device, node.role)
+        log.info("node %s of topic %s ready on %s (role %s, %s)", node.name, topic.name, engine.device, node.role,
+                 getattr(engine, "describe", lambda: "fixed work")())
         NodeWorker(runtime).work(burst=options["burst"], logging_level=settings.LOGGING["root"]["level"])
         log.info("node %s stopped", node.name)
 
     def engine(self, node: Node, fixed_work_ms: float | None):
-        """The model on the node's device, loaded once (or the benchmarks' fixed-work stand-in)."""
+        """The batching engine over the model on the node's device, loaded once, with the node's
+        capacity (or the benchmarks' fixed-work stand-in)."""
         if fixed_work_ms is not None:
             from gpu_worker.fixed_work import FixedWorkEngine
 
             return FixedWorkEngine(fixed_work_ms / 1000)
+        from gpu_worker.batch_engine import BatchEngine
+        from gpu_worker.capacity import CapacityError
         from gpu_worker.engine import Engine
 
         device = node.device if node.device != "auto" else settings.FD_DEVICE
@@ -67,4 +71,7 @@ class Command(BaseCommand):
             import torch
 
             torch.set_num_threads(settings.FD_TORCH_THREADS)
-        return engine
+        try:
+            return BatchEngine(engine, node.capacity())
+        except CapacityError as exc:
+            raise CommandError(f"node {node.name}'s capacity: {exc}") from None
