@@ -35,7 +35,24 @@ def test_the_handoff_takes_a_1024_token_prompt(redis_conn):
     assert [k for k in redis_conn.keys("*") if b"bench-handoff" in k] == []
 
 
+def test_the_engine_bench_measures_each_concurrency_against_its_static_bound():
+    figures = fdbench("engine", "--concurrency", "1,3", "--max-tokens", "6", "--prompt-tokens", "8",
+                      "--requests-per-client", "2", "--device", "cpu")
+    assert figures["bench"] == "engine" and figures["device"] == "cpu" and figures["model"] == "tiny"
+    assert [r["concurrency"] for r in figures["results"]] == [1, 3]
+    for result in figures["results"]:
+        assert result["requests"] == 2 * result["concurrency"] and result["generated_tokens"] > 0
+        assert result["tokens_per_s"] > 0 and result["static_bound_tokens_per_s"] > 0
+        assert result["fraction_of_bound"] == pytest.approx(
+            result["tokens_per_s"] / result["static_bound_tokens_per_s"], rel=0.01)
+        assert 0 < result["ttft_p50_ms"] <= result["ttft_p99_ms"]
+        assert 0 < result["itl_p50_ms"] <= result["itl_p99_ms"]
+
+
 @pytest.mark.parametrize("argv, named", [
+    (("engine", "--concurrency", "0"), "--concurrency"),
+    (("engine", "--max-tokens", "0"), "--max-tokens"),
+    (("engine", "--prompt-tokens", "2040", "--max-tokens", "64"), "--prompt-tokens"),
     (("scheduler", "--requests", "0"), "--requests"),
     (("splitwise", "--requests", "-3"), "--requests"),
     (("handoff", "--prompt-tokens", "2040"), "--prompt-tokens"),

@@ -12,8 +12,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 
 class Command(BaseCommand):
-    help = ("Run a benchmark and print its figures as one JSON object (model, scheduler, splitwise, skew, "
-            "handoff, serve).")
+    help = ("Run a benchmark and print its figures as one JSON object (model, engine, scheduler, splitwise, "
+            "skew, handoff, serve).")
 
     def add_arguments(self, parser) -> None:
         sub = parser.add_subparsers(dest="kind", required=True)
@@ -23,6 +23,12 @@ class Command(BaseCommand):
         model.add_argument("--max-tokens", type=int, default=128)
         model.add_argument("--repeats", type=int, default=5)
         model.add_argument("--device", default=None, help="default: FD_DEVICE")
+        engine = sub.add_parser("engine", help="the batching engine alone, against the static-batch bound")
+        engine.add_argument("--concurrency", default="1,8,16,32", help="levels, comma-separated")
+        engine.add_argument("--prompt-tokens", type=int, default=32)
+        engine.add_argument("--max-tokens", type=int, default=64)
+        engine.add_argument("--requests-per-client", type=int, default=4)
+        engine.add_argument("--device", default=None, help="default: FD_DEVICE")
         skew = sub.add_parser("skew", help="real nodes, all requests on one node: makespan over ideal")
         skew.add_argument("--nodes", type=int, default=4)
         skew.add_argument("--requests", type=int, default=200)
@@ -63,6 +69,19 @@ class Command(BaseCommand):
         return bench_model(device=options["device"] or settings.FD_DEVICE, batch=options["batch"],
                            prompt_tokens=options["prompt_tokens"], max_tokens=options["max_tokens"],
                            repeats=options["repeats"])
+
+    def bench_engine(self, options) -> dict:
+        import torch
+
+        from fdconsole.cluster.serve_bench import parse_levels
+        from gpu_worker.engine_bench import bench_engine
+
+        device = options["device"] or settings.FD_DEVICE
+        if settings.FD_TORCH_THREADS > 0:
+            torch.set_num_threads(settings.FD_TORCH_THREADS)  # as a node runs
+        return bench_engine(device=device, concurrency=parse_levels(options["concurrency"]),
+                            prompt_tokens=options["prompt_tokens"], max_tokens=options["max_tokens"],
+                            requests_per_client=options["requests_per_client"])
 
     def bench_skew(self, options) -> dict:
         from fdconsole.cluster.skew import bench_skew
