@@ -100,8 +100,8 @@ def test_a_topic_with_its_own_port_and_password_runs_there(api, store, batch_eng
     assert answer.status_code == 202, answer.content
 
     locked_store = topic_store("locked")
-    runtime = NodeRuntime(topic="locked", name="locked-a", role="mixed", store=locked_store, engine=batch_engine,
-                          hooks=database_hooks())
+    runtime = NodeRuntime(topic="locked", name="locked-a", role="mixed", store=locked_store,
+                          engine=batch_engine, hooks=database_hooks())
     NodeWorker(runtime).work(burst=True, logging_level="WARNING")
 
     assert wait_final(api, answer.json()["request_id"])["status"] == "finished"

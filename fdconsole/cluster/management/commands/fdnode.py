@@ -46,8 +46,8 @@ class Command(BaseCommand):
         runtime = NodeRuntime(topic=topic.name, name=node.name, role=node.role, store=get_topic_store(topic),
                               engine=engine, hooks=database_hooks(),
                               token_delay_s=settings.FD_TOKEN_DELAY_MS / 1000)
-        log.info("node %s of topic %s ready on %s (role %s, %s)", node.name, topic.name, engine.device, node.role,
-                 getattr(engine, "describe", lambda: "fixed work")())
+        log.info("node %s of topic %s ready on %s (role %s, %s)", node.name, topic.name, engine.device,
+                 node.role, getattr(engine, "describe", lambda: "fixed work")())
         NodeWorker(runtime).work(burst=options["burst"], logging_level=settings.LOGGING["root"]["level"])
         log.info("node %s stopped", node.name)
 
