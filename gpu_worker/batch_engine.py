@@ -7,7 +7,8 @@ uncomputed tokens as the step's token budget has left (one for a decode, a chunk
 long prompt never stalls the batch), then admits waiting requests with what is left: first those it
 preempted, then new ones through the in-process Local scheduler's ``get_requests``, called with the
 engine's real budgets (free blocks, block size, reserved output blocks, the step's remaining tokens,
-free sequence slots). One forward pass computes everything scheduled; each sequence whose tokens are
+free sequence slots); a request resumed after tokens another node streamed (failover) is admitted like
+a preempted one. One forward pass computes everything scheduled; each sequence whose tokens are
 all computed samples its next one.
 
 Blocks: an admitted sequence gets the blocks of all its known tokens at once (shared prefix blocks
@@ -130,14 +131,20 @@ class BatchEngine:
             self.ended.append((request_id, GenerationStep(len(resumed), -1, decoder.flush(), FINISH_LENGTH)))
             return
         self.sequences[request_id] = seq
-        self.waiting.put_requests([Request(request_id, seq.token_ids, sampling)])
+        if resumed:  # it ran elsewhere already: it resumes like a preempted request, before new ones
+            self.preempted.append(seq)
+        else:
+            self.waiting.put_requests([Request(request_id, seq.token_ids, sampling)])
 
     def _check_fits(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
         cap, blocks = self.capacity, self.blocks
         need = blocks.blocks_for(len(prompt_ids) + sampling.max_tokens)
-        if blocks.blocks_for(len(prompt_ids)) + cap.reserved_output_blocks > blocks.num_blocks:
-            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) needs more KV blocks than this node's "
-                             f"whole cache of {blocks.num_blocks} blocks of {cap.block_size} tokens")
+        prompt_blocks = blocks.blocks_for(len(prompt_ids))
+        if prompt_blocks + cap.reserved_output_blocks > blocks.num_blocks:
+            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) needs {prompt_blocks} KV blocks of "
+                             f"{cap.block_size} tokens plus reserved_output_blocks="
+                             f"{cap.reserved_output_blocks}: more KV blocks than this node's whole cache of "
+                             f"{blocks.num_blocks} blocks")
         if need > blocks.num_blocks:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
                              f"need "

@@ -113,4 +113,4 @@ def test_a_request_the_node_can_never_hold_fails_at_once_with_a_clear_error(api,
     worker.work(burst=True, logging_level="CRITICAL")
     body = api.get(f"/api/v1/requests/{answer.json()['request_id']}").json()
     assert body["status"] == "failed"
-    assert "needs more KV blocks than this node's whole cache of 4 blocks" in body["error"]["message"]
+    assert "more KV blocks than this node's whole cache of 4 blocks" in body["error"]["message"]
