@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from redis.exceptions import RedisError
 
@@ -30,12 +30,18 @@ KEEPALIVE_S = 15.0
 MAX_STREAM_S = 6 * 3600  # a bound on one connection; clients reconnect and read again from the start
 
 
+def off_thread(func):
+    """``func`` in a pool thread with its own database connection: many streams read and sync at
+    once instead of queueing behind every request on Django's one thread for sync code."""
+    return database_sync_to_async(func, thread_sensitive=False)
+
+
 async def stream_request(request: HttpRequest, request_id: str) -> HttpResponse:
     try:
-        await sync_to_async(bearer_user)(request)  # the token first: without one, nothing is told
+        await off_thread(bearer_user)(request)  # the token first: without one, nothing is told
         if request.method != "GET":
             raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed here; use GET")
-        row = await sync_to_async(get_request_row)(request_id)
+        row = await off_thread(get_request_row)(request_id)
     except (ApiError, UnknownObject) as exc:
         return error_response(exc.status, exc.code, exc.message, exc.field)
     return sse_response(row)
@@ -72,13 +78,13 @@ async def sse_events(row: Request) -> AsyncIterator[str]:
                     delivered = event.index
                     yield sse("token", {"index": event.index, "token_id": event.token_id, "text": event.text})
                 elif event.kind == "done":
-                    row = await sync_to_async(sync_request)(row)
-                    yield sse("done", await sync_to_async(row.as_api)())
+                    row = await off_thread(sync_request)(row)
+                    yield sse("done", await off_thread(row.as_api)())
                     return
             if events:
                 last_sent = time.monotonic()
                 continue
-            row = await sync_to_async(sync_request)(row)
+            row = await off_thread(sync_request)(row)
             if row.is_final and not await reader.exists(topic, row.uid):
                 for chunk in replay_from_database(row, delivered):
                     yield chunk
