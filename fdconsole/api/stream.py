@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from redis.exceptions import RedisError
@@ -32,16 +33,17 @@ MAX_STREAM_S = 6 * 3600  # a bound on one connection; clients reconnect and read
 
 def off_thread(func):
     """``func`` in a pool thread with its own database connection: many streams read and sync at
-    once instead of queueing behind every request on Django's one thread for sync code."""
+    once instead of queueing behind every request on Django's one thread for sync code. (Only once
+    streaming: the token and the row are checked first on Django's thread, as any view's.)"""
     return database_sync_to_async(func, thread_sensitive=False)
 
 
 async def stream_request(request: HttpRequest, request_id: str) -> HttpResponse:
     try:
-        await off_thread(bearer_user)(request)  # the token first: without one, nothing is told
+        await sync_to_async(bearer_user)(request)  # the token first: without one, nothing is told
         if request.method != "GET":
             raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed here; use GET")
-        row = await off_thread(get_request_row)(request_id)
+        row = await sync_to_async(get_request_row)(request_id)
     except (ApiError, UnknownObject) as exc:
         return error_response(exc.status, exc.code, exc.message, exc.field)
     return sse_response(row)
