@@ -18,8 +18,8 @@ from scheduler.store import Claim, RequestStore
 class NodeHooks:
     """What the node tells its host application (the console's database) about its work."""
 
-    on_change: Callable[[str, str], None] = lambda topic, uid: None  # a request's state moved
-    on_finished: Callable[[str, bool], None] = lambda node, stolen: None  # ran one (stolen or not)
+    on_changed: Callable[[str, list[str]], None] = lambda topic, uids: None  # these requests' states moved
+    on_ran: Callable[[str, int, int], None] = lambda node, ran, stolen: None  # ran so many, so many stolen
     on_expired: Callable[[str, list[str]], None] = lambda topic, uids: None  # the reaper ended these
     admin_state: Callable[[str], str] = lambda node: "enabled"  # enabled, draining or disabled
 

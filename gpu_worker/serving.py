@@ -59,22 +59,46 @@ class Running:
     output_ids: list[int] = field(default_factory=list)
 
 
-class Background(threading.Thread):
-    """Runs the node's database hooks in order, off the step loop."""
+@dataclass(frozen=True)
+class Left:
+    """A request that left the node: the database should read it again (and count it, if it ran)."""
 
-    def __init__(self) -> None:
+    uid: str
+    ran: bool  # it ended here (not dropped for another node to carry on)
+    stolen: bool
+
+
+class Background(threading.Thread):
+    """Tells the database what left the node, off the step loop: whatever piled up meanwhile in one
+    go (one transaction for many requests rather than one each)."""
+
+    def __init__(self, runtime: NodeRuntime) -> None:
         super().__init__(name="fd-hooks", daemon=True)
-        self.tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.rt = runtime
+        self.tasks: queue.SimpleQueue[Left | None] = queue.SimpleQueue()
 
     def run(self) -> None:
-        while (task := self.tasks.get()) is not None:
-            try:
-                task()
-            except Exception:  # top-level loop: the hooks log their own failures; keep going
-                log.exception("a database hook failed")
+        stopping = False
+        while not stopping:
+            batch = [self.tasks.get()]
+            while not self.tasks.empty():
+                batch.append(self.tasks.get_nowait())
+            stopping = None in batch
+            left = [item for item in batch if item is not None]
+            if left:
+                self._tell(left)
 
-    def submit(self, task: Callable[[], None]) -> None:
-        self.tasks.put(task)
+    def _tell(self, left: list[Left]) -> None:
+        try:  # top-level loop: the hooks log their own failures; keep going
+            self.rt.hooks.on_changed(self.rt.topic, [item.uid for item in left])
+            ran = [item for item in left if item.ran]
+            if ran:
+                self.rt.hooks.on_ran(self.rt.name, len(ran), sum(item.stolen for item in ran))
+        except Exception:
+            log.exception("a database hook failed")
+
+    def submit(self, item: Left) -> None:
+        self.tasks.put(item)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self.tasks.put(None)
@@ -91,7 +115,7 @@ class StepLoop:
         self.redis = redis  # bytes replies: rq's connection
         self.running: dict[str, Running] = {}
         self.commands: list[tuple[Any, ...]] = []  # rq bookkeeping, sent with the next round trip
-        self.hooks = Background()
+        self.hooks = Background(runtime)
         self.generated = 0  # tokens streamed since the node started
         self.samples: deque[tuple[float, int]] = deque()  # (time, generated): the heartbeat's alone
         self.executions_renewed = time.monotonic()
@@ -267,16 +291,14 @@ class StepLoop:
             self.commands.append(("DEL", keys.kv_handoff(self.rt.topic, claim.uid)))
         self.commands.extend(self._capture(lambda pipe: self._ended(running, summary, failed, pipe)))
         stolen = not claim.phase and claim.home != self.rt.name  # a decode node runs what it was handed
-        hooks, topic, node = self.rt.hooks, self.rt.topic, self.rt.name
-        self.hooks.submit(lambda: (hooks.on_change(topic, claim.uid), hooks.on_finished(node, stolen)))
+        self.hooks.submit(Left(claim.uid, ran=True, stolen=stolen))
 
     def _drop(self, running: Running) -> None:
         """The lease is gone: another node carries the request on, and counts it."""
         self.running.pop(running.claim.uid, None)
         self.rt.held.pop(running.claim.uid, None)
         self.commands.extend(self._capture(lambda pipe: running.execution.delete(running.job, pipe)))
-        hooks, topic, uid = self.rt.hooks, self.rt.topic, running.claim.uid
-        self.hooks.submit(lambda: hooks.on_change(topic, uid))
+        self.hooks.submit(Left(running.claim.uid, ran=False, stolen=False))
 
     def drop_all(self) -> None:
         """Every held request is let go without an end (the process is going down hard)."""
