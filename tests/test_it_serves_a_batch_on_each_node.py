@@ -114,3 +114,14 @@ def test_a_request_the_node_can_never_hold_fails_at_once_with_a_clear_error(api,
     body = api.get(f"/api/v1/requests/{answer.json()['request_id']}").json()
     assert body["status"] == "failed"
     assert "more KV blocks than this node's whole cache of 4 blocks" in body["error"]["message"]
+
+
+def test_the_heartbeat_carries_the_engines_figures(api, node, store, run_node):
+    submit(api, 2, max_tokens=4)
+    run_node()
+    beat = store.read_heartbeats("default", ["node-a"])["node-a"]
+    assert beat["kv_blocks_total"] == "512" and beat["kv_blocks_used"] == "0"  # everything freed
+    assert beat["batch"] == "0" and beat["waiting"] == "0" and beat["preemptions"] == "0"
+    assert 0.0 <= float(beat["prefix_hit_rate"]) <= 1.0 and float(beat["tokens_per_s"]) >= 0.0
+    shown = api.get("/api/v1/nodes/node-a").json()
+    assert shown["kv_blocks_total"] == 512 and shown["batch_size"] == 0 and shown["preemptions"] == 0
