@@ -247,6 +247,13 @@ class StepLoop:
 
     def _finished(self, running: Running, reply: Any, with_token: bool) -> None:
         final = status_or_reply((reply[1] if with_token else reply).decode())
+        lost = EmitReply(reply[0]) == EmitReply.LEASE_LOST if with_token else not isinstance(
+            final, RequestStatus) or not final.is_final
+        if lost:  # the lease had gone: the request is another node's now (or gone), not ended here
+            log.warning("request %s: lease %s lost at its end; another node carries on", running.claim.uid,
+                        running.claim.lease)
+            self._drop(running)
+            return
         self._end(running, {"status": str(final), "tokens": len(running.output_ids)}, failed=False)
 
     def _hand_off(self, running: Running, kv) -> None:

@@ -125,3 +125,32 @@ def test_the_heartbeat_carries_the_engines_figures(api, node, store, run_node):
     assert 0.0 <= float(beat["prefix_hit_rate"]) <= 1.0 and float(beat["tokens_per_s"]) >= 0.0
     shown = api.get("/api/v1/nodes/node-a").json()
     assert shown["kv_blocks_total"] == 512 and shown["batch_size"] == 0 and shown["preemptions"] == 0
+
+
+def test_a_request_whose_lease_went_elsewhere_is_let_go_not_ended(api, node, store, engine):
+    from rq.registry import FinishedJobRegistry, StartedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    from fdconsole.inference.models import Request
+    from gpu_worker.capacity import EngineCapacity
+
+    [request_id] = submit(api, 1, max_tokens=3)
+    uid = Request.objects.get(request_id=request_id).uid
+    worker = worker_with(store, engine, EngineCapacity(num_kv_blocks=64))
+    step = worker.runtime.engine.step
+
+    def step_then_lose_the_lease():  # at its last token, as if failover had moved it meanwhile
+        outputs = step()
+        if any(out.finish_reason for _, out in outputs):
+            store.redis.hset(keys.request("default", uid), "lease", "node-z#9")
+        return outputs
+
+    worker.runtime.engine.step = step_then_lose_the_lease
+    worker.work(burst=True, logging_level="CRITICAL")
+    state = store.state("default", uid)
+    assert state.status == "running" and state.lease == "node-z#9"  # still the other node's to end
+    queue = keys.node_queue_name("default", "node-a")
+    options = {"connection": store.redis, "serializer": JSONSerializer}
+    assert uid not in FinishedJobRegistry(queue, **options).get_job_ids()
+    assert StartedJobRegistry(queue, **options).get_job_ids() == []
+    assert not worker.loop.running and not worker.runtime.held
