@@ -135,8 +135,12 @@ def test_sigterm_finishes_the_current_request_then_exits_cleanly(api, global_top
 
 def test_a_node_killed_with_a_full_batch_loses_none_and_duplicates_no_token(api, global_topic, store,
                                                                              node_processes, engine):
+    from fdconsole.nodes.models import Node
     from fdconsole.topics.services import ensure_node
 
+    ensure_node("node-b", global_topic)
+    Node.objects.filter(name="node-b").update(admin_state=Node.AdminState.DISABLED)  # up, but idle
+    node_processes.start("node-b", "default", **SLOW)
     ensure_node("node-a", global_topic)
     node_processes.start("node-a", "default", **SLOW)
     prompts = [f"Batch member {i}, keep going." for i in range(12)]
@@ -144,9 +148,10 @@ def test_a_node_killed_with_a_full_batch_loses_none_and_duplicates_no_token(api,
     readers = [stream_in_background(api, request_id) for request_id in ids]
     for request_id in ids:  # all twelve run together on node-a
         wait_for_tokens(store, uid_of(request_id), 5)
-    assert all(store.state("default", uid_of(r)).executed_by == "node-a" for r in ids)
-    ensure_node("node-b", global_topic)
-    node_processes.start("node-b", "default", **SLOW)
+    states = [store.state("default", uid_of(r)) for r in ids]  # the premise: all mid-generation on node-a
+    assert all(s.executed_by == "node-a" and s.status == "running" and s.num_output_tokens < 100
+               for s in states)
+    Node.objects.filter(name="node-b").update(admin_state=Node.AdminState.ENABLED)
     node_processes.kill("node-a")
     for reader, _ in readers:
         reader.join(timeout=FAILOVER_LIMIT_S + 60)
