@@ -9,9 +9,12 @@ can fail to parse but cannot run code. Everything is checked on the way in, and 
 with the cache because the weights are a pure function of it (``gpu_worker.model``): a decode node with
 other weights refuses the handoff, naming the field that differs, instead of continuing from garbage.
 
-The decode node copies the cache into a ``KVCache`` with room for the prompt and ``max_tokens``, skips
-the one random number token 0 drew from the request's seeded generator, primes its text decoder with
-token 0, and continues with ``Engine.decode_step``. It then yields, token and text, exactly what an
+A node's batching engine builds and takes handoffs in its paged pool (``BatchEngine`` with
+``prefill_only``, and with ``kv``: ``gpu_worker.serving`` moves them). The single-request path here
+(``prefill_for_handoff``, ``continue_from_handoff``: the handoff benchmark's) copies the cache into a
+``KVCache`` with room for the prompt and ``max_tokens``, skips the one random number token 0 drew from
+the request's seeded generator, primes its text decoder with token 0, and continues with
+``Engine.decode_step``. Either way the decode side yields, token and text, exactly what an
 uninterrupted ``Engine.generate`` yields from index 1 on, greedy or seeded.
 
 In Redis a handoff is one string under ``fd:{topic}:kv:<uid>`` with a mandatory TTL, so a handoff that
