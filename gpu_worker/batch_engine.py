@@ -159,6 +159,7 @@ class BatchEngine:
 
     def abort(self, request_id: str) -> None:
         """Drops the request at once, yielding nothing more (another node carries it on)."""
+        self.exported.pop(request_id, None)
         seq = self.sequences.pop(request_id, None)
         if seq is None:
             return
@@ -184,7 +185,7 @@ class BatchEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.sequences) - len(self.running)
+        return max(0, len(self.sequences) - len(self.running))  # read by the heartbeat thread too
 
     @property
     def has_work(self) -> bool:

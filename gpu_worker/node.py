@@ -174,13 +174,14 @@ class NodeWorker(SimpleWorker):
         idle_since = time.monotonic()
         backoff = 1.0
         while True:
-            if self.claimed:
-                claim = self.claimed.popleft()
-                return self._job_for(claim), self.node_queue
-            if self._stop_requested:
+            if self._stop_requested and not self.claimed:
                 return None
             busy = rt.engine.has_work
             try:
+                if self.claimed:
+                    job = self._job_for(self.claimed[0])
+                    self.claimed.popleft()
+                    return job, self.node_queue
                 self._maintain(busy)
                 if busy:
                     self._hold(self.loop.step(claim=not self._stop_requested))
@@ -193,6 +194,7 @@ class NodeWorker(SimpleWorker):
                 log.error("Redis did not answer (%s); letting go of what runs, trying again in %.0f s",
                           exc, backoff)
                 self.loop.drop_all()
+                self.claimed.clear()  # claimed but not started: failover carries them on too
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue

@@ -146,6 +146,13 @@ class StepLoop:
     # -- admitting -----------------------------------------------------------------------------------
     def start(self, claim: Claim, job: Job) -> None:
         """The claimed request becomes a started rq job of this node and joins the engine's batch."""
+        stale = self.running.get(claim.uid)
+        if stale is not None:  # its lease lapsed while it waited here and it came back: the new claim wins
+            log.warning("request %s came back to this node under lease %s; its old run (%s) is let go",
+                        claim.uid, claim.lease, stale.claim.lease)
+            self.engine.abort(claim.uid)
+            self._forget(stale)
+            self.commands.extend(self._capture(lambda pipe: stale.execution.delete(stale.job, pipe)))
         running = Running(claim, job)
         self.running[claim.uid] = running
         self.commands.extend(self._capture(lambda pipe: self._started(running, pipe)))
@@ -191,17 +198,21 @@ class StepLoop:
         """One engine step and its one round trip; returns what was claimed for the next step."""
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # a failing forward pass: fail what runs, keep the node serving
+        except Exception as exc:  # a failing forward pass: fail what it ran, keep the node serving
             log.exception("engine step failed")
             outputs = []
-            for uid in list(self.running):
+            in_pass = getattr(self.engine, "running", None)  # a stand-in engine has no batch to tell
+            for uid in [s.request_id for s in in_pass] if in_pass is not None else list(self.running):
                 self.engine.abort(uid)
-                self._fail(self.running[uid], "engine_error", f"{type(exc).__name__}: {exc}")
+                if uid in self.running:
+                    self._fail(self.running[uid], "engine_error", f"{type(exc).__name__}: {exc}")
         calls, handlers = [], []
         for uid, out in outputs:
             running = self.running.get(uid)
             if running is not None:
                 self._stream(running, out, calls, handlers)
+            else:  # let go meanwhile: nothing of it is wanted any more
+                self.engine.exported.pop(uid, None)
         claim_call = self.claim_call() if claim else None
         if claim_call is not None:
             calls.append(claim_call)
@@ -289,11 +300,18 @@ class StepLoop:
         self._end(running, {**summary, "error": error[1]} if error else summary, failed=error is not None)
 
     # -- ending --------------------------------------------------------------------------------------
+    def _forget(self, running: Running) -> None:
+        """No longer held (only this run: a newer claim of the same request stays)."""
+        uid = running.claim.uid
+        if self.running.get(uid) is running:
+            del self.running[uid]
+        if self.rt.held.get(uid) is running.claim:
+            del self.rt.held[uid]
+
     def _end(self, running: Running, summary: dict[str, Any], failed: bool) -> None:
         """The request left this node: its rq job ends, the database hears of it."""
         claim = running.claim
-        self.running.pop(claim.uid, None)
-        self.rt.held.pop(claim.uid, None)
+        self._forget(running)
         if claim.phase == "decode":
             self.commands.append(("DEL", keys.kv_handoff(self.rt.topic, claim.uid)))
         self.commands.extend(self._capture(lambda pipe: self._ended(running, summary, failed, pipe)))
@@ -302,17 +320,20 @@ class StepLoop:
 
     def _drop(self, running: Running) -> None:
         """The lease is gone: another node carries the request on, and counts it."""
-        self.running.pop(running.claim.uid, None)
-        self.rt.held.pop(running.claim.uid, None)
+        self._forget(running)
         self.commands.extend(self._capture(lambda pipe: running.execution.delete(running.job, pipe)))
         self.hooks.submit(Left(running.claim.uid, ran=False, stolen=False))
 
     def drop_all(self) -> None:
-        """Every held request is let go without an end (the process is going down hard)."""
+        """Redis is unreachable: every held request is let go without a word to it (their leases
+        lapse and failover carries them on), and the bookkeeping not yet sent is dropped (rq's
+        registry entries expire by themselves)."""
         for running in list(self.running.values()):
             self.engine.abort(running.claim.uid)
-            self._drop(running)
-        self.flush()
+            self._forget(running)
+            self.hooks.submit(Left(running.claim.uid, ran=False, stolen=False))
+        self.rt.held.clear()
+        self.commands.clear()
 
     # -- rq bookkeeping ------------------------------------------------------------------------------
     def _started(self, running: Running, pipe) -> None:
