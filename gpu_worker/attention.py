@@ -6,8 +6,10 @@ longer prefill chunks, each contiguous. Linear layers run on all N tokens at onc
 depends on the sequence. Each layer writes the step's keys and values into the pool at their slots,
 then reads each sequence's whole context back through its block table:
 
-- the one-token rows together: their block tables, padded to the longest, gather a [D, S] context;
-  a mask hides each row's slots past its own length; one SDPA call.
+- the one-token rows together, sorted by context length and cut into groups whose longest context is
+  at most about twice their shortest (so one long context does not make every row pay for it): a
+  group's block tables, padded to its longest, gather a [D, S] context; a mask hides each row's slots
+  past its own length; one SDPA call a group.
 - each longer chunk by itself: its context of L slots, queries the last T of them, causally.
 
 Everything here that does not depend on the layer (slots, tables, masks) is built once per step by
@@ -24,6 +26,8 @@ from torch.nn import functional as F
 
 from gpu_worker.kv_cache import PagedKVCache
 
+GROUP_SLACK = 64  # positions a group's longest context may exceed twice its shortest
+
 
 @dataclass(frozen=True)
 class SequenceChunk:
@@ -39,6 +43,17 @@ class SequenceChunk:
 
 
 @dataclass
+class _Rows:
+    """One-token rows ``start..end-1`` of similar context length, attended together."""
+
+    start: int
+    end: int
+    tables: torch.Tensor  # [D, M] block ids, padded with block 0 (masked)
+    length: int  # S: the longest context of the group
+    mask: torch.Tensor | None  # [D, 1, 1, S], None when every row has the longest context
+
+
+@dataclass
 class _Chunk:
     start: int  # first row of the chunk in the packed batch
     end: int
@@ -50,15 +65,12 @@ class _Chunk:
 class PagedAttention:
     """How the N tokens of one step attend; shared by every layer of the forward pass."""
 
-    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, num_single: int,
-                 single_tables: torch.Tensor | None, single_mask: torch.Tensor | None,
-                 single_len: int, chunks: list[_Chunk]) -> None:
+    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, num_single: int, groups: list[_Rows],
+                 chunks: list[_Chunk]) -> None:
         self.cache = cache
         self.slots = slots  # [N]
         self.num_single = num_single  # rows 0..num_single-1 are one-token sequences
-        self.single_tables = single_tables  # [D, M]
-        self.single_mask = single_mask  # [D, 1, 1, S] or None when every row has the longest context
-        self.single_len = single_len  # S: the longest context among the one-token rows
+        self.groups = groups  # of those rows
         self.chunks = chunks
 
     @classmethod
@@ -74,20 +86,8 @@ class PagedAttention:
         num_single = 0
         while num_single < len(chunks) and chunks[num_single].num_new == 1:
             num_single += 1
-        singles = chunks[:num_single]
-        single_tables = single_mask = None
-        single_len = 0
-        if singles:
-            single_len = max(c.context_len for c in singles)
-            width = -(-single_len // bs)
-            rows = [list(c.block_table[:width]) + [0] * (width - min(width, len(c.block_table)))
-                    for c in singles]
-            single_tables = torch.tensor(rows, dtype=torch.long, device=device)  # [D, M]
-            lengths = [c.context_len for c in singles]
-            if min(lengths) != single_len:  # else every row sees the first single_len slots: no mask
-                visible = torch.arange(width * bs, device=device)[None, :] < torch.tensor(
-                    lengths, device=device)[:, None]  # [D, S]
-                single_mask = visible[:, None, None, :]  # [D, 1, 1, S]
+        groups = [_rows(start, end, chunks[start:end], bs, device)
+                  for start, end in _similar_lengths(chunks[:num_single])]
         planned, row = [], num_single
         for chunk in chunks[num_single:]:
             assert chunk.num_new > 1, "one-token chunks must come first"
@@ -100,18 +100,17 @@ class PagedAttention:
                 mask = keys[None, :] <= queries[:, None]  # [T, L]
             planned.append(_Chunk(row, row + chunk.num_new, table, chunk.context_len, mask))
             row += chunk.num_new
-        return cls(cache, torch.tensor(slots, dtype=torch.long, device=device), num_single, single_tables,
-                   single_mask, single_len, planned)
+        return cls(cache, torch.tensor(slots, dtype=torch.long, device=device), num_single, groups, planned)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention output [N, nh, hd] for queries [N, nh, hd]; ``k``/``v`` [N, kvh, hd] are the step's
         new keys and values, stored in the pool first."""
         self.cache.write(layer, self.slots, k, v)
-        if self.num_single == q.size(0) and not self.chunks:
-            return self._singles(layer, q)
+        if len(self.groups) == 1 and self.num_single == q.size(0) and not self.chunks:
+            return self._singles(layer, q, self.groups[0])
         out = torch.empty_like(q)  # [N, nh, hd]
-        if self.num_single:
-            out[:self.num_single] = self._singles(layer, q[:self.num_single])
+        for group in self.groups:
+            out[group.start:group.end] = self._singles(layer, q[group.start:group.end], group)
         for chunk in self.chunks:
             keys, values = self.cache.gather(layer, chunk.table[None])  # each [1, kvh, M*bs, hd]
             keys, values = keys[:, :, :chunk.context_len], values[:, :, :chunk.context_len]
@@ -120,11 +119,10 @@ class PagedAttention:
             out[chunk.start:chunk.end] = y[0].transpose(0, 1)
         return out
 
-    def _singles(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        keys, values = self.cache.gather(layer, self.single_tables)  # each [D, kvh, M*bs, hd]
-        if self.single_mask is None:
-            keys, values = keys[:, :, :self.single_len], values[:, :, :self.single_len]
-        y = _sdpa(q[:, :, None], keys, values, self.single_mask, causal=False)  # [D, nh, 1, hd]
+    def _singles(self, layer: int, q: torch.Tensor, group: _Rows) -> torch.Tensor:
+        keys, values = self.cache.gather(layer, group.tables)  # each [D, kvh, M*bs, hd]
+        keys, values = keys[:, :, :group.length], values[:, :, :group.length]  # each [D, kvh, S, hd]
+        y = _sdpa(q[:, :, None], keys, values, group.mask, causal=False)  # [D, nh, 1, hd]
         return y[:, :, 0]
 
 
@@ -136,6 +134,33 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
+def _similar_lengths(singles: Sequence[SequenceChunk]) -> list[tuple[int, int]]:
+    """(start, end) ranges of ``singles`` (sorted by context length) whose longest context is at most
+    twice their shortest, plus some slack: few groups, and none much padded."""
+    ranges, start = [], 0
+    for i in range(1, len(singles)):
+        if singles[i].context_len > 2 * singles[start].context_len + GROUP_SLACK:
+            ranges.append((start, i))
+            start = i
+    return [*ranges, (start, len(singles))] if singles else []
+
+
+def _rows(start: int, end: int, singles: Sequence[SequenceChunk], bs: int,
+          device: torch.device | str) -> _Rows:
+    lengths = [c.context_len for c in singles]
+    longest = max(lengths)
+    width = -(-longest // bs)
+    padded = [list(c.block_table[:width]) + [0] * (width - min(width, len(c.block_table))) for c in singles]
+    mask = None
+    if min(lengths) != longest:  # else every row sees the first ``longest`` slots: no mask
+        positions = torch.arange(longest, device=device)  # [S]
+        visible = positions[None, :] < torch.tensor(lengths, device=device)[:, None]  # [D, S]
+        mask = visible[:, None, None, :]  # [D, 1, 1, S]
+    return _Rows(start, end, torch.tensor(padded, dtype=torch.long, device=device), longest, mask)
+
+
 def order_for_step(chunks: Sequence) -> list[int]:
-    """Indices of ``chunks`` (anything with ``num_new``) with the one-token ones first, order kept."""
-    return sorted(range(len(chunks)), key=lambda i: chunks[i].num_new != 1)
+    """Indices of ``chunks`` (anything with ``num_new`` and ``context_len``): the one-token ones first,
+    shortest context first (``_similar_lengths`` groups them), then the longer chunks in order."""
+    return sorted(range(len(chunks)), key=lambda i: (chunks[i].num_new != 1,
+                                                     chunks[i].context_len if chunks[i].num_new == 1 else 0))

@@ -134,3 +134,28 @@ def test_blocks_nobody_holds_are_left_untouched(model: GPT) -> None:
     for layer in range(model.config.n_layer):
         for block in set(range(pool.cache.num_blocks)) - held:
             assert not pool.cache.k[layer][block].any() and not pool.cache.v[layer][block].any()
+
+
+@torch.inference_mode()
+def test_decode_rows_of_very_different_lengths_attend_in_groups_and_match(model: GPT) -> None:
+    rows = prompts([3, 4, 150, 160])
+    block_size = 4
+    cache = PagedKVCache(model.cache_shape(), 120, block_size)
+    tables, start = [], 0
+    for row in rows:
+        width = -(-(len(row) + 1) // block_size)
+        tables.append(list(range(start, start + width)))
+        start += width
+    prefill = [SequenceChunk(t, 0, len(r)) for t, r in zip(tables, rows, strict=True)]
+    model.forward_packed(torch.tensor(sum(rows, [])), torch.tensor([p for r in rows for p in range(len(r))]),
+                         PagedAttention.build(cache, prefill, "cpu"), torch.tensor([0]))
+    for i, row in enumerate(rows):
+        row.append((7 * i + 1) % 256)
+    decode = [SequenceChunk(t, len(r) - 1, 1) for t, r in zip(tables, rows, strict=True)]
+    order = order_for_step(decode)
+    attention = PagedAttention.build(cache, [decode[i] for i in order], "cpu")
+    assert [(g.start, g.end) for g in attention.groups] == [(0, 2), (2, 4)]  # short ones pay no padding
+    logits = model.forward_packed(torch.tensor([rows[i][-1] for i in order]),
+                                  torch.tensor([len(rows[i]) - 1 for i in order]), attention, torch.arange(4))
+    for slot, i in enumerate(order):
+        torch.testing.assert_close(logits[slot], model(torch.tensor([rows[i]]))[0, -1], atol=ATOL, rtol=0)
