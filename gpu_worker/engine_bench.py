@@ -27,6 +27,7 @@ from gpu_worker.bench import now
 from gpu_worker.capacity import EngineCapacity
 from gpu_worker.engine import Engine
 from gpu_worker.sampling import sample_next
+from scheduler.bench import percentile_ms
 from scheduler.messages import SamplingParams
 
 
@@ -102,8 +103,8 @@ def _run_clients(batch: BatchEngine, clients: int, per_client: int, prompt_token
     seconds = now(batch.engine.device) - started
     return {"concurrency": clients, "requests": clients * per_client, "generated_tokens": tokens,
             "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-            "ttft_p50_ms": _ms(ttft, 50), "ttft_p99_ms": _ms(ttft, 99),
-            "itl_p50_ms": _ms(itl, 50), "itl_p99_ms": _ms(itl, 99),
+            "ttft_p50_ms": percentile_ms(ttft, 50), "ttft_p99_ms": percentile_ms(ttft, 99),
+            "itl_p50_ms": percentile_ms(itl, 50), "itl_p99_ms": percentile_ms(itl, 99),
             "preemptions": batch.stats.preemptions, "steps": batch.stats.steps}
 
 
@@ -121,13 +122,6 @@ def _static_bound(engine: Engine, batch: int, prompt_tokens: int, max_tokens: in
                 logits = engine.decode_step(kv_cache, token_ids)  # [B, V]
         best = max(best, batch * max_tokens / (now(engine.device) - start))
     return best
-
-
-def _ms(samples: list[float], percentile: int) -> float | None:
-    if not samples:
-        return None
-    ordered = sorted(samples)
-    return round(ordered[min(len(ordered) - 1, round(percentile / 100 * (len(ordered) - 1)))] * 1e3, 3)
 
 
 def log(message: str) -> None:

@@ -7,6 +7,7 @@ requests per second from the first put to the last result taken, so it covers th
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 import uuid
@@ -27,6 +28,16 @@ from scheduler.messages import Request, Result
 BATCH = 3
 IDLE_S = 0.0005  # an idle loop's pause, so that it does not hold the GIL against the others
 TIME_LIMIT_S = 120.0
+
+
+def percentile_ms(samples_s: list[float], p: int) -> float | None:
+    """The p-th percentile (1..99) of ``samples_s`` in ms, statistics.quantiles' inclusive method;
+    None with no sample. What every benchmark reports its latencies with."""
+    if not samples_s:
+        return None
+    if len(samples_s) == 1:
+        return round(samples_s[0] * 1000, 3)
+    return round(statistics.quantiles(samples_s, n=100, method="inclusive")[p - 1] * 1000, 3)
 
 
 def bench_scheduler(scheduler_name: str = "local", requests: int = 10_000,

@@ -16,8 +16,8 @@ import asyncio
 import json
 import logging
 import os
-import statistics
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +25,8 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+
+from scheduler.bench import percentile_ms
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time,"
 BENCH_USER = "fdbench"  # the user of the temporary token minted when none is given
@@ -59,18 +61,19 @@ class RequestResult:
 
 
 # -- the clients, one per API ---------------------------------------------------------------------------
-class ServeClient:
+class ServeClient(ABC):
     """One API's way to probe the console and to run one request (submit, then read its stream)."""
 
     def __init__(self, http: httpx.AsyncClient, topic: str, prompt: str, max_tokens: int) -> None:
         self.http, self.topic, self.prompt, self.max_tokens = http, topic, prompt, max_tokens
 
+    @abstractmethod
     async def probe(self) -> None:
         """Raise ServeBenchError, saying why, when this API cannot be benchmarked at the console."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def run_one(self) -> RequestResult:
-        raise NotImplementedError
+        """Submit one request and read its stream to the end."""
 
 
 class NativeClient(ServeClient):
@@ -216,15 +219,6 @@ async def run_level(client: ServeClient, num_requests: int,
     started = time.perf_counter()
     await asyncio.gather(*(one_client() for _ in range(min(concurrency, num_requests))))
     return results, time.perf_counter() - started
-
-
-def percentile_ms(samples_s: list[float], p: int) -> float | None:
-    """The p-th percentile (1..99) in ms, statistics.quantiles' inclusive method; None with no sample."""
-    if not samples_s:
-        return None
-    if len(samples_s) == 1:
-        return round(samples_s[0] * 1000, 3)
-    return round(statistics.quantiles(samples_s, n=100, method="inclusive")[p - 1] * 1000, 3)
 
 
 def summarize(concurrency: int, num_requests: int, results: list[RequestResult], wall_s: float) -> dict:
