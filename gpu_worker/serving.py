@@ -40,7 +40,7 @@ from gpu_worker.steps import GenerationStep
 from scheduler import keys, splitwise
 from scheduler.scripts import ScriptCall
 from scheduler.status import EmitReply, RequestStatus, status_or_reply
-from scheduler.store import JOB_FAILURE_TTL_S, Budget, Claim, emit_call, finish_call
+from scheduler.store import JOB_FAILURE_TTL_S, NO_BUDGET, Budget, Claim, emit_call, finish_call
 
 log = logging.getLogger(__name__)
 EXECUTION_TTL_S = 120  # a started rq job's registry entry, renewed while it runs (gone soon after a crash)
@@ -130,12 +130,12 @@ class StepLoop:
             return None
         cap = self.engine.capacity
         if blocks < 0:  # an engine without a block budget
-            budget = Budget(-1, 1, 0, 0)
+            budget = NO_BUDGET
         elif not self.running:
             # An empty engine takes the head of its queue whatever its size: one that fits runs, one
             # that could never fit this node's cache fails at once, naming why, instead of blocking
             # the queue behind it forever.
-            budget, slots = Budget(-1, 1, 0, 0), 1
+            budget, slots = NO_BUDGET, 1
         elif blocks <= cap.reserved_output_blocks or tokens < 1:
             return None
         else:
