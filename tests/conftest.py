@@ -135,6 +135,17 @@ class ApiClient:
 
 
 @pytest.fixture
+def admin(db):
+    """A test client logged in as superuser ``root``."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    client = Client()
+    client.force_login(get_user_model().objects.create_superuser("root", "root@example.com", "pw-root-123"))
+    return client
+
+
+@pytest.fixture
 def topic(db, store):
     from fdconsole.topics.services import ensure_topic
 

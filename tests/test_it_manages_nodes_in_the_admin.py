@@ -15,16 +15,6 @@ URL = "/api/v1/topics/default/requests"
 
 
 @pytest.fixture
-def admin(db) -> Client:
-    from django.contrib.auth import get_user_model
-
-    user = get_user_model().objects.create_superuser("root", "root@example.com", "pw-root-123")
-    client = Client()
-    client.force_login(user)
-    return client
-
-
-@pytest.fixture
 def two_nodes(node):
     from fdconsole.topics.services import ensure_node
 

@@ -28,15 +28,6 @@ def new_db(redis_url):
     conn.close()
 
 
-@pytest.fixture
-def admin(db) -> Client:
-    from django.contrib.auth import get_user_model
-
-    client = Client()
-    client.force_login(get_user_model().objects.create_superuser("root", password="pw-root-123"))
-    return client
-
-
 def submit(api) -> str:
     answer = api.post(f"{TOPIC}/requests", {"prompt": "wait for me", "max_tokens": 4})
     assert answer.status_code == 202, answer.content
@@ -122,7 +113,6 @@ def test_another_name_for_the_same_redis_is_no_move(api, node, store, redis_url)
 
 def test_only_staff_may_point_a_topic_at_another_redis(api, node, store, new_db, client):
     from django.contrib.auth import get_user_model
-    from django.test import Client
 
     from fdconsole.api.models import ApiToken
 

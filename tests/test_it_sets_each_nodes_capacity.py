@@ -7,7 +7,6 @@ from dataclasses import fields
 
 import pytest
 from django.core.exceptions import ValidationError
-from django.test import Client
 
 from gpu_worker.capacity import CPU_KV_CACHE_MB, MAX_BLOCK_SIZE, EngineCapacity
 
@@ -22,16 +21,6 @@ BAD = [
     ({"num_kv_blocks": 1, "reserved_output_blocks": 1}, "num_kv_blocks"),
     ({"num_kv_blocks": 3, "reserved_output_blocks": 5}, "num_kv_blocks"),
 ]
-
-
-@pytest.fixture
-def admin(db) -> Client:
-    from django.contrib.auth import get_user_model
-
-    user = get_user_model().objects.create_superuser("root", "root@example.com", "pw-root-123")
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def record(name: str):
