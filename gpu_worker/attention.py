@@ -128,10 +128,9 @@ class PagedAttention:
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
           causal: bool) -> torch.Tensor:
-    if k.size(1) != q.size(1):  # grouped-query attention: each kv head serves a group of query heads
-        group = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    # grouped-query attention (each kv head serves a group of query heads) without copying k and v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=k.size(1) != q.size(1))
 
 
 def _similar_lengths(singles: Sequence[SequenceChunk]) -> list[tuple[int, int]]:

@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from gpu_worker.loader import load_model, resolve_dtype
 from gpu_worker.model import GPT, GPTConfig, KVCache, build_model
+from gpu_worker.model_source import TINY
 from gpu_worker.sampling import advance_generator, check_sampling, make_generator, sample_next
 from gpu_worker.steps import GenerationStep
 from gpu_worker.tokenizer import ByteTokenizer
@@ -46,17 +48,46 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 class Engine:
-    """A model on one device, loaded once per process. Not thread-safe: one generation at a time."""
+    """A model on one device, loaded once per process. Not thread-safe: one generation at a time.
 
-    def __init__(self, device: str | torch.device = "auto", config: GPTConfig | None = None) -> None:
+    ``model`` is a name of ``gpu_worker.model_source``: ``tiny`` (the default; ``config`` sizes it) runs
+    the seeded GPT in float32 unless ``dtype`` says otherwise; a checkpoint (``smollm2``, a path) is
+    loaded by ``gpu_worker.loader`` in ``dtype`` (default: float32 on the CPU, bfloat16 on CUDA) and
+    served only through the batching engine (``forward_packed``). ``config`` is then the key KV
+    handoffs compare (``gpu_worker.loader``). Raises ValueError (``CheckpointError`` among them) for a
+    device, dtype or model that cannot be served.
+    """
+
+    def __init__(self, device: str | torch.device = "auto", config: GPTConfig | None = None,
+                 model: str = TINY, dtype: str | torch.dtype | None = None) -> None:
         self.device = resolve_device(device)
-        self.config = config or GPTConfig()
-        self.model: GPT = build_model(self.config, self.device)
-        self.tokenizer = ByteTokenizer()
+        self.model_name = model
+        if model == TINY:
+            self.dtype = resolve_dtype(dtype or torch.float32, self.device)
+            self.config = config or GPTConfig()
+            self.model: GPT = build_model(self.config, self.device).to(self.dtype)
+            self.tokenizer = ByteTokenizer()
+        else:
+            if config is not None:
+                raise ValueError("config sizes the built-in model only; a checkpoint brings its own")
+            self.dtype = resolve_dtype(dtype, self.device)
+            loaded = load_model(model, self.device, self.dtype)
+            self.config, self.model, self.tokenizer = loaded.handoff_key, loaded.model, loaded.tokenizer
+        eos = getattr(self.tokenizer, "eos_token_ids", None) or (self.tokenizer.eos_token_id,)
+        self.eos_token_ids = frozenset(eos)  # any of them ends a generation
 
     @property
     def max_model_len(self) -> int:
         return self.config.block_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def _dense(self) -> None:
+        if self.model_name != TINY:
+            raise ValueError(f"model {self.model_name!r} is served through the batching engine only "
+                             "(gpu_worker.batch_engine); the dense path is the built-in model's")
 
     @torch.inference_mode()
     def prefill(self, prompt_ids_batch: Sequence[Sequence[int]],
@@ -66,6 +97,7 @@ class Engine:
         Prompts of different lengths are left-padded. Returns the cache and the logits [B, V] of
         each prompt's last token.
         """
+        self._dense()
         prompts = [self._checked_ids(ids, "prompt") for ids in prompt_ids_batch]
         if not prompts:
             raise ValueError("prefill needs at least one prompt")
@@ -83,6 +115,7 @@ class Engine:
     @torch.inference_mode()
     def decode_step(self, kv_cache: KVCache, token_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Steps 2..n: appends one token per row to ``kv_cache``; returns the next logits [B, V]."""
+        self._dense()
         idx = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).view(-1, 1)  # [B, 1]
         if idx.size(0) != kv_cache.batch_size:
             raise ValueError(f"{idx.size(0)} tokens for a KV cache of {kv_cache.batch_size} rows")
@@ -141,7 +174,7 @@ class Engine:
 
     def step(self, index: int, token_id: int, sampling: SamplingParams, decoder) -> GenerationStep:
         """The step for a freshly sampled ``token_id``: a token, or the end (stop, length)."""
-        if token_id == self.tokenizer.eos_token_id:
+        if token_id in self.eos_token_ids:
             return GenerationStep(index, -1, decoder.flush(), FINISH_STOP)
         if index < sampling.max_tokens - 1:
             return GenerationStep(index, token_id, decoder.push(token_id))
@@ -191,16 +224,16 @@ class Engine:
         check_sampling(sampling)
         if sampling.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {sampling.max_tokens}")
-        if len(prompt_ids) + sampling.max_tokens > self.config.block_size:
+        if len(prompt_ids) + sampling.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
-                             f"exceeds the model's context of {self.config.block_size} tokens")
+                             f"exceeds the model's context of {self.max_model_len} tokens")
         if len(resumed) > sampling.max_tokens:
             raise ValueError(f"{len(resumed)} resume tokens exceed max_tokens={sampling.max_tokens}")
-        if self.tokenizer.eos_token_id in resumed:
+        if not self.eos_token_ids.isdisjoint(resumed):
             raise ValueError("resume_token_ids holds end of text: that generation had already stopped")
 
     def _checked_ids(self, ids: Sequence[int], what: str) -> list[int]:
-        ids, vocab = list(ids), range(self.config.vocab_size)
+        ids, vocab = list(ids), range(self.vocab_size)
         for token_id in ids:
             if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id not in vocab:
                 raise ValueError(f"{what} holds {token_id!r}, not a token id in 0..{vocab.stop - 1}")

@@ -45,7 +45,8 @@ from scheduler.messages import SamplingParams
 FORMAT = "fdconsole.kv-handoff"  # metadata["format"]: tells a handoff from any other safetensors blob
 FORMAT_VERSION = "1"  # bump when the tensors or fields change meaning
 # GPTConfig fields that fix the weights (sizes and seed): two nodes agreeing on all of them agree bit
-# for bit on the model, so one's KV cache is valid for the other.
+# for bit on the model, so one's KV cache is valid for the other. A node serving a checkpoint compares
+# ``gpu_worker.loader``'s key instead: the cache's sizes, and a seed digesting its files and dtype.
 CONFIG_FIELDS = ("block_size", "vocab_size", "vocab_multiple", "n_layer", "n_head", "n_embd", "seed")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -315,7 +316,7 @@ def continue_from_handoff(engine: Engine, handoff: KVHandoff, prompt_ids: Sequen
 def _continue(engine: Engine, handoff: KVHandoff, sampling: SamplingParams,
               should_stop: Callable[[], bool] | None) -> Iterator[GenerationStep]:
     token_id = handoff.first_token
-    if token_id == engine.tokenizer.eos_token_id or sampling.max_tokens == 1:
+    if token_id in engine.eos_token_ids or sampling.max_tokens == 1:
         return  # token 0 ended it: first_step carried the finish reason
     generator = make_generator(sampling.seed) if sampling.temperature > 0 else None
     if generator is not None:

@@ -220,6 +220,10 @@ class GPT(nn.Module):
     def max_model_len(self) -> int:
         return self.config.block_size
 
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
 
 def _uniform_(param: torch.Tensor, std: float, generator: torch.Generator) -> None:
     """Fills ``param`` uniformly with standard deviation ``std``, the same bits on every machine.

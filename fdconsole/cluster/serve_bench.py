@@ -269,14 +269,14 @@ def bench_serve(*, api: str, url: str, token: str | None, topic: str, prompt: st
             "results": results}
 
 
-def parse_levels(text: str) -> list[int]:
-    """``"1,4,16"`` -> [1, 4, 16]; ValueError naming --concurrency otherwise."""
+def parse_levels(text: str, option: str = "--concurrency") -> list[int]:
+    """``"1,4,16"`` -> [1, 4, 16]; ValueError naming ``option`` otherwise."""
     try:
         levels = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         levels = []
     if not levels or min(levels) < 1:
-        raise ValueError(f"--concurrency must be positive integers separated by commas, not '{text}'")
+        raise ValueError(f"{option} must be positive integers separated by commas, not '{text}'")
     return levels
 
 

@@ -17,12 +17,16 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser) -> None:
         sub = parser.add_subparsers(dest="kind", required=True)
-        model = sub.add_parser("model", help="prefill latency and decode tokens/s of the model")
-        model.add_argument("--batch", type=int, default=1)
+        model = sub.add_parser("model", help="load time, prefill latency and decode tokens/s of a model, "
+                                             "beside transformers' generate when installed")
+        model.add_argument("--model", default=None, help="tiny, smollm2 or a path (default: FD_MODEL)")
+        model.add_argument("--batch", default="1,16", help="batch sizes, comma-separated (default 1,16)")
         model.add_argument("--prompt-tokens", type=int, default=128)
         model.add_argument("--max-tokens", type=int, default=128)
-        model.add_argument("--repeats", type=int, default=5)
+        model.add_argument("--repeats", type=int, default=3)
         model.add_argument("--device", default=None, help="default: FD_DEVICE")
+        model.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: FD_DTYPE)")
+        model.add_argument("--no-reference", action="store_true", help="do not time transformers")
         engine = sub.add_parser("engine", help="the batching engine alone, against the static-batch bound")
         engine.add_argument("--concurrency", default="1,8,16,32", help="levels, comma-separated")
         engine.add_argument("--prompt-tokens", type=int, default=32)
@@ -64,11 +68,20 @@ class Command(BaseCommand):
         self.stdout.write(json.dumps(figures))
 
     def bench_model(self, options) -> dict:
+        import torch
+
+        from fdconsole.cluster.serve_bench import parse_levels
         from gpu_worker.bench import bench_model
 
-        return bench_model(device=options["device"] or settings.FD_DEVICE, batch=options["batch"],
+        if settings.FD_TORCH_THREADS > 0:
+            torch.set_num_threads(settings.FD_TORCH_THREADS)  # as a node runs
+        return bench_model(model=options["model"] or settings.FD_MODEL,
+                           device=options["device"] or settings.FD_DEVICE,
+                           batches=parse_levels(options["batch"], "--batch"),
                            prompt_tokens=options["prompt_tokens"], max_tokens=options["max_tokens"],
-                           repeats=options["repeats"])
+                           repeats=options["repeats"],
+                           dtype=options["dtype"] or settings.FD_DTYPE or None,
+                           reference=not options["no_reference"])
 
     def bench_engine(self, options) -> dict:
         import torch
