@@ -37,6 +37,14 @@ class TopicBusy(FdError):
     status = 409
 
 
+class ModelUnavailable(FdError):
+    """A topic's or request's model cannot be served or decoded now: its files are missing or broken on
+    this host (the message names the model and what is wrong)."""
+
+    code = "model_unavailable"
+    status = 503
+
+
 class TopicRedisUnavailable(FdError):
     """A topic's Redis did not answer; the message says where, never with the password."""
 

@@ -18,7 +18,12 @@ ALLOWED_HOSTS = env_list("FD_ALLOWED_HOSTS", "127.0.0.1,localhost")
 FD_REDIS_URL = env_str("FD_REDIS_URL", "redis://127.0.0.1:6379/0")
 # auto = cuda when torch sees a GPU, else cpu.
 FD_DEVICE = env_str("FD_DEVICE", "auto")
-# The model's context (prompt plus generated tokens); must not exceed GPTConfig.block_size.
+# The model of topics created without one: tiny, smollm2, or an absolute path to a Hugging Face
+# checkpoint directory or a .gguf file (gpu_worker.model_source).
+FD_MODEL = env_str("FD_MODEL", "smollm2")
+# The weights' and KV cache's dtype: float32, bfloat16 or float16; empty = float32 on cpu, bfloat16 on cuda.
+FD_DTYPE = env_str("FD_DTYPE", "")
+# The longest request (prompt plus generated tokens) the console accepts, whatever the model's context.
 FD_MAX_MODEL_LEN = env_int("FD_MAX_MODEL_LEN", 2048)
 # Intra-op threads of a CPU node. Several nodes often share a machine; torch's default (one thread per
 # core each) makes them spin against each other and slows decoding by an order of magnitude.

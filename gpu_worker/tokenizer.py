@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterable
+from typing import Any, Protocol
 
 EOS_TOKEN_ID = 256  # end of text; never part of a prompt's UTF-8 bytes
 VOCAB_SIZE = 257  # the 256 byte values plus end of text
@@ -40,13 +41,21 @@ class StreamDecoder:
 
 
 class ByteTokenizer:
-    """Token ids 0..255 are the UTF-8 bytes of the text; 256 is end of text."""
+    """Token ids 0..255 are the UTF-8 bytes of the text; 256 is end of text. No chat template: the
+    seeded model was never taught one."""
 
     vocab_size = VOCAB_SIZE
+    prompt_vocab_size = 256  # a prompt holds bytes only: end of text is never part of one
     eos_token_id = EOS_TOKEN_ID
+    eos_token_ids = frozenset({EOS_TOKEN_ID})
+    chat_template: str | None = None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The UTF-8 bytes of ``text`` (there are no special tokens to add)."""
         return list(text.encode("utf-8"))
+
+    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True) -> str:
+        raise ValueError("the byte-level model 'tiny' has no chat template: write the prompt itself")
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; end-of-text tokens are skipped and invalid bytes become U+FFFD."""
@@ -61,10 +70,24 @@ class ByteTokenizer:
         return StreamDecoder()
 
 
-def streamed_text(token_ids: Iterable[int], finish_reason: str | None) -> str:
-    """The text a client received token by token: every push, plus the decoder's flush only when the
-    generation ended at max_tokens (the engine puts that flush on the last token; a stop or cancel
-    ends with a marker whose flush is not streamed)."""
-    decoder = StreamDecoder()
+class TextStream(Protocol):
+    """What ``streamed_text`` needs of a tokenizer's ``stream_decoder()``."""
+
+    def push(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class StreamingTokenizer(Protocol):
+    def stream_decoder(self) -> TextStream: ...
+
+
+def streamed_text(token_ids: Iterable[int], finish_reason: str | None,
+                  tokenizer: StreamingTokenizer | None = None) -> str:
+    """The text a client received token by token from ``tokenizer``'s stream decoder (default: the
+    byte tokenizer's): every push, plus the decoder's flush only when the generation ended at
+    max_tokens (the engine puts that flush on the last token; a stop or cancel ends with a marker
+    whose flush is not streamed)."""
+    decoder = (tokenizer or ByteTokenizer()).stream_decoder()
     text = "".join(decoder.push(token_id) for token_id in token_ids)
     return text + decoder.flush() if finish_reason == "length" else text

@@ -92,11 +92,13 @@ class Result:
         return cls(request_id, finished=True, error={"code": code, "message": message})
 
 
-def parse_submission(body: Any, *, max_model_len: int, encode) -> tuple[Request, str | None, str | None]:
+def parse_submission(body: Any, *, max_model_len: int, encode,
+                     vocab_size: int) -> tuple[Request, str | None, str | None]:
     """Validate a submission body of ``POST /api/v1/topics/{topic}/requests``.
 
     Returns (request, client request id or None, requested home node or None). ``encode`` turns the
-    prompt text into token ids. Raises ``InvalidRequest`` naming the field at fault.
+    prompt text into the topic's model's token ids; ``prompt_token_ids`` must lie in ``0..vocab_size-1``.
+    Raises ``InvalidRequest`` naming the field at fault.
     """
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
@@ -105,7 +107,7 @@ def parse_submission(body: Any, *, max_model_len: int, encode) -> tuple[Request,
     for key in body:
         if key not in allowed:
             raise InvalidRequest(f"unknown field '{key}'", field=str(key))
-    prompt_ids = _parse_prompt(body, encode)
+    prompt_ids = _parse_prompt(body, encode, vocab_size)
     sampling = SamplingParams(
         max_tokens=_int(body, "max_tokens", 16, low=1, high=max_model_len),
         temperature=_float(body, "temperature", 0.0, low=0.0, high=100.0),
@@ -152,7 +154,7 @@ def validate_request_id(value: Any) -> str:
     return value
 
 
-def _parse_prompt(body: dict[str, Any], encode) -> list[int]:
+def _parse_prompt(body: dict[str, Any], encode, vocab_size: int) -> list[int]:
     has_text, has_ids = "prompt" in body, "prompt_token_ids" in body
     if has_text == has_ids:
         raise InvalidRequest("give exactly one of prompt and prompt_token_ids", field="prompt")
@@ -164,15 +166,19 @@ def _parse_prompt(body: dict[str, Any], encode) -> list[int]:
             raise InvalidRequest("prompt must not be empty", field="prompt")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InvalidRequest("prompt is too long", field="prompt")
-        return list(encode(prompt))
+        ids = list(encode(prompt))
+        if not ids:  # a model's tokenizer may drop what it cannot represent (the byte model never does)
+            raise InvalidRequest("prompt encodes to no tokens of the topic's model", field="prompt")
+        return ids
     ids = body["prompt_token_ids"]
     if not isinstance(ids, list) or not ids:
         raise InvalidRequest("prompt_token_ids must be a non-empty list of integers",
                              field="prompt_token_ids")
     for token in ids:
-        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= 255:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
             raise InvalidRequest(
-                "prompt_token_ids must hold integers from 0 to 255 (byte tokens)", field="prompt_token_ids"
+                f"prompt_token_ids must hold token ids of the topic's model's vocabulary: integers from 0 to "
+                f"{vocab_size - 1}", field="prompt_token_ids"
             )
     return ids
 

@@ -27,7 +27,12 @@ def pytest_configure(config) -> None:
     global _redis
     _redis = EmbeddedRedis(free_port()).start()
     os.environ["FD_TEST_REDIS_URL"] = _redis.url
+    # The suite serves the seeded byte-level model unless a test is about real models; node and console
+    # processes that tests start inherit it.
+    os.environ["FD_MODEL"] = "tiny"
     from django.conf import settings
+
+    settings.FD_MODEL = "tiny"
 
     settings.FD_REDIS_URL = _redis.url
     settings.CHANNEL_LAYERS = {

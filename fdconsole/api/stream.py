@@ -18,12 +18,11 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from redis.exceptions import RedisError
 
 from fdconsole.api.http import bearer_user, error_response
-from fdconsole.errors import ApiError, TopicRedisUnavailable, UnknownObject
+from fdconsole.errors import ApiError, ModelUnavailable, TopicRedisUnavailable, UnknownObject
 from fdconsole.inference.models import Request
 from fdconsole.inference.submit import get_request_row
 from fdconsole.inference.sync import sync_request
 from fdconsole.redis_conn import topic_url
-from gpu_worker.tokenizer import ByteTokenizer
 from scheduler.store import AsyncOutputReader
 
 POLL_MS = 500  # how often a waiting stream re-checks the request (lazy TTL eviction, lost requests)
@@ -81,7 +80,7 @@ async def sse_events(row: Request) -> AsyncIterator[str]:
                     yield sse("token", {"index": event.index, "token_id": event.token_id, "text": event.text})
                 elif event.kind == "done":
                     row = await off_thread(sync_request)(row)
-                    yield sse("done", await off_thread(row.as_api)())
+                    yield await off_thread(done_event)(row)
                     return
             if events:
                 last_sent = time.monotonic()
@@ -98,17 +97,31 @@ async def sse_events(row: Request) -> AsyncIterator[str]:
         await reader.close()
 
 
+def done_event(row: Request) -> str:
+    """The ``done`` event with the final request object; an ``error`` event instead when its text cannot
+    be decoded (the request's model is gone from this host)."""
+    try:
+        return sse("done", row.as_api())
+    except ModelUnavailable as exc:
+        return sse("error", exc.as_dict())
+
+
 def replay_from_database(row: Request, delivered: int) -> list[str]:
-    """Token and done events of a finished request whose Redis stream has expired."""
-    decoder = ByteTokenizer().stream_decoder()
+    """Token and done events of a finished request whose Redis stream has expired, decoded with the
+    request's model's tokenizer; one ``error`` event when that cannot be loaded any more."""
+    try:
+        decoder = row.tokenizer.stream_decoder()
+        output_text = row.output_text
+    except ModelUnavailable as exc:
+        return [sse("error", exc.as_dict())]
     chunks, emitted = [], 0
     last = len(row.output_token_ids) - 1
     for index, token_id in enumerate(row.output_token_ids):
         text = decoder.push(token_id)
         if index == last:  # the last token carried the decoder's flush: the rest of the output text
-            text = row.output_text[emitted:]
+            text = output_text[emitted:]
         emitted += len(text)
         if index > delivered:
             chunks.append(sse("token", {"index": index, "token_id": token_id, "text": text}))
-    chunks.append(sse("done", row.as_api()))
+    chunks.append(done_event(row))
     return chunks

@@ -48,7 +48,7 @@ def _cancel(row: Request) -> JsonResponse:
 # -- topics -----------------------------------------------------------------------------------------
 def topic_object(topic: Topic) -> dict:
     config = topic.config
-    return {"name": topic.name, **config.as_dict(mask_password=True),
+    return {"name": topic.name, "model": topic.model, **config.as_dict(mask_password=True),
             "nodes": list(topic.nodes.order_by("name").values_list("name", flat=True)),
             "created_at": topic.created_at.isoformat().replace("+00:00", "Z"),
             "updated_at": topic.updated_at.isoformat().replace("+00:00", "Z")}

@@ -3,7 +3,9 @@
 The live pages render what is known at load time (so they read well without JavaScript) and then
 follow the WebSocket feed (``consumers.LiveConsumer``). Forms go through the same services as the API:
 ``submit_request`` for requests, ``fdconsole.topics.services.change_topic`` for the configuration, so
-a value refused in one place is refused everywhere with the same message.
+a value refused in one place is refused everywhere with the same message. Token ids are shown and made
+with the model of their topic or request (``gpu_worker.model_source.load_tokenizer``); the submit form's
+chat box renders messages through that model's chat template into ``prompt_token_ids``.
 """
 
 from __future__ import annotations
@@ -20,23 +22,23 @@ from django.views.decorators.http import require_POST
 from redis.exceptions import RedisError
 
 from fdconsole.dashboard.pulse import describe_for_browser, known_rows
-from fdconsole.errors import TopicRedisUnavailable, UnknownObject
-from fdconsole.inference.models import Request
-from fdconsole.inference.submit import get_request_row, submit_request
+from fdconsole.errors import ModelUnavailable, TopicRedisUnavailable, UnknownObject
+from fdconsole.inference.models import Request, model_tokenizer
+from fdconsole.inference.submit import get_request_row, submit_request, topic_tokenizer
 from fdconsole.inference.sync import cancel_request, sync_request
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store, topic_redis_errors
-from fdconsole.topics.models import Topic
+from fdconsole.topics.models import MODEL_HELP, Topic
 from fdconsole.topics.services import change_topic, get_topic
-from gpu_worker.tokenizer import ByteTokenizer
 from scheduler.config import PARAMETERS, PARAMETERS_BY_NAME, PASSWORD_MASK
 from scheduler.errors import FdError, InvalidRequest
 from scheduler.status import RequestStatus
 
-_tokenizer = ByteTokenizer()
 PAGE_SIZE = 50
 FORM_DEFAULTS = {"prompt": "", "max_tokens": "64", "temperature": "0", "top_p": "1", "top_k": "0", "seed": "",
-                 "node": ""}
+                 "node": "", "input": "prompt"}
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_DEFAULT = [{"role": "system", "content": ""}, {"role": "user", "content": ""}]
 
 
 def _described(nodes: list[Node]) -> tuple[list[dict], str | None]:
@@ -91,6 +93,8 @@ def topic_config(request: HttpRequest, topic: str) -> HttpResponse:
     submitted: dict[str, str] = {}
     if request.method == "POST":
         submitted = {p.name: request.POST.get(p.name, "") for p in PARAMETERS}
+        if "model" in request.POST:  # a form without the field keeps the model
+            submitted["model"] = request.POST["model"]
         changes = _changed_fields(row, submitted)
         try:
             change_topic(row, changes, user=request.user, from_text=True)
@@ -101,20 +105,24 @@ def topic_config(request: HttpRequest, topic: str) -> HttpResponse:
         else:
             if changes:
                 names = ", ".join(sorted(changes))
+                serves = (f" Nodes of '{row.name}' serve model {changes['model']} from their next start."
+                          if "model" in changes else "")
                 messages.success(request, f"Saved {names}: applied to the running nodes of '{row.name}' "
-                                          "from their next scheduling step; no restart needed.")
+                                          f"from their next scheduling step; no restart needed.{serves}")
             else:
                 messages.info(request, "Nothing changed.")
             return redirect("topic_config", topic=row.name)
     return render(request, "topic_config.html", {
         "topic": row, "fields": _config_fields(row, submitted, errors), "form_error": errors.get("__all__"),
+        "model": {"value": submitted.get("model", row.model), "error": errors.get("model"),
+                  "help": MODEL_HELP},
         "scheduler_names": PARAMETERS_BY_NAME["scheduler_name"].scopes,
     }, status=400 if errors else 200)
 
 
 def _changed_fields(row: Topic, submitted: dict[str, str]) -> dict[str, str]:
     """Only what the user changed: an untouched password field (shown masked) keeps the password."""
-    current = row.config.as_dict()
+    current = {"model": row.model, **row.config.as_dict()}
     changed = {}
     for name, text in submitted.items():
         if name == "scheduler_password" and text == PASSWORD_MASK:
@@ -173,28 +181,77 @@ def request_list(request: HttpRequest) -> HttpResponse:
 def request_new(request: HttpRequest) -> HttpResponse:
     topics = list(Topic.objects.order_by("name"))
     form = {"topic": request.GET.get("topic") or (topics[0].name if topics else ""), **FORM_DEFAULTS}
+    chat = CHAT_DEFAULT
     error = None
     if request.method == "POST":
         form.update({key: request.POST.get(key, "").strip() for key in form})
         form["prompt"] = request.POST.get("prompt", "")  # the prompt as typed, spaces included
+        chat = _chat_messages(request)
         try:
-            row = submit_request(get_topic(form["topic"]), _submission(form), request.user)
+            row = _submit_form(form, chat, request.user)
         except FdError as exc:
             error = {"field": exc.field, "message": exc.message}
+            if form["input"] == "chat" and exc.field in ("prompt", "prompt_token_ids"):
+                error["field"] = "chat"  # the prompt the chat rendered into: the chat is what to change
         except RedisError as exc:
             error = {"field": None, "message": f"Redis did not answer, the request was not queued: {exc}"}
         else:
             return redirect("request_detail", request_id=row.request_id)
     nodes = Node.objects.filter(topic__name=form["topic"]).order_by("name").values_list("name", flat=True)
-    return render(request, "request_new.html", {"form": form, "topics": topics, "nodes": nodes,
-                                                "error": error, "known_fields": ("topic", *FORM_DEFAULTS)},
-                  status=400 if error else 200)
+    templates = _chat_templates(topics)
+    selected = next((t for t in topics if t.name == form["topic"]), None)
+    return render(request, "request_new.html", {
+        "form": form, "topics": [{"topic": t, "chat": templates[t.model]} for t in topics], "nodes": nodes,
+        "chat": chat, "chat_roles": CHAT_ROLES, "error": error,
+        "known_fields": ("topic", "chat", *FORM_DEFAULTS),
+        "model": selected.model if selected else "", "chat_available": selected and templates[selected.model],
+    }, status=400 if error else 200)
 
 
-def _submission(form: dict[str, str]) -> dict:
+def _chat_messages(request: HttpRequest) -> list[dict[str, str]]:
+    """The chat box's messages as typed (role and content of each row, in order)."""
+    roles, contents = request.POST.getlist("chat_role"), request.POST.getlist("chat_content")
+    return [{"role": role, "content": content} for role, content in zip(roles, contents, strict=False)]
+
+
+def _submit_form(form: dict[str, str], chat: list[dict[str, str]], user) -> Request:
+    topic = get_topic(form["topic"])
+    if form["input"] == "chat":
+        return submit_request(topic, _submission(form, prompt_token_ids=_chat_prompt(topic, chat)), user)
+    return submit_request(topic, _submission(form), user)
+
+
+def _chat_prompt(topic: Topic, chat: list[dict[str, str]]) -> list[int]:
+    """The token ids of ``chat`` rendered through the topic's model's chat template, which writes the
+    special tokens (BOS included) itself: encoded without adding any."""
+    messages = [m for m in chat if m["content"].strip()]
+    if not messages:
+        raise InvalidRequest("chat: write at least one message", field="chat")
+    tokenizer = topic_tokenizer(topic)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except ValueError as exc:
+        raise InvalidRequest(f"chat: {exc}", field="chat") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _chat_templates(topics: list[Topic]) -> dict[str, bool]:
+    """For each model of ``topics``: whether it has a chat template (False when it cannot be loaded)."""
+    available = {}
+    for model in {t.model for t in topics}:
+        try:
+            available[model] = bool(model_tokenizer(model, "the submit form").chat_template)
+        except ModelUnavailable:
+            available[model] = False
+    return available
+
+
+def _submission(form: dict[str, str], prompt_token_ids: list[int] | None = None) -> dict:
     """The API's request body from the form's text fields (numbers parsed here, checked by the API's
-    own validation), so the browser and REST clients get the same errors."""
-    body: dict = {"prompt": form["prompt"]}
+    own validation), so the browser and REST clients get the same errors. ``prompt_token_ids``, when
+    given (the chat box's), replace the prompt."""
+    body: dict = ({"prompt": form["prompt"]} if prompt_token_ids is None
+                  else {"prompt_token_ids": prompt_token_ids})
     for name, parse in (("max_tokens", int), ("temperature", float), ("top_p", float), ("top_k", int),
                         ("seed", int)):
         text = form[name]
@@ -216,10 +273,13 @@ def request_detail(request: HttpRequest, request_id: str) -> HttpResponse:
         row = sync_request(row, get_topic_store(row.topic))
     except (RedisError, TopicRedisUnavailable):
         pass  # the database's copy is shown; the stream says when Redis is back
-    api = row.as_api()
+    try:
+        api, prompt_text, model_note = row.as_api(), row.tokenizer.decode(row.prompt_token_ids), None
+    except ModelUnavailable as exc:  # the page shows what it can, and says why the text is missing
+        api, prompt_text, model_note = row.as_api(decode=False), None, exc.message
     return render(request, "request_detail.html", {
         "req": row, "api_json": json.dumps(api, indent=2, ensure_ascii=False),
-        "prompt_text": _tokenizer.decode(row.prompt_token_ids),
+        "output_text": api["output_text"], "prompt_text": prompt_text, "model_note": model_note,
     })
 
 

@@ -5,7 +5,7 @@ from fdconsole.inference.models import Request
 
 @admin.register(Request)
 class RequestAdmin(admin.ModelAdmin):
-    list_display = ("request_id", "topic", "status", "home_node", "executed_by", "prompt_tokens",
+    list_display = ("request_id", "topic", "model", "status", "home_node", "executed_by", "prompt_tokens",
                     "created_at", "finished_at")
     list_filter = ("status", "topic", "home_node")
     search_fields = ("request_id", "uid", "home_node", "executed_by")

@@ -14,20 +14,19 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from fdconsole.errors import UnknownObject
-from fdconsole.inference.models import Request
+from fdconsole.errors import ModelUnavailable, UnknownObject
+from fdconsole.inference.models import Request, model_tokenizer
 from fdconsole.inference.sync import sync_uids
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store
-from gpu_worker.tokenizer import ByteTokenizer
+from gpu_worker.checkpoint_errors import CheckpointError
+from gpu_worker.model_source import inspect
 from scheduler.errors import DuplicateRequest, InvalidRequest, QueueFull
 from scheduler.messages import parse_submission
 from scheduler.store import new_uid
 
 if TYPE_CHECKING:
     from fdconsole.topics.models import Topic
-
-_tokenizer = ByteTokenizer()
 
 
 def get_request_row(request_id: str) -> Request:
@@ -44,10 +43,15 @@ def submit_request(topic: Topic, body: Any, user=None) -> Request:
     """Validate ``body`` and queue it on ``topic``; returns the recorded row.
 
     Raises InvalidRequest (400), UnknownObject (404), DuplicateRequest (409), QueueFull (429),
-    NoNodeAvailable (503) or a redis error (503).
+    NoNodeAvailable (503), ModelUnavailable (503: the topic's model cannot be served here any more) or
+    a redis error (503).
     """
+    context = max_model_len(topic)  # first: it says best what is wrong with a model that is gone
+    tokenizer = topic_tokenizer(topic)
     request, request_id, node_name = parse_submission(
-        body, max_model_len=settings.FD_MAX_MODEL_LEN, encode=_tokenizer.encode
+        body, max_model_len=context, encode=tokenizer.encode,
+        # a prompt of the byte model holds bytes only, never its end-of-text id
+        vocab_size=getattr(tokenizer, "prompt_vocab_size", tokenizer.vocab_size),
     )
     config = topic.config
     request.request_id = request_id or f"req-{uuid.uuid4().hex}"
@@ -68,6 +72,22 @@ def submit_request(topic: Topic, body: Any, user=None) -> Request:
     if expired:
         sync_uids(topic.name, expired, store)
     return row
+
+
+def topic_tokenizer(topic: Topic):
+    """The tokenizer of ``topic``'s model; ``ModelUnavailable`` naming the model when it is gone."""
+    return model_tokenizer(topic.model, f"topic '{topic.name}'")
+
+
+def max_model_len(topic: Topic) -> int:
+    """The longest request (prompt plus generated tokens) ``topic`` takes: its model's context, capped by
+    ``FD_MAX_MODEL_LEN``. ``ModelUnavailable`` when the model cannot be inspected any more."""
+    try:
+        context = inspect(topic.model).max_model_len
+    except (CheckpointError, OSError) as exc:
+        raise ModelUnavailable(f"topic '{topic.name}' cannot take requests: its model {topic.model} "
+                               f"cannot be served: {exc}") from None
+    return min(settings.FD_MAX_MODEL_LEN, context)
 
 
 def _queue_on_first_with_room(store, topic: Topic, config, row: Request, request, candidates: list[str]):
@@ -107,8 +127,8 @@ def _insert_row(topic: Topic, request, home: str, user) -> Request:
     try:
         with transaction.atomic():
             return Request.objects.create(
-                uid=new_uid(), request_id=request.request_id, topic=topic, home_node=home,
-                prompt_token_ids=request.prompt_token_ids, prompt_tokens=request.prompt_len,
+                uid=new_uid(), request_id=request.request_id, topic=topic, model=topic.model,
+                home_node=home, prompt_token_ids=request.prompt_token_ids, prompt_tokens=request.prompt_len,
                 sampling=request.to_dict()["sampling"], created_at=timezone.now(),
                 submitted_by=user if user is not None and user.is_authenticated else None,
             )

@@ -5,19 +5,25 @@ saved."""
 from __future__ import annotations
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError
 from django.http import HttpResponseRedirect
 
-from fdconsole.topics.models import Topic
+from fdconsole.topics.models import MODEL_HELP, Topic, checked_model
 from fdconsole.topics.services import change_topic, check_change, create_topic
 from scheduler.config import PARAMETERS
 from scheduler.errors import FdError
 
 
 class TopicForm(forms.ModelForm):
-    """The password is never shown back: the field starts empty, and empty keeps the current one."""
+    """The password is never shown back: the field starts empty, and empty keeps the current one. The
+    model is checked as everywhere (``checked_model``); left empty it stays (a new topic: FD_MODEL)."""
 
+    model = forms.CharField(required=False, max_length=Topic._meta.get_field("model").max_length,
+                            widget=forms.TextInput(attrs={"class": "vLargeTextField"}),
+                            help_text=f"{MODEL_HELP} Leave empty to keep the current one.")
     scheduler_password = forms.CharField(required=False, widget=forms.PasswordInput(render_value=False),
                                          help_text="Leave empty to keep the current password.")
     user = None  # who edits (set by TopicAdmin.get_form): the service checks what they may change
@@ -30,12 +36,22 @@ class TopicForm(forms.ModelForm):
         entered = self.cleaned_data.get("scheduler_password", "")
         return entered or (self.instance.scheduler_password if self.instance.pk else "")
 
+    def clean_model(self) -> str:
+        entered = self.cleaned_data.get("model", "").strip()
+        if self.instance.pk and entered in ("", self.instance.model):
+            return self.instance.model  # no change: not checked again (it is what the topic serves)
+        try:
+            return checked_model(entered or settings.FD_MODEL)
+        except FdError as exc:
+            raise ValidationError(exc.message) from None
+
     def _post_clean(self) -> None:
         super()._post_clean()  # the model's own validation of the row as edited
         if self.errors or self.instance.pk is None:
             return
         try:
-            check_change(Topic.objects.get(pk=self.instance.pk), self.instance.config, self.user)
+            check_change(Topic.objects.get(pk=self.instance.pk), self.instance.config, self.user,
+                         model=self.instance.model)
         except FdError as exc:
             self.add_error(exc.field if exc.field in self.fields else None, exc.message)
 
@@ -43,13 +59,14 @@ class TopicForm(forms.ModelForm):
 @admin.register(Topic)
 class TopicAdmin(admin.ModelAdmin):
     form = TopicForm
-    list_display = ("name", "scheduler_name", "scheduler_max_size", "scheduler_ttl", "node_count",
+    list_display = ("name", "model", "scheduler_name", "scheduler_max_size", "scheduler_ttl", "node_count",
                     "updated_at")
     list_filter = ("scheduler_name",)
     search_fields = ("name",)
     readonly_fields = ("created_at", "updated_at")
     fieldsets = (
         (None, {"fields": ("name", "created_at", "updated_at")}),
+        ("Model", {"fields": ("model",)}),
         ("Scheduler", {"fields": tuple(p.name for p in PARAMETERS)}),
     )
 
@@ -66,7 +83,7 @@ class TopicAdmin(admin.ModelAdmin):
         return obj.nodes.count()
 
     def save_model(self, request, obj: Topic, form, change: bool) -> None:
-        config = {p.name: getattr(obj, p.name) for p in PARAMETERS}
+        config = {"model": obj.model, **{p.name: getattr(obj, p.name) for p in PARAMETERS}}
         saved = (change_topic(obj, config, user=request.user) if change
                  else create_topic(obj.name, config, user=request.user))
         obj.pk, obj.created_at, obj.updated_at = saved.pk, saved.created_at, saved.updated_at

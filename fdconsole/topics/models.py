@@ -1,24 +1,50 @@
-"""The Topic model: a name plus one column per scheduler parameter of the user's table.
+"""The Topic model: a name, the model it serves, and one column per scheduler parameter of the user's
+table.
 
-The columns are generated from ``scheduler.config.PARAMETERS`` so that names, types and defaults
-cannot drift from the table; validation is ``scheduler.config.parse_config`` and nothing else. The
-model validates only; changing a topic (saved, published to its Redis, checked against its users and
-its work) is ``fdconsole.topics.services``.
+The scheduler columns are generated from ``scheduler.config.PARAMETERS`` so that names, types and
+defaults cannot drift from the table; validation is ``scheduler.config.parse_config`` and nothing else.
+The model column is checked by ``gpu_worker.model_source.inspect`` (``checked_model``). The model
+validates only; changing a topic (saved, published to its Redis, checked against its users and its
+work) is ``fdconsole.topics.services``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 
+from gpu_worker.checkpoint_errors import CheckpointError
+from gpu_worker.model_source import MAX_NAME_LEN, inspect
 from scheduler.config import PARAMETERS, Parameter, SchedulerConfig, parse_config, validate_name
 from scheduler.errors import ConfigError, FdError
+
+MODEL_HELP = ("tiny, smollm2, or an absolute path to a Hugging Face checkpoint directory or a .gguf file "
+              "on the nodes' hosts. Every node of the topic serves it; it cannot change while the topic has "
+              "unfinished requests or running nodes.")
+
+
+def default_model() -> str:
+    """The model of a topic created without one (``FD_MODEL``)."""
+    return settings.FD_MODEL
+
+
+def checked_model(value: Any) -> str:
+    """``value`` as a topic's model, checked without loading weights (``model_source.inspect``: the path
+    exists, the architecture is served, the files are whole); ``ConfigError`` on field ``model``."""
+    try:
+        return inspect(value).source.name
+    except (CheckpointError, OSError) as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith("model") else f"model: {message}",
+                          field="model") from None
 
 
 class Topic(models.Model):
     name = models.CharField(max_length=64, unique=True, help_text="Letters, digits, '-', '_' and '.'.")
+    model = models.CharField(max_length=MAX_NAME_LEN, default=default_model, help_text=MODEL_HELP)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -1,10 +1,15 @@
-"""Moving a topic to another Redis: allowed only while nothing depends on the Redis it is in.
+"""Moving a topic to another Redis, or giving it another model: allowed only while nothing depends on
+what it has now.
 
 A topic's queues, leases, output streams and rq jobs live in its Redis, and its running nodes hold
 connections to it. Pointing the topic elsewhere while a request is unfinished or a node runs would
 strand that work in the old Redis, out of reach of the console and of every new node. So a change of
 ``scheduler_host/port/db/password`` that resolves to another Redis is refused until the topic's
 requests have ended and its nodes are stopped.
+
+The same holds for the model: a running node keeps the weights it loaded, and an unfinished request's
+prompt holds token ids of the current model's vocabulary. Changing it then would run a request on a
+model it was not tokenized for, or give one topic nodes that answer with different models.
 """
 
 from __future__ import annotations
@@ -56,6 +61,23 @@ def refuse_busy_move(topic: Topic, old: SchedulerConfig, new: SchedulerConfig) -
     if running:
         raise TopicBusy(f"{field} cannot change while node(s) {', '.join(running)} of topic '{topic.name}' "
                         "are running against its current Redis: stop the topic's nodes first", field=field)
+
+
+def refuse_busy_model_change(topic: Topic, old_model: str, new_model: str) -> None:
+    """Raise ``TopicBusy`` on field ``model`` when ``topic`` (as saved: its current Redis) has unfinished
+    requests or running nodes and ``new_model`` is another model than ``old_model``."""
+    if new_model == old_model:
+        return
+    current = topic.config
+    unfinished = _unfinished_requests(topic, current)
+    if unfinished:
+        raise TopicBusy(f"model cannot change while topic '{topic.name}' has {unfinished} unfinished "
+                        f"request(s), tokenized for {old_model}: let them finish (or cancel them) first",
+                        field="model")
+    running = _running_nodes(topic, current)
+    if running:
+        raise TopicBusy(f"model cannot change while node(s) {', '.join(running)} of topic '{topic.name}' "
+                        f"are running (serving {old_model}): stop them first", field="model")
 
 
 def _unfinished_requests(topic: Topic, old: SchedulerConfig) -> int:

@@ -2,12 +2,13 @@
 benchmarks and the commands. Also finding or creating topics and nodes by name, as fdnode and
 fdcluster need.
 
-The rule. A change is validated (``Topic.validated``), allowed for the user (only staff may point a
-topic at another Redis), allowed for the topic (not moved to another Redis while it has work or
-running nodes: ``fdconsole.topics.moves``), saved, and published to the topic's Redis, where running
-nodes take it up at their next scheduling step. All of it happens in one database transaction: when
-the topic's Redis does not take the configuration, nothing is saved (``TopicRedisUnavailable``), so
-the database and Redis never disagree about a topic.
+The rule. A change is validated (``Topic.validated``; the model by ``checked_model``), allowed for the
+user (only staff may point a topic at another Redis), allowed for the topic (neither moved to another
+Redis nor given another model while it has work or running nodes: ``fdconsole.topics.moves``), saved,
+and published to the topic's Redis, where running nodes take it up at their next scheduling step.
+All of it happens in one database transaction: when the topic's Redis does not take the
+configuration, nothing is saved (``TopicRedisUnavailable``), so the database and Redis never disagree
+about a topic.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from redis.exceptions import RedisError
 from fdconsole.errors import UnknownObject
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store, store_for_url, topic_redis_errors, topic_url
-from fdconsole.topics.models import Topic
-from fdconsole.topics.moves import refuse_busy_move, refuse_move_by_non_staff
+from fdconsole.topics.models import Topic, checked_model
+from fdconsole.topics.moves import refuse_busy_model_change, refuse_busy_move, refuse_move_by_non_staff
 from scheduler.config import NAME_RE, SchedulerConfig, validate_name
 from scheduler.connection import describe
 from scheduler.errors import ConfigError
@@ -34,9 +35,10 @@ log = logging.getLogger(__name__)
 
 def create_topic(name: str, changes: dict[str, Any] | None = None, *, user=None,
                  from_text: bool = False) -> Topic:
-    """A new topic ``name`` with ``changes`` over the default configuration, saved and published.
-    ``user`` is who asks (None: the system itself, trusted). Raises ``ConfigError`` (invalid),
-    ``Forbidden``, ``TopicRedisUnavailable``; a duplicate name is the caller's to refuse first."""
+    """A new topic ``name`` with ``changes`` (scheduler parameters and ``model``, by default
+    ``FD_MODEL``) over the default configuration, saved and published. ``user`` is who asks (None: the
+    system itself, trusted). Raises ``ConfigError`` (invalid), ``Forbidden``,
+    ``TopicRedisUnavailable``; a duplicate name is the caller's to refuse first."""
     validate_name(name, "name")
     topic = Topic(name=name, scheduler_topic=name)
     with transaction.atomic():
@@ -45,31 +47,43 @@ def create_topic(name: str, changes: dict[str, Any] | None = None, *, user=None,
 
 
 def change_topic(topic: Topic, changes: dict[str, Any], *, user=None, from_text: bool = False) -> Topic:
-    """``topic`` with ``changes`` applied, saved and published; returns the saved row. Raises
-    ``ConfigError``, ``Forbidden``, ``TopicBusy`` (a busy topic moved to another Redis) or
-    ``TopicRedisUnavailable`` (nothing saved)."""
+    """``topic`` with ``changes`` (scheduler parameters and ``model``) applied, saved and published;
+    returns the saved row. Raises ``ConfigError``, ``Forbidden``, ``TopicBusy`` (a busy topic moved to
+    another Redis or given another model) or ``TopicRedisUnavailable`` (nothing saved)."""
     with transaction.atomic():
         row = Topic.objects.select_for_update().get(pk=topic.pk)
         _apply(row, changes, user, from_text, previous=row.config)
     return row
 
 
-def check_change(topic: Topic, config: SchedulerConfig, user) -> None:
-    """Raise what ``change_topic`` would for giving the saved ``topic`` the validated ``config`` now
-    (the admin asks while validating its form, so that a refusal shows beside the field)."""
+def check_change(topic: Topic, config: SchedulerConfig, user, model: str | None = None) -> None:
+    """Raise what ``change_topic`` would for giving the saved ``topic`` the validated ``config`` (and
+    the checked ``model``, when given) now (the admin asks while validating its form, so that a refusal
+    shows beside the field)."""
     previous = topic.config
     refuse_move_by_non_staff(user, previous, config)
     refuse_busy_move(topic, previous, config)
+    if model is not None:
+        refuse_busy_model_change(topic, topic.model, model)
 
 
 def _apply(row: Topic, changes: dict[str, Any], user, from_text: bool,
            previous: SchedulerConfig | None) -> None:
+    model = row.model
+    if isinstance(changes, dict) and "model" in changes:  # not a scheduler parameter: checked on its own
+        model, changes = changes["model"], {k: v for k, v in changes.items() if k != "model"}
     config = row.validated(changes, from_text=from_text)
+    # Setting the model a topic already serves is no change (a client may send back what GET gave).
+    new_model = checked_model(model) if previous is None or model != row.model else None
     if user is not None:  # who may ask first: the busy check reads Redis and tells about the topic's work
         refuse_move_by_non_staff(user, previous or SchedulerConfig(scheduler_topic=row.name), config)
     if previous is not None:
         refuse_busy_move(row, previous, config)
+        if new_model is not None:
+            refuse_busy_model_change(row, row.model, new_model)  # before set_config: its Redis
     row.set_config(config)
+    if new_model is not None:
+        row.model = new_model
     row.save()
     # Inside the caller's transaction: if Redis refuses, the database change rolls back.
     with topic_redis_errors(row):

@@ -46,8 +46,9 @@ class Command(BaseCommand):
         runtime = NodeRuntime(topic=topic.name, name=node.name, role=node.role, store=get_topic_store(topic),
                               engine=engine, hooks=database_hooks(),
                               token_delay_s=settings.FD_TOKEN_DELAY_MS / 1000)
-        log.info("node %s of topic %s ready on %s (role %s, %s)", node.name, topic.name, engine.device,
-                 node.role, getattr(engine, "describe", lambda: "fixed work")())
+        log.info("node %s of topic %s ready on %s (role %s, model %s, %s)", node.name, topic.name,
+                 engine.device, node.role, getattr(getattr(engine, "engine", None), "model_name", "none"),
+                 getattr(engine, "describe", lambda: "fixed work")())
         NodeWorker(runtime).work(burst=options["burst"], logging_level=settings.LOGGING["root"]["level"])
         log.info("node %s stopped", node.name)
 
@@ -63,10 +64,12 @@ class Command(BaseCommand):
         from gpu_worker.engine import Engine
 
         device = node.device if node.device != "auto" else settings.FD_DEVICE
+        model = node.topic.model
         try:
-            engine = Engine(device=device)
-        except ValueError as exc:
-            raise CommandError(f"device {device!r}: {exc}") from None
+            engine = Engine(device=device, model=model, dtype=settings.FD_DTYPE or None)
+        except ValueError as exc:  # a device, dtype or checkpoint it cannot serve: it does not join
+            raise CommandError(f"node {node.name} cannot serve model {model!r} of topic {node.topic.name} "
+                               f"on device {device!r}: {exc}") from None
         if engine.device.type == "cpu" and settings.FD_TORCH_THREADS > 0:
             import torch
 
