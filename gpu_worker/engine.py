@@ -73,7 +73,7 @@ class Engine:
             self.dtype = resolve_dtype(dtype, self.device)
             loaded = load_model(model, self.device, self.dtype)
             self.config, self.model, self.tokenizer = loaded.handoff_key, loaded.model, loaded.tokenizer
-        eos = getattr(self.tokenizer, "eos_token_ids", None) or (self.tokenizer.eos_token_id,)
+        eos = loaded.eos_token_ids if model != TINY else self.tokenizer.eos_token_ids
         self.eos_token_ids = frozenset(eos)  # any of them ends a generation
 
     @property

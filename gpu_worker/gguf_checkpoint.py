@@ -117,11 +117,11 @@ def metadata_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def inspect_gguf(path: str | Path) -> dict[str, Any]:
+def inspect_gguf(path: str | Path, reader: GGUFReader | None = None) -> dict[str, Any]:
     """The checkpoint's config in ``config.json`` spelling, after checking that its architecture, tensor
     names and types are ones ``read_gguf_checkpoint`` reads and that its tokenizer can be built. Reads
-    metadata only."""
-    reader = open_gguf(path)
+    metadata only (``reader``: the file already open, as parsing a large vocabulary takes seconds)."""
+    reader = reader or open_gguf(path)
     config = config_of(reader, path)
     check_tensors(reader, path)
     check_tokenizer(reader, path)

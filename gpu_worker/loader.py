@@ -46,6 +46,7 @@ class LoadedModel:
     model: torch.nn.Module  # forward_packed, cache_shape, max_model_len, vocab_size
     tokenizer: Any  # gpu_worker.hf_tokenizer.HFTokenizer
     handoff_key: GPTConfig
+    eos_token_ids: frozenset[int]  # the tokenizer's, config.json's and generation_config.json's
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -58,19 +59,27 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
     if info.source.kind == "gguf":
         from gpu_worker.gguf_checkpoint import read_gguf_checkpoint
 
-        checkpoint = read_gguf_checkpoint(path)
+        checkpoint = read_gguf_checkpoint(path, dtype)
     else:
         from gpu_worker.checkpoint import read_hf_checkpoint
 
         checkpoint = read_hf_checkpoint(path)
     model = build_model(checkpoint, device, dtype)
-    del checkpoint  # the float32 copies of the weights
     tokenizer = load_tokenizer(name)
+    eos = set(tokenizer.eos_token_ids) | _ids(checkpoint.config.get("eos_token_id"))
+    eos |= _ids(checkpoint.metadata.get("generation_config", {}).get("eos_token_id"))
+    del checkpoint  # the CPU copies of the weights
     shape = model.cache_shape(dtype)
     key = GPTConfig(block_size=model.max_model_len, vocab_size=model.vocab_size, vocab_multiple=1,
                     n_layer=shape.num_layers, n_head=shape.num_kv_heads,
                     n_embd=shape.num_kv_heads * shape.head_dim, seed=_digest(info, dtype))
-    return LoadedModel(info, model, tokenizer, key)
+    return LoadedModel(info, model, tokenizer, key, frozenset(eos))
+
+
+def _ids(value: Any) -> set[int]:
+    """An ``eos_token_id`` of config.json or generation_config.json: an id, a list of ids, or none."""
+    values = value if isinstance(value, list) else [value]
+    return {v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
 
 
 def _digest(info: ModelInfo, dtype: torch.dtype) -> int:

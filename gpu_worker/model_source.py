@@ -85,9 +85,7 @@ def _inspect_cached(name: str, stamp: tuple) -> ModelInfo:
     if source.kind == "tiny":
         return ModelInfo(source, "tiny", TINY_CONTEXT, {})
     if source.kind == "gguf":
-        from gpu_worker.gguf_checkpoint import inspect_gguf
-
-        config = inspect_gguf(source.path)
+        config = _gguf_facts(source.path, stamp)[0]
     else:
         config = read_hf_config(source.path)
         check_safetensors_headers(source.path)
@@ -95,6 +93,16 @@ def _inspect_cached(name: str, stamp: tuple) -> ModelInfo:
             raise CheckpointError(f"{source.path} has no tokenizer.json (the tokenizer of its model)")
     architecture = check_architecture(config, source.path)
     return ModelInfo(source, architecture, context_of(config), config)
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_facts(path: str, stamp: tuple):
+    """A GGUF file's config and tokenizer, from one parse of its metadata (the parse takes seconds for a
+    large vocabulary, and the reader holds far more memory than either: it is not kept)."""
+    from gpu_worker.gguf_checkpoint import gguf_tokenizer, inspect_gguf, open_gguf
+
+    reader = open_gguf(path)
+    return inspect_gguf(path, reader), gguf_tokenizer(reader)
 
 
 def inspect(name: Any) -> ModelInfo:
@@ -190,9 +198,7 @@ def _tokenizer_cached(name: str, stamp: tuple):
 
         return ByteTokenizer()
     if source.kind == "gguf":
-        from gpu_worker.gguf_checkpoint import gguf_tokenizer
-
-        return gguf_tokenizer(source.path)
+        return _gguf_facts(source.path, stamp)[1]
     from gpu_worker.hf_tokenizer import HFTokenizer
 
     return HFTokenizer.from_dir(source.path)
