@@ -119,11 +119,19 @@ def _reference(model: str, engine: Engine):
 
     source = resolve(model)
     dtype = engine.dtype
-    if source.kind == "gguf":
-        import os
+    if source.kind == "gguf":  # the very weights the engine serves, dequantised by gguf_checkpoint
+        from transformers import AutoConfig
 
-        folder, name = os.path.split(source.path)
-        reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        from gpu_worker.gguf_checkpoint import read_gguf_checkpoint
+
+        checkpoint = read_gguf_checkpoint(source.path)
+        config = dict(checkpoint.config)
+        reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config),
+                                                     dtype=dtype)
+        missing, unexpected = reference.load_state_dict(checkpoint.tensors, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:  # a tied head is not in the file
+            raise ValueError(f"transformers' model does not take {source.path}'s tensors: missing {missing}, "
+                             f"unexpected {unexpected}")
     else:
         reference = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
     return reference.to(engine.device).eval()
