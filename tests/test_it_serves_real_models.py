@@ -150,28 +150,33 @@ def wait_final(api, request_id: str, timeout: float = 60) -> dict:
 
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
-def test_a_node_serves_its_topics_checkpoint_over_http(api, node_processes, checkpoints):
+def test_nodes_serve_their_topics_checkpoints_over_http(api, node_processes, checkpoints):
+    """One topic per architecture, each with a node of its own (started together): a text prompt comes
+    back as transformers' greedy continuation of the model's own tokens, with its streamed text."""
     from gpu_worker.model_source import load_tokenizer
     from gpu_worker.tokenizer import streamed_text
 
-    folder = checkpoints["llama"]
-    created = api.post("/api/v1/topics", {"name": "real", "model": str(folder)})
-    assert created.status_code == 201, created.content
-    assert created.json()["model"] == str(folder)
-    node_processes.start("real-a", "real")
+    for kind, folder in checkpoints.items():
+        created = api.post("/api/v1/topics", {"name": f"real-{kind}", "model": str(folder)})
+        assert created.status_code == 201, created.content
+        assert created.json()["model"] == str(folder)
+    started = {kind: node_processes.start(f"{kind}-a", f"real-{kind}", wait=False) for kind in checkpoints}
+    for kind, process in started.items():
+        node_processes.wait_alive(f"{kind}-a", f"real-{kind}", process)
     text = "Grüße aus München, 中文"
-    answer = api.post("/api/v1/topics/real/requests",
-                      {"prompt": text, "max_tokens": 16, "request_id": "real-1"})
-    assert answer.status_code == 202, answer.content
-    done = wait_final(api, "real-1")
-    assert done["status"] == "finished" and done["model"] == str(folder)
-    tokenizer = load_tokenizer(str(folder))
-    prompt = tokenizer.encode(text)
-    assert done["prompt_tokens"] == len(prompt)
-    engine = engine_for(folder)
-    expected = reference_greedy(load_hf_model(folder), prompt, 16, engine.eos_token_ids)
-    assert done["output_token_ids"] == expected
-    assert done["output_text"] == streamed_text(expected, done["finish_reason"], tokenizer)
+    for kind in checkpoints:
+        answer = api.post(f"/api/v1/topics/real-{kind}/requests",
+                          {"prompt": text, "max_tokens": 16, "request_id": f"real-{kind}"})
+        assert answer.status_code == 202, answer.content
+    for kind, folder in checkpoints.items():
+        done = wait_final(api, f"real-{kind}")
+        assert done["status"] == "finished" and done["model"] == str(folder), kind
+        tokenizer = load_tokenizer(str(folder))
+        prompt = tokenizer.encode(text)
+        assert done["prompt_tokens"] == len(prompt)
+        expected = reference_greedy(load_hf_model(folder), prompt, 16, engine_for(folder).eos_token_ids)
+        assert done["output_token_ids"] == expected, kind
+        assert done["output_text"] == streamed_text(expected, done["finish_reason"], tokenizer)
 
 
 @pytest.mark.e2e
