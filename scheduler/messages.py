@@ -157,7 +157,7 @@ def validate_request_id(value: Any) -> str:
 def _parse_prompt(body: dict[str, Any], encode, vocab_size: int) -> list[int]:
     has_text, has_ids = "prompt" in body, "prompt_token_ids" in body
     if has_text == has_ids:
-        raise InvalidRequest("give exactly one of prompt and prompt_token_ids", field="prompt")
+        raise InvalidRequest("give exactly one of prompt, prompt_token_ids and messages", field="prompt")
     if has_text:
         prompt = body["prompt"]
         if not isinstance(prompt, str):

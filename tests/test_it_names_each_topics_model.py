@@ -7,6 +7,7 @@ tokenize prompts, bound their length and decode their output."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def beat(store, state: str, topic: str = "default", node: str = "node-a") -> Non
 
 def submit(api, topic: str = "default", **body) -> dict:
     body = {"max_tokens": 4, **body}
-    if "prompt_token_ids" not in body:
+    if "prompt_token_ids" not in body and "messages" not in body:
         body.setdefault("prompt", "hello world")
     answer = api.post(f"{TOPICS}/{topic}/requests", body)
     assert answer.status_code == 202, answer.content
@@ -370,3 +371,58 @@ def test_a_model_removed_from_the_host_is_named_not_guessed(api, admin, store, c
     # The topic is still the topic: sending its model back with another change is no change of model.
     answer = api.patch(f"{TOPICS}/hf", {"model": str(checkpoint), "scheduler_ttl": 60})
     assert answer.status_code == 200, answer.content
+
+
+# -- a chat through the native API ---------------------------------------------------------------------
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_messages_are_rendered_through_the_models_chat_template(api, store):
+    from fdconsole.inference.models import Request
+    from fdconsole.topics.services import create_topic, ensure_node
+    from gpu_worker.model_source import load_tokenizer
+
+    ensure_node("smol-a", create_topic("smol", {"model": "smollm2"}))
+    body = submit(api, "smol", messages=CHAT)
+    tokenizer = load_tokenizer("smollm2")
+    ids = tokenizer.encode(tokenizer.apply_chat_template(CHAT), add_special_tokens=False)
+    assert Request.objects.get(request_id=body["request_id"]).prompt_token_ids == ids
+    assert body["prompt_tokens"] == len(ids)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": CHAT, "prompt": "x"}, "exactly one of prompt, prompt_token_ids and messages"),
+    ({"messages": []}, "messages: .*non-empty list"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, r"messages: messages\[0\].role must be one of"),
+    ({"messages": [{"role": "user", "content": 7}]}, r"messages\[0\].content must be a string"),
+    ({"messages": [{"role": "user", "content": "word " * 3000}]}, r"messages \(as the chat template renders"),
+])
+def test_a_bad_chat_is_refused_on_messages(api, store, body, message):
+    from fdconsole.topics.services import create_topic, ensure_node
+
+    ensure_node("smol-a", create_topic("smol", {"model": "smollm2"}))
+    error = assert_error(api.post(f"{TOPICS}/smol/requests", {"max_tokens": 4, **body}), 400, "messages")
+    assert re.search(message, error["message"]), error
+
+
+def test_a_model_without_a_chat_template_refuses_messages(api, node, store):
+    error = assert_error(api.post(f"{TOPIC}/requests", {"messages": CHAT}), 400, "messages")
+    assert "no chat template" in error["message"], error
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_smollm2_answers_a_chat_through_a_node(api, node_processes, store):
+    """The demo's model, end to end on the CPU: a node loads the packaged GGUF and answers in words."""
+    import time
+
+    assert api.post(TOPICS, {"name": "smol", "model": "smollm2"}).status_code == 201
+    node_processes.start("smol-a", "smol")
+    body = submit(api, "smol", messages=CHAT, max_tokens=24, request_id="paris")
+    deadline = time.monotonic() + 60
+    url = f"/api/v1/requests/{body['request_id']}"
+    while (done := api.get(url).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, done
+        time.sleep(0.2)
+    assert done["status"] == "finished" and done["finish_reason"] == "stop", done
+    assert "Paris" in done["output_text"], done["output_text"]

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from fdconsole.dashboard.pulse import describe_for_browser, known_rows
 from fdconsole.errors import ModelUnavailable, TopicRedisUnavailable, UnknownObject
 from fdconsole.inference.models import Request, model_tokenizer
-from fdconsole.inference.submit import get_request_row, submit_request, topic_tokenizer
+from fdconsole.inference.submit import chat_prompt_ids, get_request_row, submit_request
 from fdconsole.inference.sync import cancel_request, sync_request
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store, topic_redis_errors
@@ -227,12 +227,7 @@ def _chat_prompt(topic: Topic, chat: list[dict[str, str]]) -> list[int]:
     messages = [m for m in chat if m["content"].strip()]
     if not messages:
         raise InvalidRequest("chat: write at least one message", field="chat")
-    tokenizer = topic_tokenizer(topic)
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except ValueError as exc:
-        raise InvalidRequest(f"chat: {exc}", field="chat") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return chat_prompt_ids(topic, messages, "chat")
 
 
 def _chat_templates(topics: list[Topic]) -> dict[str, bool]:

@@ -48,11 +48,24 @@ def submit_request(topic: Topic, body: Any, user=None) -> Request:
     """
     context = max_model_len(topic)  # first: it says best what is wrong with a model that is gone
     tokenizer = topic_tokenizer(topic)
-    request, request_id, node_name = parse_submission(
-        body, max_model_len=context, encode=tokenizer.encode,
-        # a prompt of the byte model holds bytes only, never its end-of-text id
-        vocab_size=getattr(tokenizer, "prompt_vocab_size", tokenizer.vocab_size),
-    )
+    chat = isinstance(body, dict) and "messages" in body
+    if chat:
+        if "prompt" in body or "prompt_token_ids" in body:
+            raise InvalidRequest("give exactly one of prompt, prompt_token_ids and messages",
+                                 field="messages")
+        body = {**{k: v for k, v in body.items() if k != "messages"},
+                "prompt_token_ids": chat_prompt_ids(topic, body["messages"], "messages")}
+    try:
+        request, request_id, node_name = parse_submission(
+            body, max_model_len=context, encode=tokenizer.encode,
+            # a prompt of the byte model holds bytes only, never its end-of-text id
+            vocab_size=getattr(tokenizer, "prompt_vocab_size", tokenizer.vocab_size),
+        )
+    except InvalidRequest as exc:
+        if chat and exc.field == "prompt_token_ids":  # the prompt the chat rendered into
+            raise InvalidRequest(exc.message.replace("prompt_token_ids", "messages (as the chat template "
+                                                     "renders them)"), field="messages") from None
+        raise
     config = topic.config
     request.request_id = request_id or f"req-{uuid.uuid4().hex}"
     request.topic = topic.name
@@ -72,6 +85,19 @@ def submit_request(topic: Topic, body: Any, user=None) -> Request:
     if expired:
         sync_uids(topic.name, expired, store)
     return row
+
+
+def chat_prompt_ids(topic: Topic, messages: Any, field: str) -> list[int]:
+    """The token ids of ``messages`` ([{"role", "content"}, ...]) rendered through the topic's model's
+    chat template with the assistant's turn opened; the template writes the special tokens (BOS
+    included) itself, so none are added. ``InvalidRequest`` on ``field`` for a malformed chat or a
+    model without a template."""
+    tokenizer = topic_tokenizer(topic)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except ValueError as exc:
+        raise InvalidRequest(f"{field}: {exc}", field=field) from None
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def topic_tokenizer(topic: Topic):
