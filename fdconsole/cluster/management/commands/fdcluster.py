@@ -161,9 +161,11 @@ class Command(BaseCommand):
         self.say(f"  nodes:      {', '.join(names) or 'none'} (topic {topic})")
         self.say("  try:")
         self.say(f"    curl -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\")
-        body = '{"prompt": "Hello", "max_tokens": 32}'
+        body = ('{"messages": [{"role": "user", "content": "What is the capital of France?"}], '
+                '"max_tokens": 32}')
         self.say(f"         -d '{body}' {url}/api/v1/topics/{topic}/requests")
         self.say(f"    curl -N -H 'Authorization: Bearer {token}' {url}/api/v1/requests/<request_id>/stream")
+        self.say('    (tiny has no chat template: send {"prompt": "Hello"} to a topic serving it)')
         self.say("  Ctrl-C stops everything.")
         self.say("")
 
