@@ -10,7 +10,9 @@ then reads each sequence's whole context back through its block table:
   at most about twice their shortest (so one long context does not make every row pay for it): a
   group's block tables, padded to its longest, gather a [D, S] context; a mask hides each row's slots
   past its own length; one SDPA call a group.
-- each longer chunk by itself: its context of L slots, queries the last T of them, causally.
+- fresh prompts (nothing cached before them) of equal length T together, k of them in one causal
+  SDPA call over the step's own keys and values ([k, heads, T, hd]): nothing to gather.
+- each other longer chunk by itself: its context of L slots, queries the last T of them, causally.
 
 Everything here that does not depend on the layer (slots, tables, masks) is built once per step by
 ``PagedAttention.build``, so that a layer costs two gathers and one SDPA call per group.
@@ -62,16 +64,26 @@ class _Chunk:
     mask: torch.Tensor | None  # [T, L], None when the chunk is the whole context (plain causal)
 
 
+@dataclass
+class _Fresh:
+    """``count`` fresh prompts of ``length`` tokens each, packed one after the other from row ``start``."""
+
+    start: int
+    count: int
+    length: int
+
+
 class PagedAttention:
     """How the N tokens of one step attend; shared by every layer of the forward pass."""
 
     def __init__(self, cache: PagedKVCache, slots: torch.Tensor, num_single: int, groups: list[_Rows],
-                 chunks: list[_Chunk]) -> None:
+                 chunks: list[_Chunk], fresh: list[_Fresh] | None = None) -> None:
         self.cache = cache
         self.slots = slots  # [N]
         self.num_single = num_single  # rows 0..num_single-1 are one-token sequences
         self.groups = groups  # of those rows
         self.chunks = chunks
+        self.fresh = fresh or []
 
     @classmethod
     def build(cls, cache: PagedKVCache, chunks: Sequence[SequenceChunk],
@@ -88,9 +100,17 @@ class PagedAttention:
             num_single += 1
         groups = [_rows(start, end, chunks[start:end], bs, device)
                   for start, end in _similar_lengths(chunks[:num_single])]
-        planned, row = [], num_single
+        planned, fresh, row = [], [], num_single
         for chunk in chunks[num_single:]:
             assert chunk.num_new > 1, "one-token chunks must come first"
+            if chunk.num_cached == 0:  # a whole prompt: its keys are the step's own
+                last = fresh[-1] if fresh else None
+                if last and last.length == chunk.num_new and last.start + last.count * last.length == row:
+                    last.count += 1
+                else:
+                    fresh.append(_Fresh(row, 1, chunk.num_new))
+                row += chunk.num_new
+                continue
             width = -(-chunk.context_len // bs)
             table = torch.tensor(list(chunk.block_table[:width]), dtype=torch.long, device=device)
             mask = None
@@ -100,7 +120,8 @@ class PagedAttention:
                 mask = keys[None, :] <= queries[:, None]  # [T, L]
             planned.append(_Chunk(row, row + chunk.num_new, table, chunk.context_len, mask))
             row += chunk.num_new
-        return cls(cache, torch.tensor(slots, dtype=torch.long, device=device), num_single, groups, planned)
+        return cls(cache, torch.tensor(slots, dtype=torch.long, device=device), num_single, groups, planned,
+                   fresh)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention output [N, nh, hd] for queries [N, nh, hd]; ``k``/``v`` [N, kvh, hd] are the step's
@@ -111,6 +132,12 @@ class PagedAttention:
         out = torch.empty_like(q)  # [N, nh, hd]
         for group in self.groups:
             out[group.start:group.end] = self._singles(layer, q[group.start:group.end], group)
+        for fresh in self.fresh:
+            rows = slice(fresh.start, fresh.start + fresh.count * fresh.length)
+            queries, keys, values = (t[rows].unflatten(0, (fresh.count, fresh.length)).transpose(1, 2)
+                                     for t in (q, k, v))  # [count, heads, T, hd]
+            y = _sdpa(queries, keys, values, None, causal=True)  # [count, nh, T, hd]
+            out[rows] = y.transpose(1, 2).flatten(0, 1)
         for chunk in self.chunks:
             keys, values = self.cache.gather(layer, chunk.table[None])  # each [1, kvh, M*bs, hd]
             keys, values = keys[:, :, :chunk.context_len], values[:, :, :chunk.context_len]
@@ -160,6 +187,12 @@ def _rows(start: int, end: int, singles: Sequence[SequenceChunk], bs: int,
 
 def order_for_step(chunks: Sequence) -> list[int]:
     """Indices of ``chunks`` (anything with ``num_new`` and ``context_len``): the one-token ones first,
-    shortest context first (``_similar_lengths`` groups them), then the longer chunks in order."""
-    return sorted(range(len(chunks)), key=lambda i: (chunks[i].num_new != 1,
-                                                     chunks[i].context_len if chunks[i].num_new == 1 else 0))
+    shortest context first (``_similar_lengths`` groups them), then the longer chunks by length, so that
+    fresh prompts of one length sit side by side and attend in one call."""
+    def key(i: int) -> tuple:
+        chunk = chunks[i]
+        if chunk.num_new == 1:
+            return (0, chunk.context_len)
+        return (1, chunk.num_new, chunk.context_len != chunk.num_new)  # fresh ones first among equals
+
+    return sorted(range(len(chunks)), key=key)

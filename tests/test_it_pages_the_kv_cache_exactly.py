@@ -159,3 +159,26 @@ def test_decode_rows_of_very_different_lengths_attend_in_groups_and_match(model:
                                   torch.tensor([len(rows[i]) - 1 for i in order]), attention, torch.arange(4))
     for slot, i in enumerate(order):
         torch.testing.assert_close(logits[slot], model(torch.tensor([rows[i]]))[0, -1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_fresh_prompts_of_one_length_attend_together_and_match(model: GPT, block_size: int) -> None:
+    """Three fresh prompts of 7 tokens (one SDPA call over the step's own keys), two of 5, one of 7 after
+    cached tokens (a chunk of its own) and a decode row, all in one step, then decoding together."""
+    rows = prompts([7, 5, 7, 12, 7, 5, 3])
+    pool = Pool(model, len(rows), block_size, "shuffled")
+    packed_step(model, pool, rows, [0] * 7, [0, 0, 0, 5, 0, 0, 3])  # the chunked one, and the decoder
+    rows[6].append(11)
+    cached = [0, 0, 0, 5, 0, 0, 3]
+    new = [7, 5, 7, 7, 7, 5, 1]
+    chunks = [SequenceChunk(pool.tables[i], cached[i], new[i]) for i in range(7)]
+    attention = PagedAttention.build(pool.cache, [chunks[i] for i in order_for_step(chunks)], "cpu")
+    assert [(f.count, f.length) for f in attention.fresh] == [(2, 5), (3, 7)]
+    logits = packed_step(model, pool, rows, cached, new)
+    assert_like_full_recompute(model, rows, cached, logits)
+    for _ in range(3):
+        for i, row in enumerate(rows):
+            cached[i] = len(row)
+            row.append(int(logits[i][-1].argmax()))
+        logits = packed_step(model, pool, rows, cached, [1] * len(rows))
+        assert_like_full_recompute(model, rows, cached, logits)
