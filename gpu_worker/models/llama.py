@@ -169,8 +169,15 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on ``x`` [N, heads, hd] with ``cos``/``sin`` [N, hd/2] of each row's position, in float32.
     Dimension i pairs with i + hd/2 (the Hugging Face layout, not interleaved pairs)."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # each [N, heads, hd/2]
     cos, sin = cos[:, None], sin[:, None]  # [N, 1, hd/2]
+    if x.dtype == torch.float32:  # written into one output: no temporaries, no cat (3x faster on a CPU)
+        x1, x2 = x.chunk(2, dim=-1)  # each [N, heads, hd/2]
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out1, out2 = out.chunk(2, dim=-1)
+        torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
+        torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
+        return out  # [N, heads, hd]
+    x1, x2 = x.float().chunk(2, dim=-1)  # each [N, heads, hd/2]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)  # [N, heads, hd]
 
 
@@ -221,8 +228,10 @@ class GatedMLP(nn.Module):
         self.down = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # each [N, I]
-        return self.down(F.silu(gate) * up)  # [N, C]
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # each [N, I], views into one [N, 2I]
+        # multiplied into silu's fresh output: about 3x faster on the CPU than ``silu(gate) * up``
+        # over the two strided views, which made the MLP's elementwise work a tenth of a prefill
+        return self.down(F.silu(gate).mul_(up))  # [N, C]
 
 
 class DecoderLayer(nn.Module):
