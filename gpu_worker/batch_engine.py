@@ -17,9 +17,9 @@ its last block takes one more. When none is free the newest running sequence is 
 go back (keyed prefix blocks stay findable) and it is recomputed later from its tokens, with its
 sampling generator and text decoder untouched, so it goes on exactly as if never interrupted.
 
-Ends (``max_tokens``, end of text, a cancel) take effect between steps and free the blocks at once.
-What a step produced comes back as ``(request_id, GenerationStep)`` pairs, the same steps
-``Engine.generate`` yields for one request.
+Ends (``max_tokens``, end of text, a stop string, a cancel) take effect between steps and free the
+blocks at once. What a step produced comes back as ``(request_id, GenerationStep)`` pairs, the same
+steps ``Engine.generate`` yields for one request.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ import torch
 
 from gpu_worker.attention import PagedAttention, SequenceChunk, order_for_step
 from gpu_worker.capacity import EngineCapacity
-from gpu_worker.engine import FINISH_CANCELLED, FINISH_LENGTH, Engine
+from gpu_worker.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine
 from gpu_worker.kv_cache import BlockManager, PagedKVCache
 from gpu_worker.sampling import advance_generator, make_generator, sample_next
 from gpu_worker.steps import GenerationStep
+from gpu_worker.stop import StopStringStream
 from scheduler.config import UNBOUNDED, YEAR_S, SchedulerConfig
 from scheduler.interface.in_process import InProcessScheduler
 from scheduler.messages import Request, Result, SamplingParams
@@ -53,7 +54,7 @@ class Sequence:
     num_prompt_tokens: int
     sampling: SamplingParams
     generator: torch.Generator | None  # a seeded request's own; where its sampling left it
-    decoder: object  # the tokenizer's stream decoder, fed every generated token
+    decoder: StopStringStream  # the text of every generated token, cut at a stop string
     num_computed: int = 0  # tokens whose keys and values are in the cache
     block_table: list[int] = field(default_factory=list)
     block_keys: list[int] = field(default_factory=list)  # prefix-cache keys of its leading full blocks
@@ -122,11 +123,12 @@ class BatchEngine:
         self._check_fits(prompt_ids, sampling)
         generator = make_generator(sampling.seed) if sampling.temperature > 0 else None
         advance_generator(generator, len(resumed))
-        decoder = self.engine.tokenizer.stream_decoder()
-        for token_id in resumed:
-            decoder.push(token_id)  # already sent; primes a character split across the resume point
+        decoder = self.engine.primed_text_stream(sampling, resumed)  # as the earlier run left it
         seq = Sequence(request_id, prompt_ids + resumed, len(prompt_ids), sampling, generator, decoder,
                        prefill_only=prefill_only, imported_kv=kv)
+        if decoder.stopped:  # the resumed tokens had met a stop string: that run had ended
+            self.ended.append((request_id, GenerationStep(len(resumed), -1, "", FINISH_STOP)))
+            return
         if len(resumed) == sampling.max_tokens:
             self.ended.append((request_id, GenerationStep(len(resumed), -1, decoder.flush(), FINISH_LENGTH)))
             return

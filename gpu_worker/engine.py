@@ -20,11 +20,12 @@ from gpu_worker.model import GPT, GPTConfig, KVCache, build_model
 from gpu_worker.model_source import TINY
 from gpu_worker.sampling import advance_generator, check_sampling, make_generator, sample_next
 from gpu_worker.steps import GenerationStep
-from gpu_worker.tokenizer import ByteTokenizer
+from gpu_worker.stop import StopStringStream
+from gpu_worker.tokenizer import ByteTokenizer, text_stream
 from scheduler.messages import SamplingParams
 
 FINISH_LENGTH = "length"  # max_tokens reached; carried by the last token's step
-FINISH_STOP = "stop"  # the model produced end of text; carried by a final marker step
+FINISH_STOP = "stop"  # end of text (a final marker step) or a stop string (the token that completed it)
 FINISH_CANCELLED = "cancelled"  # should_stop() returned True; carried by a final marker step
 
 
@@ -133,6 +134,11 @@ class Engine:
         - "stop": the model sampled end of text. The end-of-text token is not yielded; instead a final
           marker ``GenerationStep(index=n, token_id=-1, text=<flushed text, often "">, "stop")``
           comes last, where n is the number of tokens generated.
+        - "stop", for one of ``sampling.stop``: the step of the token whose text completed the stop
+          string carries it, with that token's id (as vLLM keeps it in the output) and only the text
+          before the stop string. Text that could be the start of a stop string is held back (steps
+          with "" or less text) until later tokens tell; an end of another kind releases it: the
+          "length" step's text, or the final marker's. See ``gpu_worker.stop``.
         - "cancelled": ``should_stop()`` returned True; it is asked before every token, the first
           included. The same kind of final marker comes last, with ``finish_reason="cancelled"``.
 
@@ -142,7 +148,8 @@ class Engine:
         runs match exactly, and so do seeded ones, because each sampled step takes exactly one number
         from the request's generator and resuming skips the numbers of the resumed steps. Unseeded
         sampling uses torch's default RNG and cannot be replayed. Resuming a run that had already
-        produced ``max_tokens`` tokens yields only a final marker with ``finish_reason="length"``.
+        produced ``max_tokens`` tokens yields only a final marker with ``finish_reason="length"``; one
+        whose tokens had met a stop string, only a final marker with "stop" and no text.
 
         Raises ValueError at the call (not at the first ``next``) for bad token ids or sampling
         parameters, and when the prompt plus ``max_tokens`` does not fit the context.
@@ -155,10 +162,11 @@ class Engine:
                   should_stop: Callable[[], bool] | None, resumed: list[int]) -> Iterator[GenerationStep]:
         generator = make_generator(sampling.seed) if sampling.temperature > 0 else None
         advance_generator(generator, len(resumed))
-        decoder = self.tokenizer.stream_decoder()
-        for token_id in resumed:
-            decoder.push(token_id)  # already sent; primes a character split across the resume point
+        decoder = self.primed_text_stream(sampling, resumed)
         index = len(resumed)
+        if decoder.stopped:  # the resumed tokens had met a stop string already (their run ended there)
+            yield GenerationStep(index, -1, "", FINISH_STOP)
+            return
         if index == sampling.max_tokens:
             yield GenerationStep(index, -1, decoder.flush(), FINISH_LENGTH)
             return
@@ -172,16 +180,28 @@ class Engine:
             yield from self.continue_decoding(kv_cache, token_id, index + 1, sampling, generator, decoder,
                                               should_stop)
 
-    def step(self, index: int, token_id: int, sampling: SamplingParams, decoder) -> GenerationStep:
+    def primed_text_stream(self, sampling: SamplingParams, resumed: Sequence[int] = ()) -> StopStringStream:
+        """The text decoder of a request's output, fed the ``resumed`` tokens already streamed: it
+        rebuilds the state their run had (a split character, held-back text, a stop string met)."""
+        decoder = text_stream(self.tokenizer, sampling.stop)
+        for token_id in resumed:
+            decoder.push(token_id)  # already sent: only the state is wanted
+        return decoder
+
+    def step(self, index: int, token_id: int, sampling: SamplingParams,
+             decoder: StopStringStream) -> GenerationStep:
         """The step for a freshly sampled ``token_id``: a token, or the end (stop, length)."""
         if token_id in self.eos_token_ids:
             return GenerationStep(index, -1, decoder.flush(), FINISH_STOP)
+        text = decoder.push(token_id)
+        if decoder.stopped:  # its text completed a stop string: the token ends the output
+            return GenerationStep(index, token_id, text, FINISH_STOP)
         if index < sampling.max_tokens - 1:
-            return GenerationStep(index, token_id, decoder.push(token_id))
-        return GenerationStep(index, token_id, decoder.push(token_id) + decoder.flush(), FINISH_LENGTH)
+            return GenerationStep(index, token_id, text)
+        return GenerationStep(index, token_id, text + decoder.flush(), FINISH_LENGTH)
 
     def continue_decoding(self, kv_cache: KVCache, last_token: int, index: int, sampling: SamplingParams,
-                          generator: torch.Generator | None, decoder,
+                          generator: torch.Generator | None, decoder: StopStringStream,
                           should_stop: Callable[[], bool] | None) -> Iterator[GenerationStep]:
         """Decode steps from ``index`` on: ``last_token`` (index - 1) was yielded and is not yet in
         ``kv_cache``; ``generator`` and ``decoder`` are where the run left them. Shared by ``generate``

@@ -292,7 +292,7 @@ def prefill_for_handoff(engine: Engine, prompt_ids: Sequence[int], sampling: Sam
 def first_step(engine: Engine, handoff: KVHandoff, sampling: SamplingParams) -> GenerationStep:
     """Prefill node: what ``engine.generate`` yields at index 0 for the handoff's token 0. When it
     carries a finish reason the request is complete and needs no decode node."""
-    return engine.step(0, handoff.first_token, sampling, engine.tokenizer.stream_decoder())
+    return engine.step(0, handoff.first_token, sampling, engine.primed_text_stream(sampling))
 
 
 def continue_from_handoff(engine: Engine, handoff: KVHandoff, prompt_ids: Sequence[int],
@@ -316,13 +316,13 @@ def continue_from_handoff(engine: Engine, handoff: KVHandoff, prompt_ids: Sequen
 def _continue(engine: Engine, handoff: KVHandoff, sampling: SamplingParams,
               should_stop: Callable[[], bool] | None) -> Iterator[GenerationStep]:
     token_id = handoff.first_token
-    if token_id in engine.eos_token_ids or sampling.max_tokens == 1:
+    # already sent: primes a character split across the handoff, and text held back for a stop string
+    decoder = engine.primed_text_stream(sampling, [token_id])
+    if token_id in engine.eos_token_ids or sampling.max_tokens == 1 or decoder.stopped:
         return  # token 0 ended it: first_step carried the finish reason
     generator = make_generator(sampling.seed) if sampling.temperature > 0 else None
     if generator is not None:
         advance_generator(generator, 1)  # the one number token 0 drew on the prefill node
-    decoder = engine.tokenizer.stream_decoder()
-    decoder.push(token_id)  # already sent; primes a character split across the handoff
     max_len = handoff.prompt_len + sampling.max_tokens  # as Engine.generate's cache
     kv_cache = cache_from_kv(handoff.kv, engine.config, engine.device, max_len)
     yield from engine.continue_decoding(kv_cache, token_id, 1, sampling, generator, decoder, should_stop)

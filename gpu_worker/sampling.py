@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from scheduler.messages import SamplingParams
+from scheduler.messages import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -34,13 +34,19 @@ def advance_generator(generator: torch.Generator | None, steps: int) -> None:
 
 
 def check_sampling(params: SamplingParams) -> None:
-    """Raises ValueError for parameters ``sample_next`` cannot honour."""
+    """Raises ValueError for parameters ``sample_next`` (or, for ``stop``, the engine) cannot honour."""
     if params.temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {params.temperature}")
     if not 0 < params.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
     if params.top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {params.top_k}")
+    if len(params.stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(params.stop)}")
+    for s in params.stop:
+        if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise ValueError(f"a stop string must be a str of 1 to {MAX_STOP_CHARS} characters, "
+                             f"got {s!r:.80}")
 
 
 def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],

@@ -6,8 +6,10 @@ Imported by the web tier to count and encode prompts, so it must not import torc
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
+
+from gpu_worker.stop import StopStringStream
 
 EOS_TOKEN_ID = 256  # end of text; never part of a prompt's UTF-8 bytes
 VOCAB_SIZE = 257  # the 256 byte values plus end of text
@@ -82,12 +84,20 @@ class StreamingTokenizer(Protocol):
     def stream_decoder(self) -> TextStream: ...
 
 
+def text_stream(tokenizer: StreamingTokenizer | None = None, stop: Sequence[str] = ()) -> StopStringStream:
+    """A fresh stream decoder of ``tokenizer`` (default: the byte tokenizer's) whose text ends before the
+    first of ``stop``: what the engine streams a request's tokens with, so pushing the same ids gives
+    the same pieces anywhere (``streamed_text``, a replay of an expired stream)."""
+    return StopStringStream((tokenizer or ByteTokenizer()).stream_decoder(), stop)
+
+
 def streamed_text(token_ids: Iterable[int], finish_reason: str | None,
-                  tokenizer: StreamingTokenizer | None = None) -> str:
+                  tokenizer: StreamingTokenizer | None = None, stop: Sequence[str] = ()) -> str:
     """The text a client received token by token from ``tokenizer``'s stream decoder (default: the
-    byte tokenizer's): every push, plus the decoder's flush only when the generation ended at
-    max_tokens (the engine puts that flush on the last token; a stop or cancel ends with a marker
-    whose flush is not streamed)."""
-    decoder = (tokenizer or ByteTokenizer()).stream_decoder()
-    text = "".join(decoder.push(token_id) for token_id in token_ids)
-    return text + decoder.flush() if finish_reason == "length" else text
+    byte tokenizer's), cut at the first of the request's ``stop`` strings as the engine cut it
+    (``gpu_worker.stop``): every push, plus the flush only when the generation ended at max_tokens
+    (the engine puts that flush on the last token; a stop or cancel ends with a marker whose flush is
+    not streamed, or, for a stop string, with the token that completed it)."""
+    stream = text_stream(tokenizer, stop)
+    text = "".join(stream.push(token_id) for token_id in token_ids)
+    return text + stream.flush() if finish_reason == "length" else text

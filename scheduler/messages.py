@@ -18,6 +18,8 @@ from scheduler.errors import InvalidRequest
 
 MAX_REQUEST_ID_LEN = 128
 MAX_PROMPT_CHARS = 1_000_000
+MAX_STOP_STRINGS = 4  # stop strings a request may carry (OpenAI's limit)
+MAX_STOP_CHARS = 256  # characters of one stop string at most
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,12 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus mass kept, 0 < p <= 1
     top_k: int = 0  # 0 = off
     seed: int | None = None  # reproducible sampling when set
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings (gpu_worker.stop)
+
+    def __post_init__(self) -> None:
+        # a JSON list arrives (a tuple keeps it hashable); one string is one stop string, as in OpenAI's API
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
 
 
 @dataclass
@@ -46,10 +54,12 @@ class Request:
     def to_dict(self) -> dict[str, Any]:
         # By hand rather than dataclasses.asdict, which deep-copies the prompt: this runs per put.
         s = self.sampling
+        sampling = {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
+                    "top_k": s.top_k, "seed": s.seed}
+        if s.stop:  # only when set: a request without stop strings reads as before they existed
+            sampling["stop"] = list(s.stop)
         return {"request_id": self.request_id, "prompt_token_ids": self.prompt_token_ids,
-                "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
-                             "top_k": s.top_k, "seed": s.seed},
-                "topic": self.topic, "arrival_time": self.arrival_time}
+                "sampling": sampling, "topic": self.topic, "arrival_time": self.arrival_time}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Request:
@@ -103,7 +113,7 @@ def parse_submission(body: Any, *, max_model_len: int, encode,
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     allowed = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
-               "request_id", "node", "stream"}
+               "stop", "request_id", "node", "stream"}
     for key in body:
         if key not in allowed:
             raise InvalidRequest(f"unknown field '{key}'", field=str(key))
@@ -114,6 +124,7 @@ def parse_submission(body: Any, *, max_model_len: int, encode,
         top_p=_float(body, "top_p", 1.0, low=0.0, high=1.0, open_low=True),
         top_k=_int(body, "top_k", 0, low=0, high=1_000_000),
         seed=_int(body, "seed", None, low=-(2**63), high=2**63 - 1),
+        stop=_stop(body.get("stop")),
     )
     if len(prompt_ids) >= max_model_len:
         prompt_field = "prompt" if "prompt" in body else "prompt_token_ids"
@@ -194,6 +205,25 @@ def _int(body: dict[str, Any], name: str, default: int | None, *, low: int, high
     if not low <= value <= high:
         raise InvalidRequest(f"{name} must be between {low} and {high}", field=name)
     return value
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    """OpenAI's ``stop``: null, one string, or a list of up to ``MAX_STOP_STRINGS`` strings."""
+    if value is None:
+        return ()
+    strings = [value] if isinstance(value, str) else value
+    if not isinstance(strings, list):
+        raise InvalidRequest("stop must be a string or a list of strings", field="stop")
+    if len(strings) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"stop holds {len(strings)} strings: at most {MAX_STOP_STRINGS} are allowed",
+                             field="stop")
+    for s in strings:
+        if not isinstance(s, str):
+            raise InvalidRequest("stop must be a string or a list of strings", field="stop")
+        if not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise InvalidRequest(f"each stop string must be 1 to {MAX_STOP_CHARS} characters long",
+                                 field="stop")
+    return tuple(strings)
 
 
 def _float(body: dict[str, Any], name: str, default: float, *, low: float, high: float,
