@@ -26,6 +26,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("rq/", include("django_rq.urls")),
     path("healthz", api_views.healthz, name="healthz"),
+    path("metrics", include("fdconsole.observability.urls")),
     path("api/v1/", include("fdconsole.api.urls")),
 ]
 

@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +57,7 @@ class Running:
     job: Job
     execution: Execution | None = None  # rq's record of this run (the started registry's entry)
     output_ids: list[int] = field(default_factory=list)
+    last_token_at: float | None = None  # perf_counter() of its previous token here (inter-token latency)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class StepLoop:
         self.generated = 0  # tokens streamed since the node started
         self.samples: deque[tuple[float, int]] = deque()  # (time, generated): the heartbeat's alone
         self.executions_renewed = time.monotonic()
+        self.preemptions = self._engine_preemptions()  # counted by the engine; reported as they grow
 
     # -- claiming ------------------------------------------------------------------------------------
     def claim_call(self) -> ScriptCall | None:
@@ -216,6 +218,7 @@ class StepLoop:
         claim_call = self.claim_call() if claim else None
         if claim_call is not None:
             calls.append(claim_call)
+        self.commands.extend(self._metrics_commands(outputs))
         self._renew_executions()
         replies = self._round_trip(calls)
         for handler, reply in zip(handlers, replies, strict=False):
@@ -385,6 +388,37 @@ class StepLoop:
     def flush(self) -> None:
         """Sends the bookkeeping still waiting for a step."""
         self._round_trip([])
+
+    # -- metrics -------------------------------------------------------------------------------------
+    def _metrics_commands(self, outputs: list[tuple[str, GenerationStep]]) -> list[tuple[Any, ...]]:
+        """What /metrics learns only here, as increments of the topic's metrics hash that go with the
+        step's one round trip: each token's gap since the same request's previous token on this node
+        (inter-token latency; a request's first token here has none), summed per bucket over the
+        step, and the preemptions the engine counted since the last step."""
+        t, key = time.perf_counter(), keys.metrics(self.rt.topic)
+        buckets: Counter[str] = Counter()
+        total = 0.0
+        for uid, out in outputs:
+            running = self.running.get(uid)
+            if running is None or out.token_id < 0:
+                continue
+            if running.last_token_at is not None:
+                gap = t - running.last_token_at
+                buckets[keys.bucket_field("itl", gap)] += 1
+                total += gap
+            running.last_token_at = t
+        commands: list[tuple[Any, ...]] = [("HINCRBY", key, field, n) for field, n in buckets.items()]
+        if buckets:
+            commands.append(("HINCRBYFLOAT", key, keys.histogram_field("itl", keys.SUM), f"{total:.9f}"))
+        preemptions = self._engine_preemptions()
+        if preemptions > self.preemptions:
+            commands.append(("HINCRBY", key, "preemptions", preemptions - self.preemptions))
+        self.preemptions = preemptions
+        return commands
+
+    def _engine_preemptions(self) -> int:
+        stats = getattr(self.engine, "stats", None)  # a stand-in engine counts none
+        return stats.preemptions if stats is not None else 0
 
     # -- figures -------------------------------------------------------------------------------------
     def figures(self) -> dict[str, Any]:

@@ -7,6 +7,8 @@ rq keeps it under ``rq:queue:<name>``, which carries the same hash tag.
 
 from __future__ import annotations
 
+import bisect
+
 PREFIX = "fd"
 RQ_QUEUE_PREFIX = "rq:queue:"
 TOPICS = f"{PREFIX}:topics"  # set of topic names known to the cluster (the reaper walks it)
@@ -16,7 +18,7 @@ REQ, OUT, WAITING, CONFIG, RR, HB = "req:", "out:", "waiting", "config", "rr", "
 NODE, LOAD, INFLIGHT, ALIVE, BELL, RESULTS = "node:", "load:", "inflight", "alive", "bell:", "results:"
 IDS, CRC, KV, SCHED = "ids", "crc", "kv:", "sched"
 ROLES, PDLOAD, PENDING, SEEN, CHARGES = "roles", "pdload", "pending", "seen", "charges"
-EVENTS, STATS, SERIES = "events", "stats", "series"
+EVENTS, STATS, SERIES, METRICS = "events", "stats", "series", "metrics"
 EVENTS_KEPT = 1000  # the event stream is capped at about this many entries
 RETENTION_S = 3600  # how long Redis keeps a finished request's hash and stream (the database keeps it all)
 
@@ -136,6 +138,15 @@ def stats(topic: str) -> str:
     return topic_prefix(topic) + STATS
 
 
+def metrics(topic: str) -> str:
+    """Hash: what ``/metrics`` reads beside ``stats``. Counters (``steals``, ``prompt_tokens``,
+    ``preemptions``, ``handoff_bytes``, ``failovers:<reason>``, ``rejections:<reason>``) and, per
+    histogram of ``HISTOGRAM_BUCKETS``, one count per bucket (``<name>:<le>``, not cumulative: the
+    console sums them when scraped) and the sum of what it observed (``<name>:sum``, seconds). A fixed
+    set of fields: it needs no TTL."""
+    return topic_prefix(topic) + METRICS
+
+
 def series(topic: str) -> str:
     """List, trimmed: one JSON point per second (rates, queue depth, load per node) for the charts."""
     return topic_prefix(topic) + SERIES
@@ -151,12 +162,49 @@ def rq_queue(queue_name: str) -> str:
     return RQ_QUEUE_PREFIX + queue_name
 
 
+# Histogram bucket upper bounds in seconds, per histogram of the ``metrics`` hash (after vLLM's, for
+# LLM serving): time to first token, inter-token latency, end-to-end latency, time queued before the
+# first claim, and the KV cache's handoff from a prefill node. Past the last bound is ``+Inf``.
+HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
+    "ttft": (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40,
+             80),
+    "itl": (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5,
+            10),
+    "e2e": (0.05, 0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960),
+    "queue": (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640),
+    "handoff": (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+}
+OVERFLOW = "+Inf"  # the bucket past the last bound
+SUM = "sum"
+
+
+def bucket_labels(name: str) -> list[str]:
+    """The ``le`` of each bucket of histogram ``name`` as its field names spell it, ``+Inf`` last."""
+    return [f"{bound:g}" for bound in HISTOGRAM_BUCKETS[name]] + [OVERFLOW]
+
+
+def histogram_field(name: str, le: str) -> str:
+    """The ``metrics`` field of bucket ``le`` (a ``bucket_labels`` entry, or ``SUM``) of histogram
+    ``name``."""
+    return f"{name}:{le}"
+
+
+def bucket_field(name: str, seconds: float) -> str:
+    """The ``metrics`` field of the one bucket an observation of ``seconds`` goes to (as the Lua's
+    ``observe`` picks it: the first bound at or above it)."""
+    bounds = HISTOGRAM_BUCKETS[name]
+    index = bisect.bisect_left(bounds, seconds)
+    return histogram_field(name, f"{bounds[index]:g}" if index < len(bounds) else OVERFLOW)
+
+
 def lua_constants() -> dict[str, str | int]:
     """The suffixes and limits the Lua scripts build keys from (``KEY_REQ``, ``RQ_QUEUE_PREFIX``...);
     ``lua/helpers.lua`` turns them into key names as the builders above do."""
     suffixes = {"REQ": REQ, "OUT": OUT, "NODE": NODE, "LOAD": LOAD, "BELL": BELL, "RESULTS": RESULTS,
                 "WAITING": WAITING, "INFLIGHT": INFLIGHT, "ALIVE": ALIVE, "IDS": IDS, "CRC": CRC,
                 "SCHED": SCHED, "ROLES": ROLES, "PDLOAD": PDLOAD, "PENDING": PENDING, "SEEN": SEEN,
-                "CHARGES": CHARGES, "EVENTS": EVENTS, "STATS": STATS}
+                "CHARGES": CHARGES, "EVENTS": EVENTS, "STATS": STATS, "METRICS": METRICS}
+    # Each histogram's bounds as one string, "0.001:0.005:...": the Lua walks it with gmatch.
+    buckets = {f"BUCKETS_{name.upper()}": ":".join(bucket_labels(name)[:-1]) for name in HISTOGRAM_BUCKETS}
     return {**{f"KEY_{name}": value for name, value in suffixes.items()},
-            "RQ_QUEUE_PREFIX": RQ_QUEUE_PREFIX, "EVENTS_KEPT": EVENTS_KEPT}
+            "RQ_QUEUE_PREFIX": RQ_QUEUE_PREFIX, "EVENTS_KEPT": EVENTS_KEPT, **buckets}

@@ -178,7 +178,7 @@ class RequestStore:
         self.runner.run_commands([
             ("SREM", keys.TOPICS, topic),
             ("DEL", keys.config(topic), keys.scheduling_config(topic), keys.events(topic), keys.stats(topic),
-             keys.series(topic)),
+             keys.series(topic), keys.metrics(topic)),
         ])
 
     def published_config_json(self, topic: str) -> bytes | None:
@@ -359,6 +359,15 @@ class RequestStore:
     def wait_for_work(self, topic: str, node: str, timeout_s: float) -> bool:
         """Block until work lands in ``node``'s queue (its bell rings) or ``timeout_s`` passes."""
         return self.redis.blpop([keys.bell(topic, node)], timeout=timeout_s) is not None
+
+    # -- metrics --------------------------------------------------------------------------------
+    def count_rejection(self, topic: str, reason: str) -> None:
+        """A submission the console refused (``reason``: ``queue_full``, ``no_node``), for /metrics."""
+        self.redis.hincrby(keys.metrics(topic), f"rejections:{reason}", 1)
+
+    def metrics_fields(self, topic: str) -> dict[str, str]:
+        """The topic's ``keys.metrics`` hash: counters and histogram buckets, as text."""
+        return _decoded(self.redis.hgetall(keys.metrics(topic)))
 
     # -- heartbeats -----------------------------------------------------------------------------
     def renew(self, topic: str, node: str, held: dict[str, str], accepts_work: bool = True,

@@ -7,12 +7,14 @@ Redis) the row is deleted again before the error reaches the client.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from fdconsole.errors import ModelUnavailable, UnknownObject
 from fdconsole.inference.models import Request, model_tokenizer
@@ -21,12 +23,14 @@ from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store
 from gpu_worker.checkpoint_errors import CheckpointError
 from gpu_worker.model_source import inspect
-from scheduler.errors import DuplicateRequest, InvalidRequest, QueueFull
+from scheduler.errors import DuplicateRequest, InvalidRequest, NoNodeAvailable, QueueFull
 from scheduler.messages import parse_submission
 from scheduler.store import new_uid
 
 if TYPE_CHECKING:
     from fdconsole.topics.models import Topic
+
+log = logging.getLogger(__name__)
 
 
 def get_request_row(request_id: str) -> Request:
@@ -124,6 +128,7 @@ def _queue_on_first_with_room(store, topic: Topic, config, row: Request, request
         except QueueFull:
             continue
     where = f"node '{candidates[0]}'" if len(candidates) == 1 else f"every enabled node of '{topic.name}'"
+    _count_rejection(store, topic, "queue_full")
     raise QueueFull(f"queue full: {where} already holds scheduler_max_size="
                     f"{config.scheduler_max_size} waiting requests")
 
@@ -143,8 +148,21 @@ def _candidate_nodes(topic: Topic, node_name: str | None, store) -> list[str]:
         Node.objects.filter(topic=topic, admin_state=Node.AdminState.ENABLED)
         .order_by("name").values_list("name", flat=True)
     )
-    first = enabled.index(store.next_home(topic.name, enabled))
+    try:
+        first = enabled.index(store.next_home(topic.name, enabled))
+    except NoNodeAvailable:
+        _count_rejection(store, topic, "no_node")
+        raise
     return enabled[first:] + enabled[:first]
+
+
+def _count_rejection(store, topic: Topic, reason: str) -> None:
+    """Counts a refused submission in the topic's Redis (``/metrics``); the refusal itself is what the
+    client must get, so a Redis error here is only logged."""
+    try:
+        store.count_rejection(topic.name, reason)
+    except RedisError as exc:
+        log.warning("could not count a rejection (%s) of topic %s: %s", reason, topic.name, exc)
 
 
 def _insert_row(topic: Topic, request, home: str, user) -> Request:

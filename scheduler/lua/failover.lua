@@ -12,6 +12,7 @@ local function requeue(uid, target, cfg, t, why)
   end
   event(why, 'request_id', redis.call('HGET', req, 'request_id'),
         'from', redis.call('HGET', req, 'executed_by') or '', 'to', target)
+  tally(why == 'failover' and 'failovers:lease_expired' or 'failovers:' .. why)
   redis.call('HSET', req, 'executed_by', '', 'lease', '')
   redis.call('HINCRBY', req, 'requeues', 1)
   enqueue(uid, target, true, cfg, t)

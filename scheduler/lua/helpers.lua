@@ -41,6 +41,7 @@ local K_SEEN = P .. KEY_SEEN
 local K_CHARGES = P .. KEY_CHARGES
 local K_EVENTS = P .. KEY_EVENTS
 local K_STATS = P .. KEY_STATS
+local K_METRICS = P .. KEY_METRICS
 
 local function now()
   local t = redis.call('TIME')
@@ -52,6 +53,21 @@ local function event(kind, ...)  -- the console's event feed: a capped stream, f
   redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_KEPT, '*', 'kind', kind, 'at', fmt(now()), ...)
 end
 local function count(field, n) redis.call('HINCRBY', K_STATS, field, n or 1) end
+-- What /metrics reads beside K_STATS (scheduler/keys.py: metrics): a counter, and one observation of
+-- a histogram whose bucket bounds are the string buckets ('0.001:0.005:...'): its bucket (the first
+-- bound at or above seconds, else +Inf; not cumulative, the console sums them) and its sum.
+local function tally(field, n) redis.call('HINCRBY', K_METRICS, field, n or 1) end
+local function observe(name, buckets, seconds)
+  local le = '+Inf'
+  for bound in string.gmatch(buckets, '[^:]+') do
+    if seconds <= tonumber(bound) then
+      le = bound
+      break
+    end
+  end
+  redis.call('HINCRBY', K_METRICS, name .. ':' .. le, 1)
+  redis.call('HINCRBYFLOAT', K_METRICS, name .. ':sum', seconds)
+end
 
 -- The parameters the scripts read, as Python published them (scheduler.store.publish_config); nil
 -- before the first publish. Nothing here restates a default: the parameter table is the one place.

@@ -13,18 +13,30 @@ local function expiry_message(req, ttl)
   return 'waited longer than scheduler_ttl=' .. ttl .. 's'
 end
 
--- The one way a request ends: its final state, one done entry in its output stream, one counter, its
--- final result for the origin, and a TTL on what Redis keeps of it.
+-- A finished request's latencies for /metrics, from its hash's times (all on the server's clock):
+-- end to end and time to first token from its first enqueue, time queued until its first claim.
+local function observe_latencies(req, t)
+  local f = redis.call('HMGET', req, 'enqueued_at', 'started_at', 'first_token_at')
+  local enqueued, started, first_token = tonumber(f[1]), tonumber(f[2]), tonumber(f[3])
+  if not enqueued then return end
+  observe('e2e', BUCKETS_E2E, math.max(0, t - enqueued))
+  if started then observe('queue', BUCKETS_QUEUE, math.max(0, started - enqueued)) end
+  if first_token then observe('ttft', BUCKETS_TTFT, math.max(0, first_token - enqueued)) end
+end
+
+-- The one way a request ends: its final state, one done entry in its output stream, one counter (and
+-- a finished one's latencies), its final result for the origin, and a TTL on what Redis keeps of it.
 local function close(uid, status, reason, code, message, extra)
-  local req, out = k_req(uid), k_out(uid)
+  local req, out, t = k_req(uid), k_out(uid), now()
   release_charges(uid)
   redis.call('HSET', req, 'status', status, 'finish_reason', reason, 'error_code', code,
-             'error_message', message, 'finished_at', fmt(now()), 'lease', '', unpack(extra))
+             'error_message', message, 'finished_at', fmt(t), 'lease', '', unpack(extra))
   redis.call('ZREM', K_WAITING, uid)
   redis.call('ZREM', K_INFLIGHT, uid)
   redis.call('HDEL', K_IDS, redis.call('HGET', req, 'request_id'))
   redis.call('XADD', out, '*', 'type', 'done', 'status', status)
   count(status)
+  if status == FINISHED then observe_latencies(req, t) end
   if status == EXPIRED then
     event('expired', 'request_id', redis.call('HGET', req, 'request_id'),
           'node', redis.call('HGET', req, 'home_node') or '', 'message', message)
@@ -135,6 +147,7 @@ local function claim(node, n, may_steal, rand, lease_s, available_blocks, block_
         end
         redis.call('LPOP', own)
         popped = popped + 1
+        if not f[4] then tally('prompt_tokens', tonumber(f[2])) end  -- its first claim: its prompt starts
         local lease = node .. '#' .. (tonumber(f[3]) + 1)
         redis.call('HSET', req, 'status', RUNNING, 'executed_by', node, 'lease', lease, 'queue_node', '',
                    'attempt', tonumber(f[3]) + 1, 'started_at', f[4] or fmt(t))

@@ -128,6 +128,8 @@ local function hand_off(uid, lease, num_bytes, ms)
   redis.call('ZREM', K_INFLIGHT, uid)
   redis.call('HSET', req, 'lease', '', 'executed_by', '', 'phase', 'decode', 'handoff_bytes', num_bytes,
              'handoff_ms', ms)
+  observe('handoff', BUCKETS_HANDOFF, math.max(0, tonumber(ms) / 1000))  -- its count: the handoffs
+  tally('handoff_bytes', tonumber(num_bytes))
   enqueue(uid, redis.call('HGET', req, 'decode_node'), false, cfg, t)
   return 1
 end

@@ -30,7 +30,10 @@ local function steal(node, cfg, rand, batch)
   end
   add_load(victim[1], -moved, cfg)
   add_load(node, moved, cfg)
-  if moved > 0 then event('steal', 'node', node, 'from', victim[1], 'count', moved) end
+  if moved > 0 then
+    event('steal', 'node', node, 'from', victim[1], 'count', moved)
+    tally('steals', moved)
+  end
   return moved
 end
 
@@ -60,7 +63,10 @@ local function rehome(dead_after, limit)
         ring(target)
         moved = moved + 1
       end
-      if moved > before then event('rehomed', 'from', node, 'count', moved - before) end
+      if moved > before then
+        event('rehomed', 'from', node, 'count', moved - before)
+        tally('failovers:rehomed', moved - before)
+      end
     end
   end
   return moved

@@ -1,0 +1,32 @@
+"""``GET /metrics``: the Prometheus exposition, behind the API's bearer tokens."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from fdconsole.api.http import bearer_user, error_response
+from fdconsole.errors import ApiError
+from fdconsole.observability.collector import ClusterCollector
+
+REGISTRY = CollectorRegistry(auto_describe=False)  # private: nothing of this process's own is exposed
+REGISTRY.register(ClusterCollector())
+
+
+@csrf_exempt
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Every topic's metrics, read from Redis now (Prometheus text, or OpenMetrics when asked for).
+    ``Authorization: Bearer <token>`` as on ``/api/v1/`` (Prometheus: ``authorization`` or
+    ``bearer_token_file`` in the scrape config); 401 without a valid one."""
+    try:
+        bearer_user(request)  # first: a caller without a valid token learns nothing, not even the methods
+    except ApiError as exc:
+        response = error_response(exc.status, exc.code, exc.message)
+        response["WWW-Authenticate"] = "Bearer"
+        return response
+    if request.method not in ("GET", "HEAD"):
+        return error_response(405, "method_not_allowed", f"{request.method} is not allowed here; use GET")
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return HttpResponse(encode(REGISTRY), content_type=content_type)
