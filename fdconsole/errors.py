@@ -54,3 +54,18 @@ class TopicRedisUnavailable(FdError):
     @classmethod
     def of(cls, topic: str, url: str, exc: Exception) -> TopicRedisUnavailable:
         return cls(f"the Redis of topic '{topic}' at {describe(url)} is unavailable: {exc}")
+
+
+class UnknownModel(UnknownObject):
+    """A model id of the OpenAI-compatible API that names no topic (OpenAI's ``model_not_found``)."""
+
+    code = "model_not_found"
+
+
+class GenerationFailed(FdError):
+    """A request ended without its answer: it expired before any node took it, or its node failed it.
+    Carries the status and code to answer with (the request's own error code, where it has one)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code

@@ -28,6 +28,7 @@ urlpatterns = [
     path("healthz", api_views.healthz, name="healthz"),
     path("metrics", include("fdconsole.observability.urls")),
     path("api/v1/", include("fdconsole.api.urls")),
+    path("v1/", include("fdconsole.openai_api.urls")),
 ]
 
 handler404 = "fdconsole.dashboard.views.not_found"

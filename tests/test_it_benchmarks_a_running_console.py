@@ -76,11 +76,6 @@ def test_a_wrong_token_is_refused_by_name(console):
 
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
-def test_the_openai_api_is_refused_as_not_served_yet(console, api_token):
-    with pytest.raises(CommandError, match="not served yet"):
-        fdbench_serve(console, "--api", "openai", "--token", api_token, "--requests", "1")
-
-
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_requests_that_never_run_count_as_errors(console, api_token):

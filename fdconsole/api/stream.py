@@ -4,6 +4,10 @@ The output stream in Redis keeps every entry, so a client that connects before, 
 generation reads it from the start and gets every token exactly once (deduplicated by index), then one
 ``done`` event carrying the final request object. After Redis has let the stream go, the tokens are
 replayed from the database.
+
+``request_events`` is that reading on its own, as plain events (a token, the end, an error, a pause
+long enough for a keep-alive): the native stream here and the OpenAI-compatible API
+(``fdconsole.openai_api``) each format it their own way.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
@@ -23,11 +28,44 @@ from fdconsole.inference.models import Request
 from fdconsole.inference.submit import get_request_row
 from fdconsole.inference.sync import sync_request
 from fdconsole.redis_conn import topic_url
+from scheduler.errors import FdError
 from scheduler.store import AsyncOutputReader
 
 POLL_MS = 500  # how often a waiting stream re-checks the request (lazy TTL eviction, lost requests)
 KEEPALIVE_S = 15.0
 MAX_STREAM_S = 6 * 3600  # a bound on one connection; clients reconnect and read again from the start
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token, delivered once, in order (``index`` counts from 0)."""
+
+    index: int
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """The request reached its final status; ``row`` is brought up to date. Always the last event."""
+
+    row: Request
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """The stream cannot go on (the topic's Redis is gone, the model's tokenizer cannot be loaded). Always
+    the last event."""
+
+    error: FdError
+
+
+@dataclass(frozen=True)
+class KeepAliveEvent:
+    """Nothing happened for ``KEEPALIVE_S``: a chance to tell the client (and proxies) the stream lives."""
+
+
+RequestEvent = TokenEvent | DoneEvent | ErrorEvent | KeepAliveEvent
 
 
 def off_thread(func):
@@ -50,7 +88,12 @@ async def stream_request(request: HttpRequest, request_id: str) -> HttpResponse:
 
 def sse_response(row: Request) -> StreamingHttpResponse:
     """The event stream of ``row``, unbuffered (the API's and the request page's)."""
-    response = StreamingHttpResponse(sse_events(row), content_type="text/event-stream")
+    return event_stream_response(sse_events(row))
+
+
+def event_stream_response(chunks: AsyncIterator[str]) -> StreamingHttpResponse:
+    """A ``text/event-stream`` response of ``chunks``, sent as they come (no proxy buffering)."""
+    response = StreamingHttpResponse(chunks, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
@@ -60,7 +103,26 @@ def sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+def token_event(event: TokenEvent) -> str:
+    return sse("token", {"index": event.index, "token_id": event.token_id, "text": event.text})
+
+
 async def sse_events(row: Request) -> AsyncIterator[str]:
+    async for event in request_events(row):
+        if isinstance(event, TokenEvent):
+            yield token_event(event)
+        elif isinstance(event, DoneEvent):
+            yield await off_thread(done_event)(event.row)
+        elif isinstance(event, ErrorEvent):
+            yield sse("error", event.error.as_dict())
+        else:
+            yield ": keep-alive\n\n"
+
+
+async def request_events(row: Request) -> AsyncIterator[RequestEvent]:
+    """Every token of ``row`` exactly once, in order, then one ``DoneEvent`` (or an ``ErrorEvent``),
+    whenever it is called: before, during or after the generation; a ``KeepAliveEvent`` after each
+    ``KEEPALIVE_S`` without news. Ends without a final event only after ``MAX_STREAM_S``."""
     url = topic_url(row.topic)
     reader = AsyncOutputReader(url)
     topic = row.topic.name
@@ -71,28 +133,27 @@ async def sse_events(row: Request) -> AsyncIterator[str]:
             try:
                 events = await reader.read(topic, row.uid, after, POLL_MS)
             except RedisError as exc:
-                yield sse("error", TopicRedisUnavailable.of(topic, url, exc).as_dict())
+                yield ErrorEvent(TopicRedisUnavailable.of(topic, url, exc))
                 return
             for event in events:
                 after = event.entry_id
                 if event.kind == "token" and event.index > delivered:
                     delivered = event.index
-                    yield sse("token", {"index": event.index, "token_id": event.token_id, "text": event.text})
+                    yield TokenEvent(event.index, event.token_id, event.text)
                 elif event.kind == "done":
-                    row = await off_thread(sync_request)(row)
-                    yield await off_thread(done_event)(row)
+                    yield DoneEvent(await off_thread(sync_request)(row))
                     return
             if events:
                 last_sent = time.monotonic()
                 continue
             row = await off_thread(sync_request)(row)
             if row.is_final and not await reader.exists(topic, row.uid):
-                for chunk in replay_from_database(row, delivered):
-                    yield chunk
+                for replayed in await off_thread(replayed_events)(row, delivered):
+                    yield replayed
                 return
             if time.monotonic() - last_sent > KEEPALIVE_S:
                 last_sent = time.monotonic()
-                yield ": keep-alive\n\n"
+                yield KeepAliveEvent()
     finally:
         await reader.close()
 
@@ -109,19 +170,36 @@ def done_event(row: Request) -> str:
 def replay_from_database(row: Request, delivered: int) -> list[str]:
     """Token and done events of a finished request whose Redis stream has expired, decoded with the
     request's model's tokenizer; one ``error`` event when that cannot be loaded any more."""
+    chunks = []
+    for event in replayed_events(row, delivered):
+        if isinstance(event, TokenEvent):
+            chunks.append(token_event(event))
+        elif isinstance(event, DoneEvent):
+            chunks.append(done_event(event.row))
+        else:
+            chunks.append(sse("error", event.error.as_dict()))
+    return chunks
+
+
+def replayed_events(row: Request, delivered: int) -> list[RequestEvent]:
+    """The tokens after index ``delivered`` of a final request whose Redis stream has expired, decoded
+    again with its model's tokenizer, then its ``DoneEvent``; one ``ErrorEvent`` when that tokenizer
+    cannot be loaded any more. The texts join into ``row.output_text`` exactly."""
     try:
         decoder = row.tokenizer.stream_decoder()
         output_text = row.output_text
     except ModelUnavailable as exc:
-        return [sse("error", exc.as_dict())]
-    chunks, emitted = [], 0
+        return [ErrorEvent(exc)]
+    events: list[RequestEvent] = []
+    emitted = 0
     last = len(row.output_token_ids) - 1
     for index, token_id in enumerate(row.output_token_ids):
-        text = decoder.push(token_id)
-        if index == last:  # the last token carried the decoder's flush: the rest of the output text
-            text = output_text[emitted:]
+        # Slices of the output text, so the pieces never run past it (a stop string cut it short); the
+        # last token carried the decoder's flush: the rest of the output text.
+        end = len(output_text) if index == last else emitted + len(decoder.push(token_id))
+        text = output_text[emitted:end]
         emitted += len(text)
         if index > delivered:
-            chunks.append(sse("token", {"index": index, "token_id": token_id, "text": text}))
-    chunks.append(done_event(row))
-    return chunks
+            events.append(TokenEvent(index, token_id, text))
+    events.append(DoneEvent(row))
+    return events

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -100,7 +101,7 @@ class NativeClient(ServeClient):
         except (httpx.HTTPError, TimeoutError, *MALFORMED) as exc:
             result.error = f"{type(exc).__name__}: {exc}"
         if not result.ok and request_id is not None:
-            await self._cancel(request_id)
+            await cancel(self.http, request_id)
         return result
 
     async def _stream(self, request_id: str, started: float, result: RequestResult) -> None:
@@ -123,53 +124,70 @@ class NativeClient(ServeClient):
                     return
         result.error = result.error or "the stream ended before its done event"
 
-    async def _cancel(self, request_id: str) -> None:
-        """Best effort: a request the benchmark gave up on should not keep a node busy."""
-        try:
-            await self.http.delete(f"/api/v1/requests/{quote(request_id, safe='')}", timeout=PROBE_TIMEOUT_S)
-        except httpx.HTTPError:
-            pass
-
 
 class OpenAIClient(ServeClient):
     """``POST /v1/completions`` with ``stream: true``: ``data: {chunk}`` events, then ``data: [DONE]``.
-    Each chunk carrying text counts as one token."""
+    The console sends one chunk per token (its text may be empty: part of a character), then one with
+    the finish reason; each request carries its own ``request_id``, so a request given up on is
+    cancelled through the native API like the native client's."""
 
     async def probe(self) -> None:
-        # An empty body: the endpoint, where it exists, refuses it as invalid input (400).
-        answer = await self.http.post("/v1/completions", json={}, timeout=PROBE_TIMEOUT_S)
-        if answer.status_code == 400:
-            return
-        if answer.status_code == 401:
-            raise token_refused(answer)
-        raise ServeBenchError("the OpenAI-compatible API is not served yet: POST /v1/completions at "
-                                  f"{self.http.base_url} answered {answer.status_code}; use --api native")
+        answer = await self.http.get("/v1/models", timeout=PROBE_TIMEOUT_S)
+        if answer.status_code == 404:
+            raise ServeBenchError(f"the OpenAI-compatible API is not served at {self.http.base_url}: "
+                                  "GET /v1/models answered 404; use --api native")
+        refuse_unless_ok(answer)
+        if self.topic not in {model.get("id") for model in answer.json().get("data", [])}:
+            raise ServeBenchError(f"the console has no model '{self.topic}' (a topic with an enabled node; "
+                                  "--topic)")
 
     async def run_one(self) -> RequestResult:
+        request_id = f"fdbench-{uuid.uuid4().hex}"
         body = {"model": self.topic, "prompt": self.prompt, "max_tokens": self.max_tokens, "temperature": 0,
-                "stream": True}
+                "stream": True, "request_id": request_id}
         started, result = time.perf_counter(), RequestResult()
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_S), \
                     self.http.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
-                    result.error = f"completions answered {response.status_code}"
-                    return result
-                async for _, data in sse_events(response.aiter_lines()):
-                    if data == "[DONE]":
-                        result.ok = result.error is None
-                        return result
-                    if "error" in data:
-                        result.error = f"stream error: {data['error']}"
-                    elif any(choice.get("text") for choice in data.get("choices", [])):
-                        result.add_token(started, time.perf_counter())
-                result.error = result.error or "the stream ended before [DONE]"
+                    await response.aread()
+                    result.error = f"completions answered {response.status_code}: {response.text[:200]}"
+                else:
+                    await self._read(response, started, result)
         except (httpx.HTTPError, TimeoutError, *MALFORMED) as exc:
             result.error = f"{type(exc).__name__}: {exc}"
+        if not result.ok:
+            await cancel(self.http, request_id)
         return result
+
+    async def _read(self, response: httpx.Response, started: float, result: RequestResult) -> None:
+        finish_reason = None
+        async for _, data in sse_events(response.aiter_lines()):
+            if data == "[DONE]":
+                result.ok = result.error is None and finish_reason in ("stop", "length")
+                if result.error is None and not result.ok:
+                    result.error = f"the request ended with finish_reason {finish_reason}"
+                return
+            if "error" in data:
+                result.error = f"stream error: {data['error']}"
+                continue
+            for choice in data["choices"]:
+                if choice["finish_reason"] is None:
+                    result.add_token(started, time.perf_counter())
+                else:
+                    finish_reason = choice["finish_reason"]
+        result.error = result.error or "the stream ended before [DONE]"
 
 
 CLIENTS: dict[str, type[ServeClient]] = {"native": NativeClient, "openai": OpenAIClient}
+
+
+async def cancel(http: httpx.AsyncClient, request_id: str) -> None:
+    """Best effort: a request the benchmark gave up on should not keep a node busy."""
+    try:
+        await http.delete(f"/api/v1/requests/{quote(request_id, safe='')}", timeout=PROBE_TIMEOUT_S)
+    except httpx.HTTPError:
+        pass
 
 
 def token_refused(answer: httpx.Response) -> ServeBenchError:

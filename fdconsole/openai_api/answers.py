@@ -1,0 +1,242 @@
+"""A submitted request's answer in OpenAI's shapes: whole once it finished, or streamed as chunks.
+
+Both read the request's events once through ``fdconsole.api.stream.request_events`` (every token
+exactly once, then the end), as the native stream does. A request that ends without its answer
+(expired, failed) is an error: before the first streamed byte a plain JSON error with its status,
+later one ``data: {"error": ...}`` event, then ``data: [DONE]``. A cancelled request ends with
+finish_reason ``abort``. A client that goes away does not cancel its request: it may come back with
+the same ``request_id`` and read it again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from django.http import HttpResponse, JsonResponse
+
+from fdconsole.api.stream import (
+    DoneEvent,
+    ErrorEvent,
+    KeepAliveEvent,
+    RequestEvent,
+    TokenEvent,
+    event_stream_response,
+    request_events,
+)
+from fdconsole.errors import GenerationFailed
+from fdconsole.inference.models import Request
+from fdconsole.openai_api.http import fd_error_body
+from fdconsole.openai_api.schemas import (
+    Answer,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    Delta,
+    FinishReason,
+    Usage,
+)
+from scheduler.errors import FdError
+from scheduler.status import RequestStatus
+
+DONE = "data: [DONE]\n\n"
+
+
+class Shape:
+    """How one endpoint writes a request's answer: whole, and as chunks."""
+
+    id_prefix = ""
+
+    def __init__(self, row: Request) -> None:
+        self.id = self.id_prefix + row.request_id
+        self.created = int(row.created_at.timestamp())
+        self.model = row.topic.name
+
+    def whole(self, text: str, finish_reason: FinishReason, usage: Usage) -> Answer:
+        raise NotImplementedError
+
+    def opening(self) -> Answer | None:
+        """The chunk before the first token's, if the shape has one."""
+        return None
+
+    def token(self, text: str) -> Answer:
+        raise NotImplementedError
+
+    def finish(self, finish_reason: FinishReason) -> Answer:
+        raise NotImplementedError
+
+    def usage(self, usage: Usage) -> Answer:
+        raise NotImplementedError
+
+
+class CompletionShape(Shape):
+    id_prefix = "cmpl-"
+
+    def whole(self, text: str, finish_reason: FinishReason, usage: Usage) -> Completion:
+        return Completion(id=self.id, created=self.created, model=self.model, usage=usage,
+                          choices=[CompletionChoice(text=text, finish_reason=finish_reason)])
+
+    def token(self, text: str) -> CompletionChunk:
+        return self._chunk([CompletionChoice(text=text, finish_reason=None)])
+
+    def finish(self, finish_reason: FinishReason) -> CompletionChunk:
+        return self._chunk([CompletionChoice(text="", finish_reason=finish_reason)])
+
+    def usage(self, usage: Usage) -> CompletionChunk:
+        return self._chunk([], usage)
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionChunk:
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
+                               usage=usage)
+
+
+class ChatShape(Shape):
+    id_prefix = "chatcmpl-"
+
+    def whole(self, text: str, finish_reason: FinishReason, usage: Usage) -> ChatCompletion:
+        return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage,
+                              choices=[ChatChoice(message=AssistantMessage(content=text),
+                                                  finish_reason=finish_reason)])
+
+    def opening(self) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(delta=Delta(role="assistant", content=""), finish_reason=None)])
+
+    def token(self, text: str) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(delta=Delta(content=text), finish_reason=None)])
+
+    def finish(self, finish_reason: FinishReason) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(delta=Delta(), finish_reason=finish_reason)])
+
+    def usage(self, usage: Usage) -> ChatCompletionChunk:
+        return self._chunk([], usage)
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
+                                   usage=usage)
+
+
+# -- the end of a request ---------------------------------------------------------------------------
+def finish_reason(row: Request) -> FinishReason:
+    """Why a final request stopped; ``GenerationFailed`` when it ended without its answer. (On the event
+    loop: only the row's own fields, no relation that would query the database.)"""
+    if row.status == RequestStatus.FINISHED:
+        return "length" if row.finish_reason == "length" else "stop"
+    if row.status == RequestStatus.CANCELLED:
+        return "abort"
+    if row.status == RequestStatus.EXPIRED:
+        raise GenerationFailed(503, "expired", f"request '{row.request_id}' expired: no node of its topic "
+                               "took it within the topic's scheduler_ttl")
+    raise GenerationFailed(500, row.error_code or "failed",
+                           f"request '{row.request_id}' failed: {row.error_message or 'no reason given'}")
+
+
+def usage_of(row: Request) -> Usage:
+    completion_tokens = len(row.output_token_ids)
+    return Usage(prompt_tokens=row.prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=row.prompt_tokens + completion_tokens)
+
+
+def stream_ended() -> GenerationFailed:
+    return GenerationFailed(504, "stream_timeout", "the request did not end within this connection's "
+                            "time; ask again with its request_id to read on")
+
+
+# -- whole ------------------------------------------------------------------------------------------
+async def whole_answer(shape: Shape, row: Request) -> JsonResponse:
+    """Wait for the request to end; its whole answer, or the error it ended with."""
+    texts = []
+    async with aclosing(request_events(row)) as events:
+        async for event in events:
+            if isinstance(event, TokenEvent):
+                texts.append(event.text)
+            elif isinstance(event, DoneEvent):
+                answer = shape.whole("".join(texts), finish_reason(event.row), usage_of(event.row))
+                return JsonResponse(answer.model_dump(mode="json"))
+            elif isinstance(event, ErrorEvent):
+                raise event.error
+    raise stream_ended()
+
+
+# -- streamed ---------------------------------------------------------------------------------------
+async def streamed_answer(shape: Shape, row: Request, include_usage: bool) -> HttpResponse:
+    """The answer as Server-Sent Events of chunks. Waits for the first token (or the end) before
+    answering, so that a request that ends without any answer is a plain error with its status."""
+    events = request_events(row)
+    try:
+        first = await first_event(events)
+        if isinstance(first, ErrorEvent):
+            raise first.error
+        if isinstance(first, DoneEvent):
+            finish_reason(first.row)  # raises when it ended without an answer
+    except BaseException:
+        await events.aclose()
+        raise
+    return event_stream_response(chunks(shape, first, events, include_usage))
+
+
+async def first_event(events: AsyncIterator[RequestEvent]) -> TokenEvent | DoneEvent | ErrorEvent:
+    async for event in events:
+        if not isinstance(event, KeepAliveEvent):
+            return event
+    raise stream_ended()
+
+
+async def chunks(shape: Shape, first: RequestEvent, events: AsyncIterator[RequestEvent],
+                 include_usage: bool) -> AsyncIterator[str]:
+    async with aclosing(events), aclosing(followed_by(first, events)) as stream:
+        opening = shape.opening()
+        if opening is not None:
+            yield data(opening)
+        async for event in stream:
+            if isinstance(event, TokenEvent):
+                yield data(shape.token(event.text))
+            elif isinstance(event, KeepAliveEvent):
+                yield ": keep-alive\n\n"
+            elif isinstance(event, DoneEvent):
+                for chunk in ending(shape, event.row, include_usage):
+                    yield chunk
+                break
+            else:
+                yield error_data(event.error)
+                break
+        else:
+            yield error_data(stream_ended())
+        yield DONE
+
+
+async def followed_by(first: RequestEvent,
+                      events: AsyncIterator[RequestEvent]) -> AsyncIterator[RequestEvent]:
+    yield first
+    async for event in events:
+        yield event
+
+
+def ending(shape: Shape, row: Request, include_usage: bool) -> list[str]:
+    try:
+        reason = finish_reason(row)
+    except GenerationFailed as exc:
+        return [error_data(exc)]
+    chunks = [data(shape.finish(reason))]
+    if include_usage:
+        chunks.append(data(shape.usage(usage_of(row)), usage=True))
+    return chunks
+
+
+def data(chunk: Answer, usage: bool = False) -> str:
+    """One ``data:`` event; ``usage`` only on the usage chunk (OpenAI's chunks carry none otherwise),
+    and a chat delta with only what it changes (``{}`` on the finish chunk, as OpenAI's)."""
+    body = chunk.model_dump(mode="json", exclude=None if usage else {"usage"})
+    for choice in body["choices"]:
+        if "delta" in choice:
+            choice["delta"] = {key: value for key, value in choice["delta"].items() if value is not None}
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+def error_data(exc: FdError) -> str:
+    return f"data: {json.dumps(fd_error_body(exc), separators=(',', ':'))}\n\n"

@@ -1,0 +1,162 @@
+"""The OpenAI-compatible API's edges: errors in OpenAI's shape, and ``openai_endpoint``, which gives each
+view its authenticated user and its body validated by the endpoint's request model.
+
+Errors are ``{"error": {"message", "type", "param", "code"}}``: every ``FdError`` keeps its status and
+code (``field`` becomes ``param``); invalid input is 400 ``invalid_request_error``, never 422; a 429 or
+503 says when to come back in ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from functools import wraps
+from typing import Any, get_args
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from redis.exceptions import RedisError
+
+from fdconsole.api.http import bearer_user, json_body
+from fdconsole.errors import ApiError
+from fdconsole.openai_api.schemas import Endpoint
+from scheduler.errors import FdError, InvalidRequest, ScriptError
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPES = {403: "permission_error", 429: "rate_limit_error"}  # else invalid_request_error / server_error
+CODES = {"unauthorized": "invalid_api_key"}  # ours -> OpenAI's, where OpenAI has its own
+RETRY_AFTER_S = {429: 1, 503: 5}  # a full queue drains in about a second; a node or Redis takes longer
+
+
+def error_body(status: int, code: str | None, message: str, param: str | None = None) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": CODES.get(code, code)}}
+
+
+def fd_error_body(exc: FdError) -> dict[str, Any]:
+    return error_body(exc.status, exc.code, exc.message, exc.field)
+
+
+def error_response(status: int, code: str | None, message: str, param: str | None = None,
+                   retry_after: int | None = None) -> JsonResponse:
+    response = JsonResponse(error_body(status, code, message, param), status=status)
+    retry_after = retry_after or RETRY_AFTER_S.get(status)
+    if retry_after:
+        response["Retry-After"] = str(retry_after)
+    return response
+
+
+def fd_error_response(exc: FdError) -> JsonResponse:
+    return error_response(exc.status, exc.code, exc.message, exc.field, getattr(exc, "retry_after", None))
+
+
+def openai_endpoint(endpoint: Endpoint) -> Callable:
+    """An async view ``view(request, user, *args[, body])`` of ``endpoint``: bearer token, method, and
+    the JSON body validated by ``endpoint.request_model`` (passed as ``body``); any error in OpenAI's
+    shape."""
+
+    def decorate(view: Callable) -> Callable:
+        @csrf_exempt
+        @wraps(view)
+        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            try:
+                user = await sync_to_async(bearer_user)(request)  # first: without a token, nothing is told
+                if request.method != endpoint.method:
+                    raise ApiError(405, "method_not_allowed",
+                                   f"{request.method} is not allowed here; use {endpoint.method}")
+                if endpoint.request_model is not None:
+                    kwargs["body"] = validated(endpoint.request_model, json_body(request))
+                return await view(request, user, *args, **kwargs)
+            except FdError as exc:  # ours, named: each carries its status
+                return fd_error_response(exc)
+            except ScriptError:  # a bug, or Redis refusing a command: the log says where, not the client
+                log.exception("a scheduler script failed")
+                return error_response(500, "server_error", "a scheduler script failed; the server log says "
+                                      "where")
+            except RedisError as exc:
+                log.warning("Redis unavailable: %s", exc)
+                return error_response(503, "redis_unavailable", f"Redis did not answer: {exc}")
+
+        return wrapper
+
+    return decorate
+
+
+# -- validation errors ------------------------------------------------------------------------------
+def validated(model: type[BaseModel], data: Any) -> Any:
+    """``data`` as ``model``; ``InvalidRequest`` naming the parameter at fault otherwise."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_request(model, exc) from None
+
+
+def invalid_request(model: type[BaseModel], exc: ValidationError) -> InvalidRequest:
+    """The first parameter at fault, as a path (``messages[0].content[0].type``), with what is wrong and
+    its field's description. Where a value matched no member of a union, each member reports an error:
+    the deepest ones (those that got furthest) are told, joined by "or", a broken constraint before a
+    mere type mismatch."""
+    names = field_names(model)
+    errors = exc.errors(include_url=False)
+    top = errors[0]["loc"][:1]
+    located = [([part for part in e["loc"] if isinstance(part, int) or part in names], e)
+               for e in errors if e["loc"][:1] == top]
+    loc = max((path for path, _ in located), key=len)
+    at_loc = [e for path, e in located if path == loc]
+    # A value of one member's type that breaks that member's constraint: the other members' type
+    # mismatches ("a valid list" for a string too short) would only blur what is wrong.
+    at_loc = [e for e in at_loc if not e["type"].endswith("_type")] or at_loc
+    messages = list(dict.fromkeys(message_of(e) for e in at_loc))
+    message = messages[0] + "".join(" or " + m.removeprefix("Input should be ") for m in messages[1:])
+    param = param_of(loc)
+    info = field_info(model, [part for part in loc if isinstance(part, str)])
+    if info is not None and info.description:
+        message = f"{message.rstrip('.')}. {info.description}"
+    return InvalidRequest(f"{param}: {message}", field=param)
+
+
+def message_of(error: dict[str, Any]) -> str:
+    return error["msg"].removeprefix("Value error, ")
+
+
+def param_of(loc: list[str | int]) -> str:
+    """``["messages", 0, "content"]`` -> ``messages[0].content``."""
+    param = ""
+    for part in loc:
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else part)
+    return param
+
+
+def field_names(model: type[BaseModel]) -> set[str]:
+    """The names of every field of ``model`` and of the models it nests (to tell them from the union
+    members' tags that pydantic puts in an error's location)."""
+    names = set()
+    for name, info in model.model_fields.items():
+        names.add(name)
+        for nested in models_in(info.annotation):
+            names |= field_names(nested)
+    return names
+
+
+def field_info(model: type[BaseModel], names: list[str]) -> FieldInfo | None:
+    """The field at the path ``names`` (field names only) from ``model``, through the models it nests."""
+    info, models = None, [model]
+    for name in names:
+        info = next((m.model_fields[name] for m in models if name in m.model_fields), None)
+        if info is None:
+            return None
+        models = list(models_in(info.annotation))
+    return info
+
+
+def models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+    for arg in get_args(annotation):
+        yield from models_in(arg)

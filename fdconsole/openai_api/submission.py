@@ -1,0 +1,113 @@
+"""An OpenAI-style request becomes a native one: the topic its ``model`` names, the prompt's token ids
+(rendered through the chat template for a chat), the sampling with OpenAI's defaults; then it is
+submitted exactly as ``POST /api/v1/topics/{topic}/requests`` submits (scheduled, visible in the
+console, failed over, streamed exactly once).
+
+A ``request_id`` sent again with the same prompt and sampling reattaches to that request, running or
+finished, instead of failing: a client that lost its connection asks again and reads the same
+answer. The same id with anything else is 409.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fdconsole.errors import ModelUnavailable, UnknownModel, UnknownObject
+from fdconsole.inference.models import Request
+from fdconsole.inference.submit import chat_prompt_ids, max_model_len, submit_request, topic_tokenizer
+from fdconsole.nodes.models import Node
+from fdconsole.openai_api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    ModelCard,
+)
+from fdconsole.redis_conn import topic_redis_errors
+from fdconsole.topics.models import Topic
+from fdconsole.topics.services import get_topic
+from scheduler.errors import DuplicateRequest, InvalidRequest
+
+# What makes two requests the same one, with the native defaults of what a body may leave out.
+SAMPLING_DEFAULTS = {"max_tokens": None, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None,
+                     "stop": []}
+
+
+def start_request(body: GenerationRequest, user) -> Request:
+    """Submit ``body`` on the topic its ``model`` names, or reattach to the request of its
+    ``request_id``; returns the request's row. Raises what ``submit_request`` raises (an
+    ``InvalidRequest`` naming this client's field), and ``UnknownModel`` (404) for a model that names no
+    topic."""
+    topic = model_topic(body.model)
+    with topic_redis_errors(topic):
+        native, renamed = native_body(topic, body)
+        try:
+            return submit_request(topic, native, user)
+        except DuplicateRequest:
+            return reattach(topic, native, user)
+        except InvalidRequest as exc:
+            if exc.field not in renamed:
+                raise
+            field = renamed[exc.field]
+            raise InvalidRequest(exc.message.replace(exc.field, field), field=field) from None
+
+
+def model_topic(model: str) -> Topic:
+    try:
+        return get_topic(model)
+    except UnknownObject:
+        raise UnknownModel(f"The model '{model}' does not exist: a model is a topic of this console "
+                           "(GET /v1/models lists them)", field="model") from None
+
+
+def native_body(topic: Topic, body: GenerationRequest) -> tuple[dict[str, Any], dict[str, str]]:
+    """The native submission of ``body`` (its prompt as token ids, its sampling with defaults filled in:
+    ``max_tokens`` the endpoint's default within the context the prompt leaves), and the native fields
+    that stand for another of ``body``'s (the native checks then name what this client sent)."""
+    prompt_ids, prompt_field = prompt_token_ids(topic, body)
+    context_left = max_model_len(topic) - len(prompt_ids)
+    native = {"prompt_token_ids": prompt_ids, **body.native_sampling(body.resolved_max_tokens(context_left))}
+    renamed = {"prompt_token_ids": prompt_field}
+    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+        renamed["max_tokens"] = "max_completion_tokens"
+    return native, renamed
+
+
+def prompt_token_ids(topic: Topic, body: GenerationRequest) -> tuple[list[int], str]:
+    """The prompt's token ids in the topic's model's vocabulary, and the field it came from."""
+    if isinstance(body, ChatCompletionRequest):
+        return chat_prompt_ids(topic, body.chat(), "messages"), "messages"
+    assert isinstance(body, CompletionRequest)
+    if isinstance(body.prompt, str):
+        return list(topic_tokenizer(topic).encode(body.prompt)), "prompt"
+    return body.prompt, "prompt"
+
+
+def reattach(topic: Topic, native: dict[str, Any], user) -> Request:
+    """The request already recorded under ``native``'s request_id, when it is this very request (same
+    topic, submitter, prompt and sampling); ``DuplicateRequest`` (409) otherwise."""
+    request_id = native["request_id"]
+    row = Request.objects.select_related("topic").filter(request_id=request_id).first()
+    same = (row is not None and row.topic_id == topic.pk and row.submitted_by_id == getattr(user, "pk", None)
+            and row.prompt_token_ids == native["prompt_token_ids"]
+            and all(row.sampling.get(k, d) == native.get(k, d) for k, d in SAMPLING_DEFAULTS.items()))
+    if not same:
+        raise DuplicateRequest(f"request_id '{request_id}' is already taken by another request (another "
+                               "model, prompt or sampling)", field="request_id")
+    return row
+
+
+# -- GET /v1/models ---------------------------------------------------------------------------------
+def model_cards(name: str | None = None) -> list[ModelCard]:
+    """The topics that take requests (at least one enabled node) as models; only ``name`` when given."""
+    topics = Topic.objects.filter(nodes__admin_state=Node.AdminState.ENABLED).distinct().order_by("name")
+    if name is not None:
+        topics = topics.filter(name=name)
+    return [ModelCard(id=topic.name, created=int(topic.created_at.timestamp()), root=topic.model,
+                      max_model_len=context_of(topic)) for topic in topics]
+
+
+def context_of(topic: Topic) -> int | None:
+    try:
+        return max_model_len(topic)
+    except ModelUnavailable:  # its files are gone from this host: listed, with no context to tell
+        return None

@@ -1,0 +1,60 @@
+"""The OpenAI-compatible endpoints (``/v1/``): thin, as the native API's. Each view is the one of an
+``Endpoint`` of ``schemas.ENDPOINTS``, which says its method, path and body; ``urls`` routes them."""
+
+from __future__ import annotations
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from fdconsole.errors import UnknownModel
+from fdconsole.openai_api.answers import ChatShape, CompletionShape, Shape, streamed_answer, whole_answer
+from fdconsole.openai_api.http import error_response, openai_endpoint
+from fdconsole.openai_api.schemas import (
+    CHAT_COMPLETIONS,
+    COMPLETIONS,
+    MODEL,
+    MODELS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    ModelList,
+)
+from fdconsole.openai_api.submission import model_cards, start_request
+
+
+@openai_endpoint(MODELS)
+async def models(request: HttpRequest, user) -> JsonResponse:
+    cards = await sync_to_async(model_cards)()
+    return JsonResponse(ModelList(data=cards).model_dump(mode="json"))
+
+
+@openai_endpoint(MODEL)
+async def model_detail(request: HttpRequest, user, model: str) -> JsonResponse:
+    cards = await sync_to_async(model_cards)(model)
+    if not cards:
+        raise UnknownModel(f"The model '{model}' does not exist or has no enabled node", field="model")
+    return JsonResponse(cards[0].model_dump(mode="json"))
+
+
+@openai_endpoint(COMPLETIONS)
+async def completions(request: HttpRequest, user, body: CompletionRequest) -> HttpResponse:
+    return await generate(CompletionShape, body, user)
+
+
+@openai_endpoint(CHAT_COMPLETIONS)
+async def chat_completions(request: HttpRequest, user, body: ChatCompletionRequest) -> HttpResponse:
+    return await generate(ChatShape, body, user)
+
+
+async def generate(shape: type[Shape], body: GenerationRequest, user) -> HttpResponse:
+    row = await sync_to_async(start_request)(body, user)
+    if body.stream:
+        return await streamed_answer(shape(row), row, body.include_usage)
+    return await whole_answer(shape(row), row)
+
+
+async def unknown_url(request: HttpRequest, rest: str) -> JsonResponse:
+    return error_response(404, "unknown_url", f"Invalid URL ({request.method} {request.path})")
+
+
+VIEWS = {MODELS: models, MODEL: model_detail, COMPLETIONS: completions, CHAT_COMPLETIONS: chat_completions}
