@@ -141,3 +141,17 @@ def test_the_plot_is_a_self_contained_svg_of_both_figures(tmp_path):
     lines = document.getElementsByTagName("polyline")
     assert [len(line.getAttribute("points").split()) for line in lines] == [3, 2]  # null: no point
     assert "href" not in path.read_text()  # nothing outside the file
+
+
+def test_a_png_plot_charts_tokens_per_second_and_ttft_percentiles(tmp_path):
+    from fdconsole.cluster.serve_plot import write_plot
+
+    results = [{"concurrency": c, "tokens_per_s": 100.0 * c, "ttft_p50_ms": 20.0 + c,
+                "ttft_p99_ms": 40.0 + 2 * c} for c in (1, 4, 16)]
+    results.append({"concurrency": 32, "tokens_per_s": None, "ttft_p50_ms": None, "ttft_p99_ms": None})
+    path = write_plot(tmp_path / "serve.png", results)
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > height > 200  # two charts side by side
+    assert write_plot(tmp_path / "serve.svg", results).read_text().startswith("<svg")

@@ -1,5 +1,8 @@
-"""``fdbench serve --plot FILE``: tokens/s and TTFT p50 against concurrency, as two small line charts in
-one self-contained SVG (hand-written: no plotting library on the console's side)."""
+"""``fdbench serve --plot FILE``: tokens/s and time to first token against concurrency.
+
+``FILE.png`` is drawn with matplotlib (tokens/s; TTFT p50 and p99); any other name gets two small line
+charts (tokens/s, TTFT p50) in one self-contained, hand-written SVG.
+"""
 
 from __future__ import annotations
 
@@ -57,3 +60,40 @@ def panel(results: list[dict], key: str, label: str, colour: str, x0: float) -> 
         parts += [f'<circle cx="{x_at(i):.1f}" cy="{y_at(y):.1f}" r="3" fill="{colour}">'
                   f'<title>{y:g}</title></circle>' for i, y in points]
     return f'<g class="{key}">\n' + "\n".join(parts) + "\n</g>\n"
+
+
+def write_plot(path: str | Path, results: list[dict], title: str = "fdbench serve") -> Path:
+    """A PNG when ``path`` ends in .png, else the SVG of ``write_svg``."""
+    if str(path).lower().endswith(".png"):
+        return write_png(path, results, title)
+    return write_svg(path, results, title)
+
+
+def write_png(path: str | Path, results: list[dict], title: str = "fdbench serve") -> Path:
+    """Tokens/s, and TTFT p50 and p99, against the concurrency levels, side by side in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display
+    from matplotlib import pyplot as plt
+
+    levels = [r["concurrency"] for r in results]
+    figure, (rate, ttft) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120, layout="constrained")
+    figure.suptitle(title)
+    percentiles = (("ttft_p50_ms", "p50", "#dc2626"), ("ttft_p99_ms", "p99", "#f59e0b"))
+    for axes, series, ylabel in ((rate, (("tokens_per_s", "tokens/s", "#2563eb"),), "tokens/s"),
+                                 (ttft, percentiles, "time to first token (ms)")):
+        for key, label, colour in series:
+            points = [(c, r[key]) for c, r in zip(levels, results, strict=True) if r.get(key) is not None]
+            if points:
+                axes.plot(*zip(*points, strict=True), marker="o", color=colour, label=label)
+        axes.set_xlabel("concurrent clients")
+        axes.set_ylabel(ylabel)
+        axes.set_xticks(levels)
+        axes.set_ylim(bottom=0)
+        axes.grid(alpha=0.3)
+        if len(series) > 1:
+            axes.legend()
+    target = Path(path)
+    figure.savefig(target)
+    plt.close(figure)
+    return target

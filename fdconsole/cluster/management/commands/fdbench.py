@@ -52,8 +52,9 @@ class Command(BaseCommand):
         serve.add_argument("--requests", type=int, default=100, help="requests per concurrency level")
         serve.add_argument("--concurrency", default="1,4,16", help="levels, comma-separated (default 1,4,16)")
         serve.add_argument("--max-tokens", type=int, default=64)
-        serve.add_argument("--plot", default=None, metavar="FILE",
-                           help="also write an SVG of tokens/s and TTFT p50 against concurrency")
+        serve.add_argument("--plot", default=None, metavar="FILE",  # FILE.png: matplotlib; else SVG
+                           help="also chart tokens/s and TTFT against concurrency: FILE.png (TTFT p50 "
+                                "and p99, matplotlib), else an SVG (TTFT p50)")
         serve.add_argument("--url", default="http://127.0.0.1:8000", help="the running console")
         serve.add_argument("--topic", default="default")
         serve.add_argument("--prompt", default=None, help="default: a short text prompt")
@@ -136,7 +137,7 @@ class Command(BaseCommand):
 
     def bench_serve(self, options) -> dict:
         from fdconsole.cluster.serve_bench import DEFAULT_PROMPT, ServeBenchError, bench_serve, parse_levels
-        from fdconsole.cluster.serve_plot import write_svg
+        from fdconsole.cluster.serve_plot import write_plot
 
         levels = parse_levels(options["concurrency"])
         if options["requests"] < 1 or options["max_tokens"] < 1:
@@ -149,5 +150,6 @@ class Command(BaseCommand):
         except ServeBenchError as exc:
             raise CommandError(str(exc)) from None
         if options["plot"]:
-            self.stderr.write(f"wrote {write_svg(options['plot'], figures['results'], 'fdbench serve')}")
+            title = f"fdbench serve --api {options['api']}"
+            self.stderr.write(f"wrote {write_plot(options['plot'], figures['results'], title)}")
         return figures
