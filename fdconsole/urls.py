@@ -28,6 +28,7 @@ urlpatterns = [
     path("healthz", api_views.healthz, name="healthz"),
     path("metrics", include("fdconsole.observability.urls")),
     path("api/v1/", include("fdconsole.api.urls")),
+    path("api/", include("fdconsole.openapi.urls")),  # openapi.json and docs: public
     path("v1/", include("fdconsole.openai_api.urls")),
 ]
 

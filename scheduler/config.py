@@ -9,6 +9,7 @@ back as rows). The model, the REST API, the config form and the admin all valida
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -172,13 +173,30 @@ def _check_text(param: Parameter, raw: Any) -> str:
         raise ConfigError(
             "scheduler_topic must be 1-64 letters, digits, '-', '_' or '.'", field=name
         )
-    if name == "scheduler_host" and not re.match(r"^[A-Za-z0-9_.:\[\]-]{1,255}\Z", raw):
+    if name == "scheduler_host" and not is_host(raw):
         raise ConfigError("scheduler_host must be a host name or an IP address", field=name)
     if name == "scheduler_password" and len(raw) > 512:
         raise ConfigError("scheduler_password is longer than 512 characters", field=name)
     if name == "scheduler_password" and not raw.isprintable():
         raise ConfigError("scheduler_password must contain only printable characters", field=name)
     return raw
+
+
+HOST_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,255}\Z")
+
+
+def is_host(text: str) -> bool:
+    """A host name, an IPv4 address or an IPv6 one (in brackets or not): what a Redis URL can hold."""
+    if HOST_NAME_RE.match(text):
+        return True
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if "%" in bare:  # a zone id: not something a URL's host carries
+        return False
+    try:
+        ipaddress.IPv6Address(bare)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_number(param: Parameter, raw: Any, from_text: bool) -> int | float:

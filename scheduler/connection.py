@@ -66,7 +66,8 @@ class RedisEndpoint:
         auth += "@" if auth else ""
         if self.scheme == "unix":
             return f"unix://{auth}{self.host}?" + urlencode([("db", self.db), *parse_qsl(self.query)])
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        bare = self.host.removeprefix("[").removesuffix("]")  # an IPv6 address, given with brackets or not
+        host = f"[{bare}]" if ":" in bare else bare
         options = f"?{self.query}" if self.query else ""
         return f"{self.scheme}://{auth}{host}:{self.port}/{self.db}{options}"
 

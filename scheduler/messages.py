@@ -3,18 +3,22 @@
 Every message is a dataclass with ``to_dict``/``from_dict``; nothing here is ever pickled. A result is
 either a token (``token_id`` set), a final marker (``finished``), or an error (``error`` set and no
 output): all three parse the same way, so one bad result can never take a batch down with it.
+
+A submission's body is ``SubmissionBody``, a pydantic model: the API validates it at its edge, the
+OpenAPI schema is generated from it, and ``parse_submission`` checks it against the topic's model.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from scheduler.config import validate_name
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
 from scheduler.errors import InvalidRequest
+from scheduler.validation import NO_CONTROLS, FieldValueError, Name, integer, optional, validated
 
 MAX_REQUEST_ID_LEN = 128
 MAX_PROMPT_CHARS = 1_000_000
@@ -102,136 +106,128 @@ class Result:
         return cls(request_id, finished=True, error={"code": code, "message": message})
 
 
+class ChatTurn(BaseModel):
+    """One message of a chat (extra keys are ignored)."""
+
+    model_config = ConfigDict(strict=True)
+
+    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
+    content: str = Field(description="What they say.")
+
+
+PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
+TokenCount = integer(ge=1)
+TokenId = integer(ge=0)
+TopK = integer(ge=0, le=1_000_000)
+Seed = integer(ge=-(2**63), le=2**63 - 1)
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+def _request_id(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError("must contain only printable characters")
+    if value.endswith("/stream"):
+        raise ValueError("must not end with '/stream' (that URL is the request's stream)")
+    return value
+
+
+# The pattern keeps control characters out (what a schema can say of "printable"); _request_id decides.
+# "/stream" is the URL of the request's stream.
+RequestId = Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID_LEN, pattern=NO_CONTROLS,
+                                 json_schema_extra={"not": {"pattern": "/stream$"}}),
+                      AfterValidator(_request_id)]
+
+
+class SubmissionBody(BaseModel):
+    """The body of ``POST /api/v1/topics/{topic}/requests``: each field's type and range, and exactly one
+    prompt. What depends on the topic's model (the prompt's length in its tokens, the ids of its
+    vocabulary, its context, its chat template) is checked next (``parse_submission``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": [name]} for name in PROMPT_FIELDS]})
+
+    prompt: str = optional("The prompt text, encoded with the topic's model's tokenizer. Give exactly one "
+                           "of prompt, prompt_token_ids and messages.", min_length=1,
+                           max_length=MAX_PROMPT_CHARS)
+    prompt_token_ids: list[TokenId] = optional(
+        "The prompt as token ids of the topic's model's vocabulary.", min_length=1)
+    messages: list[ChatTurn] = optional(
+        "A chat, rendered into the prompt by the topic's model's chat template (a model without one "
+        "refuses it).", min_length=1)
+    max_tokens: TokenCount = Field(16, description="Tokens to generate at most; the prompt plus these "
+                                   "must fit in the model's context.")
+    temperature: float = Field(0.0, ge=0, le=100, allow_inf_nan=False,
+                               description="Sampling temperature; 0 is greedy (deterministic).")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False,
+                         description="Nucleus sampling: the probability mass kept.")
+    top_k: TopK = Field(0, description="Sample from the k likeliest tokens; 0 is off.")
+    seed: Seed | None = Field(None, description="Makes sampling reproducible.")
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} strings that end the generation; the text ends before "
+        "the first of them.")
+    request_id: RequestId | None = Field(
+        None, description=f"The request's id: 1-{MAX_REQUEST_ID_LEN} printable characters, unique across "
+        "the console (409 when taken), not ending with '/stream'. Generated when left out.")
+    node: Name | None = Field(None, description="The node to queue it on (by default the topic's next "
+                              "enabled node in turn).")
+    stream: bool = Field(False, description="Accepted and ignored: the answer is the request object either "
+                         "way; its tokens stream at GET /api/v1/requests/{id}/stream.")
+
+    @model_validator(mode="after")
+    def one_prompt(self) -> SubmissionBody:
+        given = [name for name in PROMPT_FIELDS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise FieldValueError("messages" if "messages" in given else "prompt",
+                                  "give exactly one of prompt, prompt_token_ids and messages")
+        return self
+
+
 def parse_submission(body: Any, *, max_model_len: int, encode,
                      vocab_size: int) -> tuple[Request, str | None, str | None]:
-    """Validate a submission body of ``POST /api/v1/topics/{topic}/requests``.
+    """Validate a submission body of ``POST /api/v1/topics/{topic}/requests`` against the topic's model.
 
-    Returns (request, client request id or None, requested home node or None). ``encode`` turns the
-    prompt text into the topic's model's token ids; ``prompt_token_ids`` must lie in ``0..vocab_size-1``.
-    Raises ``InvalidRequest`` naming the field at fault.
+    ``body`` is a ``SubmissionBody`` (a chat already rendered into ``prompt_token_ids``), or a decoded
+    JSON body, validated as one first. Returns (request, client request id or None, requested home node
+    or None). ``encode`` turns the prompt text into the topic's model's token ids; ``prompt_token_ids``
+    must lie in ``0..vocab_size-1``. Raises ``InvalidRequest`` naming the field at fault.
     """
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    allowed = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
-               "stop", "request_id", "node", "stream"}
-    for key in body:
-        if key not in allowed:
-            raise InvalidRequest(f"unknown field '{key}'", field=str(key))
-    prompt_ids = _parse_prompt(body, encode, vocab_size)
-    sampling = SamplingParams(
-        max_tokens=_int(body, "max_tokens", 16, low=1, high=max_model_len),
-        temperature=_float(body, "temperature", 0.0, low=0.0, high=100.0),
-        top_p=_float(body, "top_p", 1.0, low=0.0, high=1.0, open_low=True),
-        top_k=_int(body, "top_k", 0, low=0, high=1_000_000),
-        seed=_int(body, "seed", None, low=-(2**63), high=2**63 - 1),
-        stop=_stop(body.get("stop")),
-    )
+    if not isinstance(body, SubmissionBody):
+        body = validated(SubmissionBody, body, InvalidRequest)
+    assert body.messages is None, "a chat is rendered into prompt_token_ids before it is parsed"
+    prompt_ids = _prompt_ids(body, encode, vocab_size)
+    if body.max_tokens > max_model_len:
+        raise InvalidRequest(f"max_tokens must be between 1 and {max_model_len}", field="max_tokens")
+    prompt_field = "prompt" if body.prompt is not None else "prompt_token_ids"
     if len(prompt_ids) >= max_model_len:
-        prompt_field = "prompt" if "prompt" in body else "prompt_token_ids"
         raise InvalidRequest(
             f"{prompt_field} ({len(prompt_ids)} tokens) leaves no room to generate in the model's "
             f"context of {max_model_len} tokens",
             field=prompt_field,
         )
-    if len(prompt_ids) + sampling.max_tokens > max_model_len:
+    if len(prompt_ids) + body.max_tokens > max_model_len:
         raise InvalidRequest(
-            f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds "
+            f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({body.max_tokens}) exceeds "
             f"the model's context of {max_model_len} tokens",
             field="max_tokens",
         )
-    request_id = body.get("request_id")
-    if request_id is not None:
-        validate_request_id(request_id)
-    node = body.get("node")
-    if node is not None:
-        validate_name(node, "node", InvalidRequest)
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise InvalidRequest("stream must be true or false", field="stream")
-    request = Request(request_id=request_id or "", prompt_token_ids=prompt_ids, sampling=sampling)
-    return request, request_id, node
+    sampling = SamplingParams(max_tokens=body.max_tokens, temperature=float(body.temperature),
+                              top_p=float(body.top_p), top_k=body.top_k, seed=body.seed, stop=body.stop or ())
+    request = Request(request_id=body.request_id or "", prompt_token_ids=prompt_ids, sampling=sampling)
+    return request, body.request_id, body.node
 
 
-def validate_request_id(value: Any) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_REQUEST_ID_LEN:
-        raise InvalidRequest(
-            f"request_id must be a string of 1-{MAX_REQUEST_ID_LEN} printable characters",
-            field="request_id",
-        )
-    if not value.isprintable():
-        raise InvalidRequest("request_id must contain only printable characters", field="request_id")
-    if value.endswith("/stream"):
-        raise InvalidRequest("request_id must not end with '/stream' (that URL is the request's stream)",
-                          field="request_id")
-    return value
-
-
-def _parse_prompt(body: dict[str, Any], encode, vocab_size: int) -> list[int]:
-    has_text, has_ids = "prompt" in body, "prompt_token_ids" in body
-    if has_text == has_ids:
-        raise InvalidRequest("give exactly one of prompt, prompt_token_ids and messages", field="prompt")
-    if has_text:
-        prompt = body["prompt"]
-        if not isinstance(prompt, str):
-            raise InvalidRequest("prompt must be a string", field="prompt")
-        if not prompt:
-            raise InvalidRequest("prompt must not be empty", field="prompt")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise InvalidRequest("prompt is too long", field="prompt")
-        ids = list(encode(prompt))
+def _prompt_ids(body: SubmissionBody, encode, vocab_size: int) -> list[int]:
+    if body.prompt is not None:
+        ids = list(encode(body.prompt))
         if not ids:  # a model's tokenizer may drop what it cannot represent (the byte model never does)
             raise InvalidRequest("prompt encodes to no tokens of the topic's model", field="prompt")
         return ids
-    ids = body["prompt_token_ids"]
-    if not isinstance(ids, list) or not ids:
-        raise InvalidRequest("prompt_token_ids must be a non-empty list of integers",
-                             field="prompt_token_ids")
-    for token in ids:
-        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
-            raise InvalidRequest(
-                f"prompt_token_ids must hold token ids of the topic's model's vocabulary: integers from 0 to "
-                f"{vocab_size - 1}", field="prompt_token_ids"
-            )
-    return ids
-
-
-def _int(body: dict[str, Any], name: str, default: int | None, *, low: int, high: int) -> int | None:
-    value = body.get(name, default)
-    if value is None and default is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"{name} must be an integer", field=name)
-    if not low <= value <= high:
-        raise InvalidRequest(f"{name} must be between {low} and {high}", field=name)
-    return value
-
-
-def _stop(value: Any) -> tuple[str, ...]:
-    """OpenAI's ``stop``: null, one string, or a list of up to ``MAX_STOP_STRINGS`` strings."""
-    if value is None:
-        return ()
-    strings = [value] if isinstance(value, str) else value
-    if not isinstance(strings, list):
-        raise InvalidRequest("stop must be a string or a list of strings", field="stop")
-    if len(strings) > MAX_STOP_STRINGS:
-        raise InvalidRequest(f"stop holds {len(strings)} strings: at most {MAX_STOP_STRINGS} are allowed",
-                             field="stop")
-    for s in strings:
-        if not isinstance(s, str):
-            raise InvalidRequest("stop must be a string or a list of strings", field="stop")
-        if not 1 <= len(s) <= MAX_STOP_CHARS:
-            raise InvalidRequest(f"each stop string must be 1 to {MAX_STOP_CHARS} characters long",
-                                 field="stop")
-    return tuple(strings)
-
-
-def _float(body: dict[str, Any], name: str, default: float, *, low: float, high: float,
-           open_low: bool = False) -> float:
-    value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidRequest(f"{name} must be a number", field=name)
-    if value > high or value < low or (open_low and value == low):
-        bound = f"greater than {low:g}" if open_low else f"at least {low:g}"
-        raise InvalidRequest(f"{name} must be {bound} and at most {high:g}", field=name)
-    return float(value)
+    ids = body.prompt_token_ids
+    if not ids:  # a chat the template rendered into nothing
+        raise InvalidRequest("prompt_token_ids must not be empty", field="prompt_token_ids")
+    if max(ids) >= vocab_size:
+        raise InvalidRequest(
+            f"prompt_token_ids must hold token ids of the topic's model's vocabulary: integers from 0 to "
+            f"{vocab_size - 1}", field="prompt_token_ids"
+        )
+    return list(ids)

@@ -1,4 +1,5 @@
-"""The API's edges: JSON errors, JSON bodies, bearer-token authentication."""
+"""The API's edges: JSON errors, JSON bodies validated by their endpoint's model, bearer-token
+authentication."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 
 from fdconsole.api.models import ApiToken
+from fdconsole.api.schemas import Endpoint
 from fdconsole.errors import ApiError
-from scheduler.errors import FdError, ScriptError
+from scheduler.errors import FdError, InvalidRequest, ScriptError
+from scheduler.validation import validated
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,14 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     if field:
         body["field"] = field
     return JsonResponse({"error": body}, status=status)
+
+
+def method_not_allowed(method: str, allowed: tuple[str, ...]) -> JsonResponse:
+    """405, with the ``Allow`` header that RFC 9110 asks of it."""
+    use = ", ".join(allowed)
+    response = error_response(405, "method_not_allowed", f"{method} is not allowed here; use {use}")
+    response["Allow"] = use
+    return response
 
 
 def bearer_user(request: HttpRequest):
@@ -61,8 +72,11 @@ def json_body(request: HttpRequest) -> Any:
     return data
 
 
-def api_view(methods: tuple[str, ...]) -> Callable:
-    """Token auth, method check and error mapping for a sync API view ``view(request, user, ...)``."""
+def api_view(*endpoints: Endpoint) -> Callable:
+    """Token auth, method check, body validation and error mapping for a sync API view ``view(request,
+    user, ...)`` that serves ``endpoints`` (one per method, of ``schemas.ENDPOINTS``). An endpoint with a
+    request model gets its JSON body validated by it, once, here: the view takes it as ``body``."""
+    by_method = {endpoint.method: endpoint for endpoint in endpoints}
 
     def decorate(view: Callable) -> Callable:
         @csrf_exempt
@@ -71,9 +85,11 @@ def api_view(methods: tuple[str, ...]) -> Callable:
             try:
                 # Authenticate first: a caller without a valid token learns nothing, not even the methods.
                 user = bearer_user(request)
-                if request.method not in methods:
-                    raise ApiError(405, "method_not_allowed",
-                                   f"{request.method} is not allowed here; use {', '.join(methods)}")
+                endpoint = by_method.get(request.method)
+                if endpoint is None:
+                    return method_not_allowed(request.method, tuple(by_method))
+                if endpoint.request_model is not None:
+                    kwargs["body"] = validated(endpoint.request_model, json_body(request), InvalidRequest)
                 return view(request, user, *args, **kwargs)
             except FdError as exc:  # ours, named: each carries its status
                 return error_response(exc.status, exc.code, exc.message, exc.field)

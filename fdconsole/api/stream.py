@@ -22,7 +22,7 @@ from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from redis.exceptions import RedisError
 
-from fdconsole.api.http import bearer_user, error_response
+from fdconsole.api.http import bearer_user, error_response, method_not_allowed
 from fdconsole.errors import ApiError, ModelUnavailable, TopicRedisUnavailable, UnknownObject
 from fdconsole.inference.models import Request
 from fdconsole.inference.submit import get_request_row
@@ -79,7 +79,7 @@ async def stream_request(request: HttpRequest, request_id: str) -> HttpResponse:
     try:
         await sync_to_async(bearer_user)(request)  # the token first: without one, nothing is told
         if request.method != "GET":
-            raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed here; use GET")
+            return method_not_allowed(request.method, ("GET",))
         row = await sync_to_async(get_request_row)(request_id)
     except (ApiError, UnknownObject) as exc:
         return error_response(exc.status, exc.code, exc.message, exc.field)

@@ -1,13 +1,28 @@
-"""REST endpoints of ``/api/v1/`` (see shared/CONTRACT.md); thin: they call the services."""
+"""REST endpoints of ``/api/v1/`` (see shared/CONTRACT.md); thin: each is declared by its endpoints of
+``schemas.ENDPOINTS``, gets its body validated by their model, and calls the services."""
 
 from __future__ import annotations
 
 from django.db import IntegrityError, connection
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
+from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from fdconsole.api.http import api_view, json_body
+from fdconsole.api.http import api_view
+from fdconsole.api.schemas import (
+    CANCEL_REQUEST,
+    CREATE_TOPIC,
+    GET_NODE,
+    GET_REQUEST,
+    GET_TOPIC,
+    LIST_NODES,
+    LIST_TOPICS,
+    READ_ONLY_TOPIC_FIELDS,
+    SUBMIT,
+    UPDATE_TOPIC,
+    given,
+)
 from fdconsole.errors import ApiError, UnknownObject
 from fdconsole.inference.models import Request
 from fdconsole.inference.submit import get_request_row, submit_request
@@ -17,21 +32,21 @@ from fdconsole.nodes.status import describe_nodes
 from fdconsole.redis_conn import get_redis, topic_redis_errors
 from fdconsole.topics.models import Topic
 from fdconsole.topics.services import change_topic, create_topic, get_topic
-from scheduler.config import NAME_RE, validate_name
+from scheduler.config import NAME_RE
 from scheduler.errors import ConfigError
+from scheduler.messages import SubmissionBody
 
 
 # -- requests ---------------------------------------------------------------------------------------
-@api_view(("POST",))
-def topic_requests(request: HttpRequest, user, topic: str) -> JsonResponse:
+@api_view(SUBMIT)
+def topic_requests(request: HttpRequest, user, topic: str, body: SubmissionBody) -> JsonResponse:
     row = get_topic(topic)
-    body = json_body(request)
     with topic_redis_errors(row):
         submitted = submit_request(row, body, user)
     return JsonResponse(submitted.as_api(), status=202)
 
 
-@api_view(("GET", "DELETE"))
+@api_view(GET_REQUEST, CANCEL_REQUEST)
 def request_detail(request: HttpRequest, user, request_id: str) -> JsonResponse:
     row = get_request_row(request_id)
     with topic_redis_errors(row.topic):
@@ -54,45 +69,39 @@ def topic_object(topic: Topic) -> dict:
             "updated_at": topic.updated_at.isoformat().replace("+00:00", "Z")}
 
 
-@api_view(("GET", "POST"))
-def topics(request: HttpRequest, user) -> JsonResponse:
-    if request.method == "GET":
+@api_view(LIST_TOPICS, CREATE_TOPIC)
+def topics(request: HttpRequest, user, body: BaseModel | None = None) -> JsonResponse:
+    if body is None:
         return JsonResponse({"topics": [topic_object(t) for t in Topic.objects.prefetch_related("nodes")]})
-    body = json_body(request)
-    if not isinstance(body, dict):
-        raise ConfigError("the request body must be a JSON object")
-    name = validate_name(body.get("name"), "name")
+    name = body.name
     if Topic.objects.filter(name=name).exists():
         raise ApiError(409, "duplicate_topic", f"topic '{name}' already exists", "name")
     try:
-        topic = create_topic(name, {k: v for k, v in body.items() if k != "name"}, user=user)
+        topic = create_topic(name, given(body, leave_out=("name",)), user=user)
     except IntegrityError:  # created meanwhile by another request
         raise ApiError(409, "duplicate_topic", f"topic '{name}' already exists", "name") from None
     return JsonResponse(topic_object(topic), status=201)
 
 
-@api_view(("GET", "PATCH"))
-def topic_detail(request: HttpRequest, user, topic: str) -> JsonResponse:
+@api_view(GET_TOPIC, UPDATE_TOPIC)
+def topic_detail(request: HttpRequest, user, topic: str, body: BaseModel | None = None) -> JsonResponse:
     row = get_topic(topic)
-    if request.method == "PATCH":
-        changes = json_body(request)
-        if isinstance(changes, dict) and "name" in changes and changes["name"] != row.name:
+    if body is not None:
+        if "name" in body.model_fields_set and body.name != row.name:
             raise ConfigError("a topic cannot be renamed", field="name")
-        if isinstance(changes, dict):
-            read_only = ("name", "nodes", "created_at", "updated_at")  # GET fields a client may send back
-            changes = {k: v for k, v in changes.items() if k not in read_only}
-        row = change_topic(row, changes, user=user)
+        # less GET's read-only fields, which a client may send back with its edits
+        row = change_topic(row, given(body, leave_out=READ_ONLY_TOPIC_FIELDS), user=user)
     return JsonResponse(topic_object(row))
 
 
 # -- nodes ------------------------------------------------------------------------------------------
-@api_view(("GET",))
+@api_view(LIST_NODES)
 def nodes(request: HttpRequest, user) -> JsonResponse:
     rows = list(Node.objects.select_related("topic"))
     return JsonResponse({"nodes": describe_nodes(rows)})
 
 
-@api_view(("GET",))
+@api_view(GET_NODE)
 def node_detail(request: HttpRequest, user, name: str) -> JsonResponse:
     row = Node.objects.select_related("topic").filter(name=name).first() if NAME_RE.match(name) else None
     if row is None:

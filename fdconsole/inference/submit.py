@@ -24,8 +24,9 @@ from fdconsole.redis_conn import get_topic_store
 from gpu_worker.checkpoint_errors import CheckpointError
 from gpu_worker.model_source import inspect
 from scheduler.errors import DuplicateRequest, InvalidRequest, NoNodeAvailable, QueueFull
-from scheduler.messages import parse_submission
+from scheduler.messages import SubmissionBody, parse_submission
 from scheduler.store import new_uid
+from scheduler.validation import validated
 
 if TYPE_CHECKING:
     from fdconsole.topics.models import Topic
@@ -44,21 +45,21 @@ def get_request_row(request_id: str) -> Request:
 
 
 def submit_request(topic: Topic, body: Any, user=None) -> Request:
-    """Validate ``body`` and queue it on ``topic``; returns the recorded row.
+    """Validate ``body`` (a ``SubmissionBody``, or a decoded JSON body validated as one here) and queue
+    it on ``topic``; returns the recorded row.
 
     Raises InvalidRequest (400), UnknownObject (404), DuplicateRequest (409), QueueFull (429),
     NoNodeAvailable (503), ModelUnavailable (503: the topic's model cannot be served here any more) or
     a redis error (503).
     """
+    if not isinstance(body, SubmissionBody):
+        body = validated(SubmissionBody, body, InvalidRequest)
     context = max_model_len(topic)  # first: it says best what is wrong with a model that is gone
     tokenizer = topic_tokenizer(topic)
-    chat = isinstance(body, dict) and "messages" in body
+    chat = body.messages is not None
     if chat:
-        if "prompt" in body or "prompt_token_ids" in body:
-            raise InvalidRequest("give exactly one of prompt, prompt_token_ids and messages",
-                                 field="messages")
-        body = {**{k: v for k, v in body.items() if k != "messages"},
-                "prompt_token_ids": chat_prompt_ids(topic, body["messages"], "messages")}
+        ids = chat_prompt_ids(topic, [turn.model_dump() for turn in body.messages], "messages")
+        body = body.model_copy(update={"messages": None, "prompt_token_ids": ids})
     try:
         request, request_id, node_name = parse_submission(
             body, max_model_len=context, encode=tokenizer.encode,

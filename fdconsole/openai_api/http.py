@@ -21,7 +21,6 @@ from pydantic.fields import FieldInfo
 from redis.exceptions import RedisError
 
 from fdconsole.api.http import bearer_user, json_body
-from fdconsole.errors import ApiError
 from fdconsole.openai_api.schemas import Endpoint
 from scheduler.errors import FdError, InvalidRequest, ScriptError
 
@@ -66,8 +65,10 @@ def openai_endpoint(endpoint: Endpoint) -> Callable:
             try:
                 user = await sync_to_async(bearer_user)(request)  # first: without a token, nothing is told
                 if request.method != endpoint.method:
-                    raise ApiError(405, "method_not_allowed",
-                                   f"{request.method} is not allowed here; use {endpoint.method}")
+                    response = error_response(405, "method_not_allowed",
+                                              f"{request.method} is not allowed here; use {endpoint.method}")
+                    response["Allow"] = endpoint.method  # as RFC 9110 asks of a 405
+                    return response
                 if endpoint.request_model is not None:
                     kwargs["body"] = validated(endpoint.request_model, json_body(request))
                 return await view(request, user, *args, **kwargs)

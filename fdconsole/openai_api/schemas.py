@@ -18,13 +18,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from scheduler.messages import MAX_REQUEST_ID_LEN, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from scheduler.validation import integer
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 256  # a sensible answer's length; OpenAI's own default is the context left
 
 
 class RequestBody(BaseModel):
-    """A request body: strictly typed (no "5" for 5), unknown fields accepted and ignored."""
+    """A request body: strictly typed (no "5" for 5; 4.0 is 4, as in JSON Schema), unknown fields accepted
+    and ignored."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -39,6 +41,11 @@ class Answer(BaseModel):
 NonEmptyString = Annotated[str, StringConstraints(min_length=1)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 Probability = Annotated[float, Field(gt=0, le=1)]
+# Integers as JSON Schema's: 4.0 is the integer 4 (what the published schema says, and schemathesis sends).
+TokenCount = integer(ge=1)
+TokenId = integer(ge=0)
+TopK = integer(ge=-1)
+Seed = integer(ge=-(2**63), le=2**63 - 1)
 
 
 class StreamOptions(RequestBody):
@@ -49,15 +56,15 @@ class GenerationRequest(RequestBody):
     """The fields that completions and chat completions share."""
 
     model: str = Field(description="The topic to run the request on (a model id of GET /v1/models).")
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (default: see each "
-                                   "endpoint; never beyond the model's context).")
+    max_tokens: TokenCount | None = Field(None, description="Tokens to generate at most (default: see "
+                                          "each endpoint; never beyond the model's context).")
     temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature: 0 is greedy "
                                       "(deterministic); the default is 1, as OpenAI's.")
     top_p: Probability | None = Field(None, description="Nucleus sampling: the probability mass kept, "
                                       "0 < top_p <= 1 (default 1).")
-    top_k: int | None = Field(None, ge=-1, description="Sample from the k likeliest tokens only; 0 or -1 "
-                              "(the default) is off. An extension of OpenAI's API, as vLLM's.")
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Makes sampling reproducible.")
+    top_k: TopK | None = Field(None, description="Sample from the k likeliest tokens only; 0 or -1 "
+                               "(the default) is off. An extension of OpenAI's API, as vLLM's.")
+    seed: Seed | None = Field(None, description="Makes sampling reproducible.")
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
         None, description=f"Up to {MAX_STOP_STRINGS} strings that end the generation; the text returned "
         "ends before the first of them.")
@@ -91,7 +98,7 @@ class GenerationRequest(RequestBody):
 
 # -- POST /v1/completions ---------------------------------------------------------------------------
 class CompletionRequest(GenerationRequest):
-    prompt: NonEmptyString | Annotated[list[int], Field(min_length=1)] = Field(
+    prompt: NonEmptyString | Annotated[list[TokenId], Field(min_length=1)] = Field(
         description="A string, or a list of token ids (a list of one prompt is that prompt; batches are "
         "not supported).")
     logprobs: Literal[0, False] | None = Field(None, description="Log probabilities are not supported.")
@@ -141,8 +148,8 @@ class ResponseFormat(RequestBody):
 class ChatCompletionRequest(GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(
         description="The conversation so far, rendered through the topic's model's chat template.")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most; wins "
-                                              "over max_tokens.")
+    max_completion_tokens: TokenCount | None = Field(None, description="Tokens to generate at most; "
+                                                     "wins over max_tokens.")
     tools: Annotated[list[Any], Field(max_length=0)] | None = Field(None, description="Tools are not "
                                                                     "supported.")
     tool_choice: Literal["none"] | None = Field(None, description="Tools are not supported.")

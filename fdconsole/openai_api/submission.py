@@ -25,6 +25,7 @@ from fdconsole.openai_api.schemas import (
 from fdconsole.redis_conn import topic_redis_errors
 from fdconsole.topics.models import Topic
 from fdconsole.topics.services import get_topic
+from scheduler.config import NAME_RE
 from scheduler.errors import DuplicateRequest, InvalidRequest
 
 # What makes two requests the same one, with the native defaults of what a body may leave out.
@@ -100,8 +101,8 @@ def reattach(topic: Topic, native: dict[str, Any], user) -> Request:
 def model_cards(name: str | None = None) -> list[ModelCard]:
     """The topics that take requests (at least one enabled node) as models; only ``name`` when given."""
     topics = Topic.objects.filter(nodes__admin_state=Node.AdminState.ENABLED).distinct().order_by("name")
-    if name is not None:
-        topics = topics.filter(name=name)
+    if name is not None:  # a name that no topic could have is not looked up (PostgreSQL refuses a NUL)
+        topics = topics.filter(name=name) if NAME_RE.match(name) else topics.none()
     return [ModelCard(id=topic.name, created=int(topic.created_at.timestamp()), root=topic.model,
                       max_model_len=context_of(topic)) for topic in topics]
 
