@@ -15,7 +15,8 @@ the words its error says) and ``FieldValueError`` (a rule over several fields, n
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Any, TypeVar
+from collections.abc import Iterator
+from typing import Annotated, Any, TypeVar, get_args
 
 from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, ValidationError
 
@@ -82,12 +83,7 @@ def field_error(model: type[BaseModel], exc: ValidationError, error: type[FdErro
     """The first field at fault in ``exc``, as ``error``. Where a value matched no member of a union
     (``stop``: a string or a list of strings), the member that got furthest is told, and a broken
     constraint before a mere type mismatch."""
-    errors = exc.errors(include_url=False)
-    top = errors[0]["loc"][:1]
-    names = field_names(model)
-    located = [(_location(e, names), e) for e in errors if e["loc"][:1] == top]
-    loc = max((path for path, _ in located), key=len)
-    at_loc = [e for path, e in located if path == loc]
+    loc, at_loc = deepest_errors(model, exc)
     chosen = next((e for e in at_loc if not e["type"].endswith("_type")), at_loc[0])
     cause = (chosen.get("ctx") or {}).get("error")
     if isinstance(cause, FieldValueError):
@@ -102,6 +98,17 @@ def field_error(model: type[BaseModel], exc: ValidationError, error: type[FdErro
     problem = _problem(model, loc, chosen)
     inside = len(loc) > 1 or chosen["type"] in ("too_short", "too_long", "list_type")
     return error(f"{field}: {path} {problem}" if inside else f"{path} {problem}", field=field)
+
+
+def deepest_errors(model: type[BaseModel], exc: ValidationError) -> tuple[tuple[str | int, ...], list[dict]]:
+    """The location of the first field at fault that validation got furthest into, and the errors there
+    (several when a value matched no member of a union: one per member)."""
+    errors = exc.errors(include_url=False)
+    top = errors[0]["loc"][:1]
+    names = field_names(model)
+    located = [(_location(e, names), e) for e in errors if e["loc"][:1] == top]
+    loc = max((path for path, _ in located), key=len)
+    return loc, [e for path, e in located if path == loc]
 
 
 def _location(error: dict[str, Any], names: set[str]) -> tuple[str | int, ...]:
@@ -125,16 +132,17 @@ def field_names(model: type[BaseModel]) -> set[str]:
     names = set()
     for name, info in model.model_fields.items():
         names.add(name)
-        for nested in _models_in(info.annotation):
+        for nested in models_in(info.annotation):
             names |= field_names(nested)
     return names
 
 
-def _models_in(annotation: Any):
+def models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    """The pydantic models a field's type names, through unions, lists and ``Annotated``."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         yield annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        yield from _models_in(arg)
+    for arg in get_args(annotation):
+        yield from models_in(arg)
 
 
 def _problem(model: type[BaseModel], loc: tuple[str | int, ...], error: dict[str, Any]) -> str:

@@ -9,9 +9,9 @@ code (``field`` becomes ``param``); invalid input is 400 ``invalid_request_error
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import wraps
-from typing import Any, get_args
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from fdconsole.api.http import bearer_user, json_body
 from fdconsole.openai_api.schemas import Endpoint
 from scheduler.errors import FdError, InvalidRequest, ScriptError
+from scheduler.validation import deepest_errors, models_in, param_of
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +104,7 @@ def invalid_request(model: type[BaseModel], exc: ValidationError) -> InvalidRequ
     its field's description. Where a value matched no member of a union, each member reports an error:
     the deepest ones (those that got furthest) are told, joined by "or", a broken constraint before a
     mere type mismatch."""
-    names = field_names(model)
-    errors = exc.errors(include_url=False)
-    top = errors[0]["loc"][:1]
-    located = [([part for part in e["loc"] if isinstance(part, int) or part in names], e)
-               for e in errors if e["loc"][:1] == top]
-    loc = max((path for path, _ in located), key=len)
-    at_loc = [e for path, e in located if path == loc]
+    loc, at_loc = deepest_errors(model, exc)
     # A value of one member's type that breaks that member's constraint: the other members' type
     # mismatches ("a valid list" for a string too short) would only blur what is wrong.
     at_loc = [e for e in at_loc if not e["type"].endswith("_type")] or at_loc
@@ -126,25 +121,6 @@ def message_of(error: dict[str, Any]) -> str:
     return error["msg"].removeprefix("Value error, ")
 
 
-def param_of(loc: list[str | int]) -> str:
-    """``["messages", 0, "content"]`` -> ``messages[0].content``."""
-    param = ""
-    for part in loc:
-        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else part)
-    return param
-
-
-def field_names(model: type[BaseModel]) -> set[str]:
-    """The names of every field of ``model`` and of the models it nests (to tell them from the union
-    members' tags that pydantic puts in an error's location)."""
-    names = set()
-    for name, info in model.model_fields.items():
-        names.add(name)
-        for nested in models_in(info.annotation):
-            names |= field_names(nested)
-    return names
-
-
 def field_info(model: type[BaseModel], names: list[str]) -> FieldInfo | None:
     """The field at the path ``names`` (field names only) from ``model``, through the models it nests."""
     info, models = None, [model]
@@ -154,10 +130,3 @@ def field_info(model: type[BaseModel], names: list[str]) -> FieldInfo | None:
             return None
         models = list(models_in(info.annotation))
     return info
-
-
-def models_in(annotation: Any) -> Iterator[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        yield annotation
-    for arg in get_args(annotation):
-        yield from models_in(arg)
