@@ -11,6 +11,7 @@ the same ``request_id`` and read it again.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -48,7 +49,7 @@ from scheduler.status import RequestStatus
 DONE = "data: [DONE]\n\n"
 
 
-class Shape:
+class Shape(ABC):
     """How one endpoint writes a request's answer: whole, and as chunks."""
 
     id_prefix = ""
@@ -58,21 +59,25 @@ class Shape:
         self.created = int(row.created_at.timestamp())
         self.model = row.topic.name
 
+    @abstractmethod
     def whole(self, text: str, finish_reason: FinishReason, usage: Usage) -> Answer:
-        raise NotImplementedError
+        """The answer when the request ends, as one JSON body."""
 
     def opening(self) -> Answer | None:
         """The chunk before the first token's, if the shape has one."""
         return None
 
+    @abstractmethod
     def token(self, text: str) -> Answer:
-        raise NotImplementedError
+        """The chunk of one token's text."""
 
+    @abstractmethod
     def finish(self, finish_reason: FinishReason) -> Answer:
-        raise NotImplementedError
+        """The chunk that carries the finish reason."""
 
+    @abstractmethod
     def usage(self, usage: Usage) -> Answer:
-        raise NotImplementedError
+        """The usage chunk (``choices`` empty), sent only when the client asked for it."""
 
 
 class CompletionShape(Shape):
