@@ -13,7 +13,6 @@ one, its header is read again here to say in bytes what is missing.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from gpu_worker.checkpoint_errors import CheckpointError
+from gpu_worker.checkpoint_files import read_json_object, safetensors_problem
 
 __all__ = ["Checkpoint", "CheckpointError", "read_hf_checkpoint"]
 
@@ -78,7 +78,7 @@ def read_hf_checkpoint(path: str | Path) -> Checkpoint:
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint path {folder} is not a directory (a Hugging Face checkpoint is a "
                               "directory with config.json and *.safetensors)")
-    config = _read_json(folder / "config.json", missing="not a Hugging Face checkpoint directory")
+    config = read_json_object(folder / "config.json", missing="not a Hugging Face checkpoint directory")
     files, weight_map = _weight_files(folder)
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
@@ -90,20 +90,8 @@ def read_hf_checkpoint(path: str | Path) -> Checkpoint:
     metadata: dict[str, Any] = {"files": [f.name for f in files]}
     generation = folder / "generation_config.json"
     if generation.is_file():
-        metadata["generation_config"] = _read_json(generation, missing="")
+        metadata["generation_config"] = read_json_object(generation, missing="")
     return Checkpoint(config, tensors, str(folder), metadata)
-
-
-def _read_json(file: Path, missing: str) -> dict[str, Any]:
-    if not file.is_file():
-        raise CheckpointError(f"{file.parent} has no {file.name}: {missing}")
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{file} must hold a JSON object, found {type(value).__name__}")
-    return value
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
@@ -113,7 +101,7 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
         return [folder / SINGLE_FILE], {}
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = _read_json(index, missing="").get("weight_map")
+        weight_map = read_json_object(index, missing="").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index} has no weight_map of tensor names to shard files")
         names = sorted(set(weight_map.values()))
@@ -132,23 +120,5 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(file, device="cpu")
     except (SafetensorError, OSError) as exc:
-        why = _diagnose(file) or exc
+        why = safetensors_problem(file) or exc
         raise CheckpointError(f"{file} is not a readable safetensors file: {why}") from None
-
-
-def _diagnose(file: Path) -> str | None:
-    """Why a safetensors file was refused, in bytes, when its header says so; else None."""
-    try:
-        size = file.stat().st_size
-        with file.open("rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if size < 8 or 8 + header_len > size:
-                return f"truncated: its header needs {8 + header_len} bytes, the file has {size}"
-            header = json.loads(f.read(header_len))
-        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
-                  default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return None
-    if 8 + header_len + end > size:
-        return f"truncated: its tensors need {8 + header_len + end} bytes, the file has {size}"
-    return None

@@ -32,6 +32,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from gpu_worker.checkpoint_errors import CheckpointError
+from gpu_worker.checkpoint_files import read_json_object
 
 CHAT_ROLES = ("system", "user", "assistant")
 REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole character
@@ -204,8 +205,8 @@ class HFTokenizer:
             tokenizer = Tokenizer.from_file(str(file))
         except Exception as exc:  # tokenizers raises a plain Exception for any parse error
             raise CheckpointError(f"{file} is not a valid tokenizer.json: {exc}") from None
-        config = _read_json_object(folder / "tokenizer_config.json")
-        generation = _read_json_object(folder / "generation_config.json")
+        config = read_json_object(folder / "tokenizer_config.json", missing=None)
+        generation = read_json_object(folder / "generation_config.json", missing=None)
 
         def token_id(value: Any) -> int | None:
             content = value.get("content") if isinstance(value, dict) else value
@@ -222,19 +223,6 @@ class HFTokenizer:
                    chat_template=_chat_template_of(folder, config), source=str(folder))
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``; {} when there is no such file."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return value
-
-
 def _chat_template_of(folder: Path, config: dict[str, Any]) -> str | None:
     """The default chat template: ``chat_template.jinja`` (newer checkpoints), else the config's entry (a
     string, or a list of named templates), else ``chat_template.json``."""
@@ -243,7 +231,7 @@ def _chat_template_of(folder: Path, config: dict[str, Any]) -> str | None:
         return jinja_file.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if template is None:
-        template = _read_json_object(folder / "chat_template.json").get("chat_template")
+        template = read_json_object(folder / "chat_template.json", missing=None).get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default", next(iter(named.values()), None))

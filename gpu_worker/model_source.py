@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu_worker.checkpoint_errors import CheckpointError
+from gpu_worker.checkpoint_files import read_json_object, safetensors_problem
 
 TINY = "tiny"
 SMOLLM2 = "smollm2"
@@ -122,16 +123,8 @@ def _stamp(source: ModelSource) -> tuple:
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return config
+    config = Path(directory) / "config.json"
+    return read_json_object(config, missing="not a Hugging Face checkpoint directory")
 
 
 def check_architecture(config: dict[str, Any], where: str | None) -> str:
@@ -175,19 +168,9 @@ def check_safetensors_headers(directory: str) -> None:
 def _check_safetensors(file: Path) -> None:
     if not file.is_file():
         raise CheckpointError(f"{file} is missing (named by the checkpoint's index)")
-    size = file.stat().st_size
-    try:
-        with file.open("rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if size < 8 or header_len > size - 8:
-                raise ValueError("the header is cut short")
-            header = json.loads(f.read(header_len))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise CheckpointError(f"{file} is not a valid safetensors file: {exc}") from None
-    if 8 + header_len + end > size:
-        raise CheckpointError(f"{file} is truncated: its tensors need {8 + header_len + end} bytes, the file "
-                              f"has {size}")
+    problem = safetensors_problem(file)
+    if problem is not None:
+        raise CheckpointError(f"{file} is not a valid safetensors file: {problem}")
 
 
 @functools.lru_cache(maxsize=16)
