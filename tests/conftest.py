@@ -223,13 +223,15 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="module")
-def console_process(django_db_setup, tmp_path_factory):
-    """The real console (``fdcluster --nodes 0``) on a free port, shared by a module's browser tests and
-    stopped at its end, so that its reaper and pulse never run beside other tests' Redis state."""
+def console_process(request, django_db_setup, tmp_path_factory):
+    """The real console (``fdcluster --nodes 0``) on a free port, shared by a module's tests and stopped
+    at its end, so that its reaper and pulse never run beside other tests' Redis state."""
     from tests.browser import Console, require_browser
     from tests.nodes import children_database_url
 
-    require_browser()  # no point starting a console for tests that will skip
+    module_items = (item for item in request.session.items if item.module is request.module)
+    if any(item.get_closest_marker("browser") for item in module_items):
+        require_browser()  # no point starting a console for tests that will skip
     running = Console(tmp_path_factory.mktemp("console"), os.environ["FD_TEST_REDIS_URL"],
                       children_database_url(), free_port())
     yield running

@@ -77,3 +77,15 @@ class NodeProcesses:
                 process.kill()
                 process.wait()
         self.processes.clear()
+
+
+def wait_final(api, request_id: str, timeout: float = 60) -> dict:
+    """The request object of ``request_id`` once it is no longer queued or running (``api``: the tests'
+    client of the native API)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = api.get(f"/api/v1/requests/{quote(request_id, safe='')}").json()
+        if body["status"] not in ("queued", "running"):
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"{request_id} is still {body['status']} after {timeout}s")

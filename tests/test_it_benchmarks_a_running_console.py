@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import xml.dom.minidom
 from io import StringIO
 
@@ -17,23 +16,9 @@ from django.core.management import CommandError, call_command
 
 from fdconsole.cluster.serve_bench import RequestResult, parse_levels, percentile_ms, sse_events, summarize
 from fdconsole.cluster.serve_plot import write_svg
-from tests.conftest import free_port
 
 LEVEL_KEYS = {"concurrency", "requests", "completed", "errors", "requests_per_s", "tokens_per_s",
               "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"}
-
-
-@pytest.fixture(scope="module")
-def console_process(django_db_setup, tmp_path_factory):
-    """conftest's console (``fdcluster --nodes 0`` on a free port, for the module), without its browser
-    check: this module drives the console over HTTP only."""
-    from tests.browser import Console
-    from tests.nodes import children_database_url
-
-    running = Console(tmp_path_factory.mktemp("console"), os.environ["FD_TEST_REDIS_URL"],
-                      children_database_url(), free_port())
-    yield running
-    running.stop()
 
 
 def fdbench_serve(console, *args: str) -> dict:

@@ -25,24 +25,9 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.conftest import free_port
-
 EXAMPLES = int(os.environ.get("FD_FUZZ_EXAMPLES", "20"))  # per pass: operation, mode, objects
 MAX_GENERATED_TOKENS = 4  # the most a generated body may ask for: the fuzz is about the API, not the model
 CALL_TIMEOUT_S = 30
-
-
-@pytest.fixture(scope="module")
-def console_process(django_db_setup, tmp_path_factory):
-    """conftest's console (``fdcluster --nodes 0`` on a free port, for the module), without its browser
-    check: this module speaks HTTP only."""
-    from tests.browser import Console
-    from tests.nodes import children_database_url
-
-    running = Console(tmp_path_factory.mktemp("console"), os.environ["FD_TEST_REDIS_URL"],
-                      children_database_url(), free_port())
-    yield running
-    running.stop()
 
 
 def not_a_server_error_but_a_refusal(ctx, response, case) -> None:

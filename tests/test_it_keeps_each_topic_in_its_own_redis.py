@@ -5,12 +5,12 @@ database 0. While its node runs, the topic cannot be moved elsewhere."""
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 from redis import Redis
 
 from tests.api_errors import assert_error
+from tests.nodes import wait_final
 from tests.test_it_streams_tokens_over_sse import check_stream, read_events
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -37,16 +37,6 @@ def topic_dbs(redis_url):
 
 def all_keys(conn: Redis) -> list[str]:
     return [key.decode() for key in conn.scan_iter(count=1000)]
-
-
-def wait_final(api, request_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = api.get(f"/api/v1/requests/{request_id}").json()
-        if body["status"] not in ("queued", "running"):
-            return body
-        time.sleep(0.1)
-    raise AssertionError(f"{request_id} is still {body['status']} after {timeout}s")
 
 
 @pytest.mark.e2e

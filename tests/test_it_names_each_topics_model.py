@@ -414,15 +414,11 @@ def test_a_model_without_a_chat_template_refuses_messages(api, node, store):
 @pytest.mark.django_db(transaction=True)
 def test_smollm2_answers_a_chat_through_a_node(api, node_processes, store):
     """The demo's model, end to end on the CPU: a node loads the packaged GGUF and answers in words."""
-    import time
+    from tests.nodes import wait_final
 
     assert api.post(TOPICS, {"name": "smol", "model": "smollm2"}).status_code == 201
     node_processes.start("smol-a", "smol")
     body = submit(api, "smol", messages=CHAT, max_tokens=24, request_id="paris")
-    deadline = time.monotonic() + 60
-    url = f"/api/v1/requests/{body['request_id']}"
-    while (done := api.get(url).json())["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline, done
-        time.sleep(0.2)
+    done = wait_final(api, body["request_id"])
     assert done["status"] == "finished" and done["finish_reason"] == "stop", done
     assert "Paris" in done["output_text"], done["output_text"]

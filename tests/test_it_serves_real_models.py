@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.checkpoints import load_hf_model, reference_greedy, save_checkpoint, save_tokenizer
+from tests.nodes import wait_final
 
 pytest.importorskip("transformers")
 
@@ -136,16 +136,6 @@ def test_smollm2_answers_the_capital_of_france():
     answer = "".join(s.text for s in steps)
     assert "Paris" in answer, answer
     assert steps[-1].finish_reason == "stop"  # it ends by itself, at <|im_end|>
-
-
-def wait_final(api, request_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = api.get(f"/api/v1/requests/{request_id}").json()
-        if body["status"] not in ("queued", "running"):
-            return body
-        time.sleep(0.1)
-    raise AssertionError(f"{request_id} is still {body['status']} after {timeout}s")
 
 
 @pytest.mark.e2e

@@ -6,14 +6,11 @@ in OpenAI's shape with the statuses the SDK turns into its exceptions."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import httpx
 import openai
 import pytest
-
-from tests.conftest import free_port
 
 PROMPT = "Once upon a time"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -22,19 +19,6 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def e2e(test):
     """A test against the real console and node processes (which share the database)."""
     return pytest.mark.e2e(pytest.mark.django_db(transaction=True)(test))
-
-
-@pytest.fixture(scope="module")
-def console_process(django_db_setup, tmp_path_factory):
-    """conftest's console (``fdcluster --nodes 0`` on a free port, for the module), without its browser
-    check: this module speaks HTTP only."""
-    from tests.browser import Console
-    from tests.nodes import children_database_url
-
-    running = Console(tmp_path_factory.mktemp("console"), os.environ["FD_TEST_REDIS_URL"],
-                      children_database_url(), free_port())
-    yield running
-    running.stop()
 
 
 @pytest.fixture
