@@ -93,11 +93,13 @@ def text_stream(tokenizer: StreamingTokenizer | None = None, stop: Sequence[str]
 
 def streamed_text(token_ids: Iterable[int], finish_reason: str | None,
                   tokenizer: StreamingTokenizer | None = None, stop: Sequence[str] = ()) -> str:
-    """The text a client received token by token from ``tokenizer``'s stream decoder (default: the
-    byte tokenizer's), cut at the first of the request's ``stop`` strings as the engine cut it
-    (``gpu_worker.stop``): every push, plus the flush only when the generation ended at max_tokens
-    (the engine puts that flush on the last token; a stop or cancel ends with a marker whose flush is
-    not streamed, or, for a stop string, with the token that completed it)."""
+    """The text a client received from ``tokenizer``'s stream decoder (default: the byte tokenizer's),
+    cut at the first of the request's ``stop`` strings as the engine cut it (``gpu_worker.stop``):
+    every push, then, once the generation ended (any ``finish_reason``), the flush: the text the end
+    released (what was held back as a possible start of a stop string, an unfinished character as
+    U+FFFD). At max_tokens the engine puts the flush on the last token; at end of text or a cancel it
+    is the end's own text (see ``fdconsole.api.stream``); after a stop string it is empty. A running
+    request (``finish_reason`` None) has streamed only the pushes so far."""
     stream = text_stream(tokenizer, stop)
     text = "".join(stream.push(token_id) for token_id in token_ids)
-    return text + stream.flush() if finish_reason == "length" else text
+    return text + stream.flush() if finish_reason else text

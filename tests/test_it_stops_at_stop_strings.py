@@ -219,6 +219,7 @@ def test_smollm2_stops_before_paris(smollm2):
              "is": ([" is"], "The capital of France"),
              "capital": (["capital", "France"], "The "),  # inside " capital": its step carries " "
              "held": (["Paris!"], "The capital of France is Paris."),
+             "released": (["Paris.!"], "The capital of France is Paris."),  # "Paris." until the end
              "first": (["The"], "")}
     batch = BatchEngine(smollm2, EngineCapacity(num_kv_blocks=64))
     for name, (stop, _) in cases.items():
@@ -232,6 +233,8 @@ def test_smollm2_stops_before_paris(smollm2):
         if name == "held":  # "Paris" was held back until "." showed it was no "Paris!"
             assert steps[-1] == GenerationStep(len(ids), -1, "", "stop")  # then end of text
             assert [s.text for s in steps[-3:-1]] == [" ", "Paris."]
+        elif name == "released":  # held back to the end: end of text releases it
+            assert steps[-1] == GenerationStep(len(ids), -1, "Paris.", "stop")
         else:
             assert steps[-1].finish_reason == "stop" and steps[-1].token_id >= 0, name
     assert outputs["first"] == [GenerationStep(0, outputs["paris"][0].token_id, "", "stop")]
@@ -299,3 +302,63 @@ def test_a_request_with_a_stop_string_runs_on_a_node_and_ends_before_it(api, nod
     assert done["output_token_ids"] == token_ids(greedy(engine, (stop,)))
     tokens, streamed = check_stream(read_events(api, request_id))  # the client's text is the record's
     assert streamed["output_text"] == done["output_text"]
+
+
+# -- the console: what only the end releases reaches every reader -------------------------------------
+def play_node(store, token_ids: list[int], stop: tuple[str, ...]) -> None:
+    """What a node does with a request whose output is ``token_ids`` and then end of text (see
+    ``gpu_worker.serving``): each token's text as the engine streams it, then the end."""
+    from gpu_worker.tokenizer import text_stream
+    from scheduler.status import RequestStatus
+
+    [claim] = store.claim("default", "node-a")
+    stream = text_stream(ByteTokenizer(), stop)
+    for index, token_id in enumerate(token_ids):
+        store.emit("default", claim.uid, claim.lease, index, token_id, stream.push(token_id))
+    store.finish("default", claim.uid, claim.lease, status=RequestStatus.FINISHED, finish_reason="stop",
+                 output_token_ids=token_ids)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_text_held_back_until_end_of_text_is_in_the_output_and_the_openai_answers(api, node, store):
+    import json
+
+    from asgiref.sync import async_to_sync
+
+    from fdconsole.api.stream import DoneEvent, TokenEvent, replayed_events, request_events
+    from fdconsole.inference.models import Request as Row
+    from fdconsole.openai_api.answers import CompletionShape, chunks
+    from scheduler import keys
+
+    native = {"prompt": "Hi", "max_tokens": 8, "stop": ["abc"], "request_id": "held"}
+    assert api.post("/api/v1/topics/default/requests", native).status_code == 202
+    play_node(store, list(b"xyab"), ("abc",))  # "ab" could start "abc": held back, then end of text
+
+    assert api.get("/api/v1/requests/held").json()["output_text"] == "xyab"
+    row = Row.objects.select_related("topic").get(request_id="held")
+
+    async def read(events):
+        return [event async for event in events]
+
+    live = async_to_sync(read)(request_events(row))
+    assert [e.text for e in live if isinstance(e, TokenEvent)] == ["x", "y", "", ""]
+    assert isinstance(live[-1], DoneEvent) and live[-1].text == "ab"
+    store.redis.delete(keys.output("default", row.uid))  # Redis let the stream go: read from the row
+    replayed = replayed_events(Row.objects.select_related("topic").get(request_id="held"), -1)
+    assert [(e.index, e.text) for e in replayed[:-1]] == [(e.index, e.text) for e in live[:-1]]
+    assert replayed[-1].text == "ab"
+
+    async def streamed():
+        async def rest():
+            for event in live[1:]:
+                yield event
+        return "".join([piece async for piece in chunks(CompletionShape(row), live[0], rest(), False)])
+
+    choices = [json.loads(block.removeprefix("data: "))["choices"][0]
+               for block in async_to_sync(streamed)().split("\n\n") if block.startswith("data: {")]
+    assert [c["text"] for c in choices][-2:] == ["ab", ""] and choices[-1]["finish_reason"] == "stop"
+    assert "".join(c["text"] for c in choices) == "xyab"
+    whole = api.post("/v1/completions", {"model": "default", "prompt": list(b"Hi"), "max_tokens": 8,
+                                         "temperature": 0, "stop": "abc", "request_id": "held"})
+    assert whole.status_code == 200, whole.content
+    assert whole.json()["choices"][0]["text"] == "xyab"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
@@ -28,6 +29,7 @@ from fdconsole.inference.models import Request
 from fdconsole.inference.submit import get_request_row
 from fdconsole.inference.sync import sync_request
 from fdconsole.redis_conn import topic_url
+from gpu_worker.tokenizer import text_stream
 from scheduler.errors import FdError
 from scheduler.store import AsyncOutputReader
 
@@ -47,9 +49,14 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class DoneEvent:
-    """The request reached its final status; ``row`` is brought up to date. Always the last event."""
+    """The request reached its final status; ``row`` is brought up to date. Always the last event.
+
+    ``text`` is what the end itself released after the last token's text: text held back as a
+    possible start of a stop string, or an unfinished character, when end of text or a cancel came
+    (``gpu_worker.stop``). The token texts and it join into ``row.output_text``."""
 
     row: Request
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,15 +115,16 @@ def token_event(event: TokenEvent) -> str:
 
 
 async def sse_events(row: Request) -> AsyncIterator[str]:
-    async for event in request_events(row):
-        if isinstance(event, TokenEvent):
-            yield token_event(event)
-        elif isinstance(event, DoneEvent):
-            yield await off_thread(done_event)(event.row)
-        elif isinstance(event, ErrorEvent):
-            yield sse("error", event.error.as_dict())
-        else:
-            yield ": keep-alive\n\n"
+    async with aclosing(request_events(row)) as events:
+        async for event in events:
+            if isinstance(event, TokenEvent):
+                yield token_event(event)
+            elif isinstance(event, DoneEvent):
+                yield await off_thread(done_event)(event.row)
+            elif isinstance(event, ErrorEvent):
+                yield sse("error", event.error.as_dict())
+            else:
+                yield ": keep-alive\n\n"
 
 
 async def request_events(row: Request) -> AsyncIterator[RequestEvent]:
@@ -126,22 +134,19 @@ async def request_events(row: Request) -> AsyncIterator[RequestEvent]:
     url = topic_url(row.topic)
     reader = AsyncOutputReader(url)
     topic = row.topic.name
-    after, delivered = "0-0", -1
+    after, delivered, streamed = "0-0", -1, []
     started = last_sent = time.monotonic()
     try:
         while time.monotonic() - started < MAX_STREAM_S:
-            try:
-                events = await reader.read(topic, row.uid, after, POLL_MS)
-            except RedisError as exc:
-                yield ErrorEvent(TopicRedisUnavailable.of(topic, url, exc))
-                return
+            events = await reader.read(topic, row.uid, after, POLL_MS)
             for event in events:
                 after = event.entry_id
                 if event.kind == "token" and event.index > delivered:
                     delivered = event.index
+                    streamed.append(event.text)
                     yield TokenEvent(event.index, event.token_id, event.text)
                 elif event.kind == "done":
-                    yield DoneEvent(await off_thread(sync_request)(row))
+                    yield await off_thread(ended)(row, "".join(streamed))
                     return
             if events:
                 last_sent = time.monotonic()
@@ -154,8 +159,26 @@ async def request_events(row: Request) -> AsyncIterator[RequestEvent]:
             if time.monotonic() - last_sent > KEEPALIVE_S:
                 last_sent = time.monotonic()
                 yield KeepAliveEvent()
+    except RedisError as exc:  # reading the stream, or bringing the row up to date
+        yield ErrorEvent(TopicRedisUnavailable.of(topic, url, exc))
     finally:
         await reader.close()
+
+
+def ended(row: Request, streamed: str) -> DoneEvent:
+    """The ``DoneEvent`` of ``row`` (brought up to date) after the token texts ``streamed``."""
+    row = sync_request(row)
+    return DoneEvent(row, released_text(row, streamed))
+
+
+def released_text(row: Request, streamed: str) -> str:
+    """What ``row``'s end released after the text its tokens ``streamed`` (see ``DoneEvent``): the rest
+    of its output text; "" when that cannot be decoded any more (the ``done`` event says why)."""
+    try:
+        output_text = row.output_text
+    except ModelUnavailable:
+        return ""
+    return output_text[len(streamed):] if output_text.startswith(streamed) else ""
 
 
 def done_event(row: Request) -> str:
@@ -186,20 +209,20 @@ def replayed_events(row: Request, delivered: int) -> list[RequestEvent]:
     again with its model's tokenizer, then its ``DoneEvent``; one ``ErrorEvent`` when that tokenizer
     cannot be loaded any more. The texts join into ``row.output_text`` exactly."""
     try:
-        decoder = row.tokenizer.stream_decoder()
+        stream = text_stream(row.tokenizer, (row.sampling or {}).get("stop") or ())
         output_text = row.output_text
     except ModelUnavailable as exc:
         return [ErrorEvent(exc)]
     events: list[RequestEvent] = []
     emitted = 0
-    last = len(row.output_token_ids) - 1
+    last = len(row.output_token_ids) - 1 if row.finish_reason == "length" else None
     for index, token_id in enumerate(row.output_token_ids):
-        # Slices of the output text, so the pieces never run past it (a stop string cut it short); the
-        # last token carried the decoder's flush: the rest of the output text.
-        end = len(output_text) if index == last else emitted + len(decoder.push(token_id))
-        text = output_text[emitted:end]
+        # The pieces the node streamed (the same decoder, the same stop strings; at max_tokens the last
+        # token carried the flush), as slices of the output text so that they never run past it.
+        piece = stream.push(token_id)
+        text = output_text[emitted:] if index == last else output_text[emitted:emitted + len(piece)]
         emitted += len(text)
         if index > delivered:
             events.append(TokenEvent(index, token_id, text))
-    events.append(DoneEvent(row))
+    events.append(DoneEvent(row, output_text[emitted:]))
     return events
