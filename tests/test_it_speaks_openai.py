@@ -149,7 +149,7 @@ def test_the_raw_stream_is_data_events_ending_with_done(client, http, node_proce
     answer = http.post("/v1/completions", json={**body, "stream_options": {"include_usage": True}})
     chunks = [json.loads(event) for event in sse_blocks(answer.text)[:-1]]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
-    assert all("usage" not in c for c in chunks[:-1])
+    assert all(c["usage"] is None for c in chunks[:-1])  # as OpenAI's: null on every other chunk
 
     chat = {"model": "default", "messages": QUESTION, "stream": True}
     refused = http.post("/v1/chat/completions", json=chat)
@@ -259,6 +259,10 @@ def test_smollm2_answers_a_chat_whole_and_streamed(client, node_processes):
     ("chat", {"messages": QUESTION, "logprobs": True}, "logprobs"),
     ("chat", {"messages": QUESTION, "top_logprobs": 3}, "top_logprobs"),
     ("chat", {"messages": QUESTION, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ("chat", {"messages": [{"role": "user", "content": None}]}, "messages[0]"),
+    ("chat", {"messages": QUESTION, "presence_penalty": 0.5}, "presence_penalty"),
+    ("completions", {"prompt": "x", "frequency_penalty": -1}, "frequency_penalty"),
+    ("chat", {"messages": QUESTION, "logit_bias": {"50256": -100}}, "logit_bias"),
 ])
 def test_bad_parameters_are_named_in_400_errors(endpoint, body, param):
     from fdconsole.openai_api.http import fd_error_body, validated
@@ -279,11 +283,14 @@ def test_unknown_fields_are_taken_and_ignored_and_text_parts_joined():
     body = ChatCompletionRequest.model_validate({
         "model": "default", "user": "someone", "presence_penalty": 0, "n": 1, "tools": [],
         "tool_choice": "none", "response_format": {"type": "text"}, "logprobs": False, "max_tokens": 9,
-        "max_completion_tokens": 5,
-        "messages": [{"role": "developer", "content": "Be brief."},
+        "max_completion_tokens": 5, "frequency_penalty": 0.0, "logit_bias": {}, "stream": None,
+        "stream_options": {"include_usage": None},  # what some clients send for "the default"
+        "messages": [{"role": "developer", "content": "Be brief."}, {"role": "assistant", "content": None},
                      {"role": "user", "content": [{"type": "text", "text": t} for t in "ab"]}],
     })
-    assert body.chat() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"}]
+    assert body.chat() == [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": ""},
+                           {"role": "user", "content": "a\nb"}]
+    assert body.include_usage is False and not body.stream
     assert body.resolved_max_tokens(context_left=100) == 5  # max_completion_tokens wins
     assert body.native_sampling(5)["temperature"] == 1.0  # OpenAI's default (the native one is greedy)
 
@@ -316,6 +323,16 @@ def test_errors_in_process_are_openais_shape(api, node):
     assert api.get("/v1/no/such/thing").json()["error"]["code"] == "unknown_url"
     anonymous = Client().get("/v1/models")
     assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
+    # CSRF checks on, as a browser-less client meets them: no HTML 403 anywhere under /v1/
+    checked = Client(enforce_csrf_checks=True, HTTP_AUTHORIZATION=api.client.defaults["HTTP_AUTHORIZATION"])
+    for path in ("/v1/embeddings", "/v1/chat/completions/", "/v1/responses"):
+        probe = checked.post(path, data="{}", content_type="application/json")
+        assert probe.status_code == 404 and probe.json()["error"]["code"] == "unknown_url", path
+    refused = Client(enforce_csrf_checks=True).post("/v1/embeddings", data="{}",
+                                                    content_type="application/json")
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    for path in ("/api/openapi.json", "/api/docs"):
+        assert checked.post(path).status_code == 405, path
 
 
 def test_a_failure_mid_stream_is_one_error_event_then_done():
@@ -343,4 +360,40 @@ def test_a_failure_mid_stream_is_one_error_event_then_done():
         role, token, error, done = events
         assert json.loads(role)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
         assert json.loads(token)["choices"][0]["delta"] == {"content": "H"}
+        assert json.loads(token)["usage"] is None  # asked for usage: every chunk but the last says null
         assert json.loads(error)["error"]["code"] == code and done == "[DONE]"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_redis_failing_while_a_stream_waits_ends_it_with_one_error(api, node, monkeypatch):
+    from asgiref.sync import async_to_sync
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from fdconsole.api import stream
+    from fdconsole.inference.models import Request
+    from fdconsole.openai_api.answers import ChatShape, chunks
+
+    body = {"prompt": "Hi", "max_tokens": 4, "request_id": "w"}
+    assert api.post("/api/v1/topics/default/requests", body).status_code == 202
+    row = Request.objects.select_related("topic").get(request_id="w")
+
+    def redis_gone(row):
+        raise RedisConnectionError("Connection refused")
+
+    monkeypatch.setattr(stream, "sync_request", redis_gone)  # the stream is read; the row's state is not
+
+    async def read(events):
+        return [event async for event in events]
+
+    [error] = async_to_sync(read)(stream.request_events(row))
+    assert isinstance(error, stream.ErrorEvent) and error.error.code == "redis_unavailable"
+    native = "".join(async_to_sync(read)(stream.sse_events(row)))
+    assert native.startswith("event: error\n") and native.count("event:") == 1
+
+    async def openai_stream():
+        events = stream.request_events(row)
+        first = await anext(events)
+        return await read(chunks(ChatShape(row), first, events, include_usage=False))
+
+    role, error_chunk, done = sse_blocks("".join(async_to_sync(openai_stream)()))
+    assert json.loads(error_chunk)["error"]["code"] == "redis_unavailable" and done == "[DONE]"

@@ -161,7 +161,8 @@ async def whole_answer(shape: Shape, row: Request) -> JsonResponse:
             if isinstance(event, TokenEvent):
                 texts.append(event.text)
             elif isinstance(event, DoneEvent):
-                answer = shape.whole("".join(texts), finish_reason(event.row), usage_of(event.row))
+                answer = shape.whole("".join(texts) + event.text, finish_reason(event.row),
+                                     usage_of(event.row))
                 return JsonResponse(answer.model_dump(mode="json"))
             elif isinstance(event, ErrorEvent):
                 raise event.error
@@ -197,14 +198,14 @@ async def chunks(shape: Shape, first: RequestEvent, events: AsyncIterator[Reques
     async with aclosing(events), aclosing(followed_by(first, events)) as stream:
         opening = shape.opening()
         if opening is not None:
-            yield data(opening)
+            yield data(opening, include_usage)
         async for event in stream:
             if isinstance(event, TokenEvent):
-                yield data(shape.token(event.text))
+                yield data(shape.token(event.text), include_usage)
             elif isinstance(event, KeepAliveEvent):
                 yield ": keep-alive\n\n"
             elif isinstance(event, DoneEvent):
-                for chunk in ending(shape, event.row, include_usage):
+                for chunk in ending(shape, event, include_usage):
                     yield chunk
                 break
             else:
@@ -222,20 +223,24 @@ async def followed_by(first: RequestEvent,
         yield event
 
 
-def ending(shape: Shape, row: Request, include_usage: bool) -> list[str]:
+def ending(shape: Shape, done: DoneEvent, include_usage: bool) -> list[str]:
+    """The last chunks: the text the end released (if any), the finish reason, the usage if asked."""
+    row = done.row
     try:
         reason = finish_reason(row)
     except GenerationFailed as exc:
         return [error_data(exc)]
-    chunks = [data(shape.finish(reason))]
+    chunks = [data(shape.token(done.text), include_usage)] if done.text else []
+    chunks.append(data(shape.finish(reason), include_usage))
     if include_usage:
         chunks.append(data(shape.usage(usage_of(row)), usage=True))
     return chunks
 
 
 def data(chunk: Answer, usage: bool = False) -> str:
-    """One ``data:`` event; ``usage`` only on the usage chunk (OpenAI's chunks carry none otherwise),
-    and a chat delta with only what it changes (``{}`` on the finish chunk, as OpenAI's)."""
+    """One ``data:`` event; its ``usage`` field only when ``usage`` (the client asked for usage: OpenAI's
+    chunks then carry ``"usage": null`` but the last, and none otherwise), and a chat delta with only
+    what it changes (``{}`` on the finish chunk, as OpenAI's)."""
     body = chunk.model_dump(mode="json", exclude=None if usage else {"usage"})
     for choice in body["choices"]:
         if "delta" in choice:

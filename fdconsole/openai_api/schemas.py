@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from scheduler.messages import MAX_REQUEST_ID_LEN, MAX_STOP_CHARS, MAX_STOP_STRINGS
 from scheduler.validation import integer
@@ -49,7 +49,8 @@ Seed = integer(ge=-(2**63), le=2**63 - 1)
 
 
 class StreamOptions(RequestBody):
-    include_usage: bool = Field(False, description="Send a last chunk with the usage and no choices.")
+    include_usage: bool | None = Field(None, description="Send a last chunk with the usage and no choices "
+                                       "(null: false).")
 
 
 class GenerationRequest(RequestBody):
@@ -68,17 +69,37 @@ class GenerationRequest(RequestBody):
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
         None, description=f"Up to {MAX_STOP_STRINGS} strings that end the generation; the text returned "
         "ends before the first of them.")
-    stream: bool = Field(False, description="Stream the answer as Server-Sent Events of chunks, ending "
-                         "with 'data: [DONE]'.")
+    stream: bool | None = Field(None, description="Stream the answer as Server-Sent Events of chunks, "
+                                "ending with 'data: [DONE]' (null: false).")
     stream_options: StreamOptions | None = Field(None, description="Options of a streamed answer.")
     n: Literal[1] | None = Field(None, description="How many choices to generate: only 1 is supported.")
+    presence_penalty: float | None = Field(None, description="Penalties are not supported: 0 (or null) "
+                                           "only.")
+    frequency_penalty: float | None = Field(None, description="Penalties are not supported: 0 (or null) "
+                                            "only.")
+    logit_bias: dict[str, Any] | None = Field(None, description="Logit biases are not supported: {} (or "
+                                              "null) only.")
     request_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_REQUEST_ID_LEN)] | None = Field(
         None, description="The request's id in the console (an fdconsole extension). Sending it again with "
         "the same body reattaches to the request, running or finished, instead of running it twice.")
 
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def no_penalty(cls, value: float | None) -> float | None:
+        if value:  # clients send 0 by default: that is no penalty, honoured
+            raise ValueError(f"penalties are not supported: send 0 or leave it out, not {value}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def no_logit_bias(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            raise ValueError("logit biases are not supported: send {} or leave it out")
+        return value
+
     @property
     def include_usage(self) -> bool:
-        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+        return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
 
     def native_sampling(self, max_tokens: int) -> dict[str, Any]:
         """The sampling fields of the native body with OpenAI's defaults filled in; ``max_tokens`` is what
@@ -132,12 +153,20 @@ class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="Who speaks: system (or developer, taken as system), user or assistant; tool messages "
         "are not supported.")
-    content: str | list[TextPart] = Field(description="The text, or a list of text parts (joined with "
-                                          "newlines); other kinds of parts are not supported.")
+    content: str | list[TextPart] | None = Field(
+        description="The text, or a list of text parts (joined with newlines); other kinds of parts are not "
+        "supported. Null only for an assistant's turn (an empty one).")
+
+    @model_validator(mode="after")
+    def content_given(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs its content: only an assistant's may be null")
+        return self
 
     def as_chat(self) -> dict[str, str]:
         """This message as the chat template takes it."""
-        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        parts = self.content or ()
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in parts)
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 
+from fdconsole.api.http import bearer_user
 from fdconsole.errors import UnknownModel
 from fdconsole.openai_api.answers import ChatShape, CompletionShape, Shape, streamed_answer, whole_answer
-from fdconsole.openai_api.http import error_response, openai_endpoint
+from fdconsole.openai_api.http import error_response, fd_error_response, openai_endpoint
 from fdconsole.openai_api.schemas import (
     CHAT_COMPLETIONS,
     COMPLETIONS,
@@ -20,6 +22,7 @@ from fdconsole.openai_api.schemas import (
     ModelList,
 )
 from fdconsole.openai_api.submission import model_cards, start_request
+from scheduler.errors import FdError
 
 
 @openai_endpoint(MODELS)
@@ -53,7 +56,12 @@ async def generate(shape: type[Shape], body: GenerationRequest, user) -> HttpRes
     return await whole_answer(shape(row), row)
 
 
+@csrf_exempt  # a bearer-token API: an unknown URL is a 404 in OpenAI's shape, whatever the method
 async def unknown_url(request: HttpRequest, rest: str) -> JsonResponse:
+    try:
+        await sync_to_async(bearer_user)(request)  # first: without a token, nothing is told
+    except FdError as exc:
+        return fd_error_response(exc)
     return error_response(404, "unknown_url", f"Invalid URL ({request.method} {request.path})")
 
 
