@@ -6,6 +6,7 @@ no new work placed on it by schedulers that look at liveness) and dead after ``D
 
 from __future__ import annotations
 
+import math
 import time
 
 from scheduler.config import SchedulerConfig
@@ -23,11 +24,21 @@ def limits(config: SchedulerConfig | None) -> tuple[float, float]:
     return STALE_AFTER_S, DEAD_AFTER_S
 
 
+def heartbeat_time(heartbeat: dict[str, str]) -> float | None:
+    """When the node last beat (Unix seconds), or None when it never did, or its time is unreadable:
+    anyone who can write to Redis can write a heartbeat, and one bad hash must not fail every page, API
+    call and scrape that reads the node (it reads as dead)."""
+    try:
+        ts = float(heartbeat["ts"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return ts if math.isfinite(ts) else None
+
+
 def heartbeat_age(heartbeat: dict[str, str], now: float | None = None) -> float | None:
     """Seconds since the node's last heartbeat, or None when it never sent one (or it expired)."""
-    if "ts" not in heartbeat:
-        return None
-    return max(0.0, (now or time.time()) - float(heartbeat["ts"]))
+    ts = heartbeat_time(heartbeat)
+    return None if ts is None else max(0.0, (now or time.time()) - ts)
 
 
 def node_state(heartbeat: dict[str, str], admin_state: str, now: float | None = None,

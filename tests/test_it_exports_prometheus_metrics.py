@@ -295,3 +295,16 @@ def test_the_grafana_dashboard_queries_only_exported_series(api, node, store):
     exported = {sample.name for sample in samples}
     used = {name for expr in exprs for name in re.findall(r"\bfdconsole_\w+", expr)}
     assert used and used <= exported, used - exported
+
+
+def test_a_heartbeat_with_an_unreadable_time_is_a_dead_node_not_a_failed_scrape(api, node, store):
+    from scheduler import keys
+
+    store.write_heartbeat("default", "node-a", {"state": "idle", "role": "mixed"})
+    for junk in ("not-a-time", "nan", "inf"):  # anyone who can write to Redis can write this
+        store.redis.hset(keys.heartbeat("default", "node-a"), "ts", junk)
+        samples = scrape(api)
+        assert value(samples, "fdconsole_node_state", topic="default", node="node-a", role="mixed",
+                     status="dead") == 1, junk
+        listed = api.get("/api/v1/nodes")
+        assert listed.status_code == 200 and listed.json()["nodes"][0]["state"] == "dead", junk

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from fdconsole.nodes.models import CAPACITY_FIELDS, Node
 from fdconsole.redis_conn import get_topic_store, topic_redis_errors
-from scheduler.liveness import heartbeat_age, limits, node_state
+from scheduler.liveness import heartbeat_age, heartbeat_time, limits, node_state
 
 if TYPE_CHECKING:
     from fdconsole.topics.models import Topic
@@ -46,7 +46,7 @@ def _live_state(topic: Topic, names: list[str]) -> dict[str, tuple[dict[str, str
 
 def _describe(node: Node, heartbeat: dict[str, str], queue_length: int,
               topic_limits: tuple[float, float]) -> dict[str, Any]:
-    age = heartbeat_age(heartbeat)
+    age, beat = heartbeat_age(heartbeat), heartbeat_time(heartbeat)
     return {
         "name": node.name,
         "topic": node.topic.name,
@@ -60,7 +60,7 @@ def _describe(node: Node, heartbeat: dict[str, str], queue_length: int,
         "queue_length": queue_length,
         "running": heartbeat.get("running") or None,
         "host": heartbeat.get("host") or node.host or None,
-        "last_heartbeat": _iso(float(heartbeat["ts"])) if "ts" in heartbeat else None,
+        "last_heartbeat": _iso(beat) if beat is not None else None,
         "heartbeat_age_s": round(age, 3) if age is not None else None,
         "requests_run": node.requests_run,
         "requests_stolen": node.requests_stolen,
