@@ -40,7 +40,7 @@ from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from gpu_worker.jobs import run_request
-from gpu_worker.runtime import NodeRuntime, install_runtime
+from gpu_worker.runtime import UNKNOWN, NodeRuntime, install_runtime
 from gpu_worker.serving import StepLoop
 from scheduler import failover, keys, splitwise
 from scheduler.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_KEY_TTL_S
@@ -87,19 +87,39 @@ class Heartbeat(threading.Thread):
 
 class AdminStatePoller(threading.Thread):
     """Follows the node's admin state (enable, drain, disable) from the console. Apart from the
-    heartbeat, so that a slow database can never delay a lease renewal and lose running work."""
+    heartbeat, so that a slow database can never delay a lease renewal and lose running work.
+
+    It fails closed: a read that fails keeps the last state read (a disabled node stays disabled
+    through a database outage), and a node that has not read its state since it started is UNKNOWN,
+    which claims nothing, until a read succeeds. An outage is logged when it begins and when it ends,
+    not at every poll."""
 
     def __init__(self, runtime: NodeRuntime) -> None:
         super().__init__(name="fd-admin-state", daemon=True)
         self.runtime = runtime
         self.stopped = threading.Event()
+        self.failing_since: float | None = None  # monotonic time of the first failed read of an outage
 
     def run(self) -> None:
         while not self.stopped.wait(HEARTBEAT_INTERVAL_S):
-            try:
-                self.runtime.admin_state = self.runtime.hooks.admin_state(self.runtime.name)
-            except Exception:  # top-level loop: keep the last known state
-                log.exception("could not read the admin state")
+            self.poll()
+
+    def poll(self) -> None:
+        rt = self.runtime
+        try:
+            state = rt.hooks.admin_state(rt.name)
+        except Exception as exc:  # top-level loop: whatever the database raised, keep the last known state
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+                log.warning("node %s cannot read its admin state (%s: %s); it keeps %r until it can%s",
+                            rt.name, type(exc).__name__, exc, rt.admin_state,
+                            "" if rt.may_claim else ", claiming nothing")
+            return
+        if self.failing_since is not None:
+            log.warning("node %s reads its admin state again after %.0f s: %s", rt.name,
+                        time.monotonic() - self.failing_since, state)
+            self.failing_since = None
+        rt.admin_state = state
 
 
 class NodeQueue(Queue):
@@ -129,14 +149,15 @@ class NodeWorker(SimpleWorker):
     def work(self, burst: bool = False, **kwargs: Any) -> bool:
         rt = self.runtime
         install_runtime(rt)
-        rt.admin_state = rt.hooks.admin_state(rt.name)
+        rt.admin_state = UNKNOWN  # until read: an admin may have disabled this node while it was down
+        poller = AdminStatePoller(rt)
+        poller.poll()
         taken = failover.reclaim(rt.store, rt.topic, rt.name)
         if taken:
             log.info("node %s took back %d request(s) it held before it stopped", rt.name, len(taken))
         heartbeat = Heartbeat(rt)
         heartbeat.beat("idle")  # alive before the first claim, so failover never picks a dead node over it
         reaper = Reaper(rt.store, rt.hooks.on_expired)
-        poller = AdminStatePoller(rt)
         for thread in (heartbeat, reaper, poller, self.loop.hooks):
             thread.start()
         try:

@@ -13,6 +13,8 @@ from typing import Any
 
 from scheduler.store import Claim, RequestStore
 
+UNKNOWN = "unknown"  # the admin state of a node that has not read it since it started: it claims nothing
+
 
 @dataclass
 class NodeHooks:
@@ -21,7 +23,8 @@ class NodeHooks:
     on_changed: Callable[[str, list[str]], None] = lambda topic, uids: None  # these requests' states moved
     on_ran: Callable[[str, int, int], None] = lambda node, ran, stolen: None  # ran so many, so many stolen
     on_expired: Callable[[str, list[str]], None] = lambda topic, uids: None  # the reaper ended these
-    admin_state: Callable[[str], str] = lambda node: "enabled"  # enabled, draining or disabled
+    # enabled, draining or disabled; raises when it cannot be read (the node then keeps what it knew)
+    admin_state: Callable[[str], str] = lambda node: "enabled"
 
 
 @dataclass
@@ -33,13 +36,15 @@ class NodeRuntime:
     engine: Any  # gpu_worker.batch_engine.BatchEngine (or a stand-in), loaded once
     hooks: NodeHooks = field(default_factory=NodeHooks)
     held: dict[str, Claim] = field(default_factory=dict)  # uid -> claim of the requests it runs
-    admin_state: str = "enabled"  # draining: finishes its own queue, steals nothing; disabled: claims nothing
+    # draining: finishes its own queue, steals nothing; disabled or UNKNOWN: claims nothing. A node's
+    # worker reads it before its first claim (gpu_worker.node.AdminStatePoller).
+    admin_state: str = "enabled"
     token_delay_s: float = 0.0  # a pause after each step that streamed tokens (demos, failover tests)
     loop: Any = None  # gpu_worker.serving.StepLoop, set by the node's worker
 
     @property
     def may_claim(self) -> bool:
-        return self.admin_state != "disabled"
+        return self.admin_state in ("enabled", "draining")  # fails closed: any other state claims nothing
 
     @property
     def may_steal(self) -> bool:

@@ -44,13 +44,13 @@ def count_runs(node: str, ran: int, stolen: int) -> None:
 
 def admin_state(node: str) -> str:
     """What the console's admin says the node may do (enable, drain, disable take effect within a
-    heartbeat); "enabled" when the database cannot be asked."""
-    close_old_connections()
-    try:
-        return Node.objects.filter(name=node).values_list("admin_state", flat=True).first() or "enabled"
-    except Exception:  # the database is down: keep working, Redis drives the scheduling
-        log.warning("could not read node %s's admin state", node)
-        return "enabled"
+    heartbeat); "enabled" for a node without a record (``fdnode`` makes one before the node starts).
+
+    Raises what the database raised when it cannot be asked: the node then keeps the state it last read,
+    and claims nothing before its first read (``gpu_worker.node.AdminStatePoller``), so that a disabled
+    node stays disabled through an outage."""
+    close_old_connections()  # a connection an outage broke is dropped here, and the next read reconnects
+    return Node.objects.filter(name=node).values_list("admin_state", flat=True).first() or "enabled"
 
 
 def database_hooks() -> NodeHooks:
