@@ -24,7 +24,7 @@ class UnknownObject(FdError):
 
 
 class Forbidden(FdError):
-    """The user may not make this change (only staff may point a topic at another Redis)."""
+    """The user (or their API token) may not do this: the message names the permission or scope."""
 
     code = "forbidden"
     status = 403

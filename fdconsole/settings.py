@@ -30,6 +30,13 @@ FD_MAX_MODEL_LEN = env_int("FD_MAX_MODEL_LEN", 2048)
 FD_TORCH_THREADS = env_int("FD_TORCH_THREADS", 1)
 # Demos and failover tests: every node waits this long after each token it streams.
 FD_TOKEN_DELAY_MS = env_int("FD_TOKEN_DELAY_MS", 0)
+# Server-Sent Event streams (and whole OpenAI answers) one API token may hold open at once.
+FD_MAX_STREAMS_PER_TOKEN = env_int("FD_MAX_STREAMS_PER_TOKEN", 32)
+# The Redis hosts a topic may be pointed at (scheduler_host); empty = the host of FD_REDIS_URL only.
+FD_TOPIC_REDIS_HOSTS = env_list("FD_TOPIC_REDIS_HOSTS", "")
+# Requests that may wait in one topic at once, whatever its scheduler (local also bounds each node's
+# queue by scheduler_max_size); beyond it a submission is a 429.
+FD_MAX_WAITING_PER_TOPIC = env_int("FD_MAX_WAITING_PER_TOPIC", 10000)
 
 INSTALLED_APPS = [
     "daphne",

@@ -95,9 +95,13 @@ def store(redis_conn):
 @pytest.fixture
 def api_user(db, store):
     from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
 
-    # An operator: staff may point topics at another Redis (see fdconsole.topics.moves).
-    return get_user_model().objects.create_user("alice", password="pw-alice-123", is_staff=True)
+    # An operator: may create topics, change them and point them at another Redis (topics.access).
+    user = get_user_model().objects.create_user("alice", password="pw-alice-123", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(
+        content_type__app_label="topics", codename__in=["add_topic", "change_topic", "change_topic_redis"]))
+    return user
 
 
 @pytest.fixture

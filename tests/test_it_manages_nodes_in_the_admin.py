@@ -169,14 +169,15 @@ def test_a_token_made_in_the_admin_is_shown_once_and_stored_hashed(admin, db, st
     from fdconsole.api.models import ApiToken, hash_token
 
     bob = get_user_model().objects.create_user("bob")
-    answer = admin.post("/admin/api/apitoken/add/", {"user": bob.pk, "name": "ci"}, follow=True)
+    answer = admin.post("/admin/api/apitoken/add/", {"user": bob.pk, "name": "ci",
+                                                  "scope_choices": ["submit", "read"]}, follow=True)
     assert answer.status_code == 200
     shown = [m for m in messages_of(answer) if re.search(r"fd_[A-Za-z0-9_-]{32,}", m)]
     assert len(shown) == 1, messages_of(answer)
     plain = re.search(r"fd_[A-Za-z0-9_-]+", shown[0]).group(0)
 
     row = ApiToken.objects.get()
-    assert row.user == bob and row.name == "ci" and not row.revoked
+    assert row.user == bob and row.name == "ci" and not row.revoked and row.scopes == "submit,read"
     assert row.token_hash == hash_token(plain) and row.token_hash != plain
     assert plain.startswith(row.prefix)
     assert all(plain not in str(getattr(row, f.attname)) for f in ApiToken._meta.concrete_fields)
@@ -194,7 +195,7 @@ def test_revoking_a_token_in_the_admin_stops_it(admin, api_user, api_token):
 
     row = ApiToken.objects.get()
     answer = admin.post(f"/admin/api/apitoken/{row.pk}/change/",
-                        {"user": api_user.pk, "name": row.name, "revoked": "on"}, follow=True)
+                        {"name": row.name, "scope_choices": ["read"], "revoked": "on"}, follow=True)
     assert answer.status_code == 200
     row.refresh_from_db()
     assert row.revoked
@@ -287,8 +288,8 @@ def test_a_token_made_revoked_in_the_admin_is_revoked(admin, db):
     from fdconsole.api.models import ApiToken
 
     bob = get_user_model().objects.create_user("bob")
-    answer = admin.post("/admin/api/apitoken/add/", {"user": bob.pk, "name": "off", "revoked": "on"},
-                        follow=True)
+    answer = admin.post("/admin/api/apitoken/add/", {"user": bob.pk, "name": "off", "revoked": "on",
+                                                     "scope_choices": ["read"]}, follow=True)
     assert answer.status_code == 200
     plain = re.search(r"fd_[A-Za-z0-9_-]{32,}", " ".join(messages_of(answer))).group(0)
     assert ApiToken.objects.get().revoked

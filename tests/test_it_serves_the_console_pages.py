@@ -10,11 +10,25 @@ from scheduler.config import PARAMETERS, PASSWORD_MASK
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+OPERATOR = ["topics.change_topic", "topics.change_topic_redis", "inference.view_all_requests",
+            "inference.cancel_all_requests"]
+
+
+def with_permissions(user, *names: str):
+    from django.contrib.auth.models import Permission
+
+    for name in names:
+        app, codename = name.split(".")
+        user.user_permissions.add(Permission.objects.get(content_type__app_label=app, codename=codename))
+    return user
+
+
 @pytest.fixture
 def ops(client, db):
+    """An operator's browser: may change topics, see and cancel everyone's requests."""
     from django.contrib.auth import get_user_model
 
-    client.force_login(get_user_model().objects.create_user("ops"))
+    client.force_login(with_permissions(get_user_model().objects.create_user("ops"), *OPERATOR))
     return client
 
 

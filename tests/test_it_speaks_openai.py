@@ -370,6 +370,7 @@ def test_redis_failing_while_a_stream_waits_ends_it_with_one_error(api, node, mo
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     from fdconsole.api import stream
+    from fdconsole.inference.limits import StreamSlot
     from fdconsole.inference.models import Request
     from fdconsole.openai_api.answers import ChatShape, chunks
 
@@ -387,7 +388,7 @@ def test_redis_failing_while_a_stream_waits_ends_it_with_one_error(api, node, mo
 
     [error] = async_to_sync(read)(stream.request_events(row))
     assert isinstance(error, stream.ErrorEvent) and error.error.code == "redis_unavailable"
-    native = "".join(async_to_sync(read)(stream.sse_events(row)))
+    native = "".join(async_to_sync(read)(stream.sse_events(row, StreamSlot(None))))
     assert native.startswith("event: error\n") and native.count("event:") == 1
 
     async def openai_stream():

@@ -28,10 +28,14 @@ STREAM_TIMEOUT_S = 30
 
 @pytest.fixture
 def ops(console) -> str:
-    """A plain (non-staff) user; returns its name. The password is PASSWORD."""
+    """A non-staff operator (may change topics, see and cancel every request); returns its name. The
+    password is PASSWORD."""
     from django.contrib.auth import get_user_model
 
-    return get_user_model().objects.create_user("ops", password=PASSWORD).username
+    from tests.test_it_serves_the_console_pages import OPERATOR, with_permissions
+
+    user = get_user_model().objects.create_user("ops", password=PASSWORD)
+    return with_permissions(user, *OPERATOR).username
 
 
 def open_topic_live(page, console, username: str) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -23,11 +24,24 @@ from scheduler.validation import validated
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None) -> JsonResponse:
+RETRY_AFTER_S = {429: 1, 503: 5}  # a full queue drains in about a second; a node or Redis takes longer
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   retry_after: int | None = None) -> JsonResponse:
+    """The API's error answer; a 429 or 503 says when to come back in ``Retry-After``."""
     body: dict[str, Any] = {"code": code, "message": message}
     if field:
         body["field"] = field
-    return JsonResponse({"error": body}, status=status)
+    response = JsonResponse({"error": body}, status=status)
+    retry_after = retry_after or RETRY_AFTER_S.get(status)
+    if retry_after:
+        response["Retry-After"] = str(retry_after)
+    return response
+
+
+def fd_error_response(exc: FdError) -> JsonResponse:
+    return error_response(exc.status, exc.code, exc.message, exc.field, getattr(exc, "retry_after", None))
 
 
 def method_not_allowed(method: str, allowed: tuple[str, ...]) -> JsonResponse:
@@ -38,23 +52,43 @@ def method_not_allowed(method: str, allowed: tuple[str, ...]) -> JsonResponse:
     return response
 
 
-def bearer_user(request: HttpRequest):
-    """The user of the request's bearer token; raises ApiError(401) when missing or bad."""
+def bearer_token(request: HttpRequest) -> ApiToken:
+    """The live API token of the request's ``Authorization: Bearer`` header (also kept as
+    ``request.api_token``); raises ApiError(401) when missing, unknown, revoked or expired."""
     header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    scheme, _, plain = header.partition(" ")
+    if scheme.lower() != "bearer" or not plain.strip():
         raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer <token>'")
-    user = ApiToken.authenticate(token.strip())
-    if user is None:
-        raise ApiError(401, "unauthorized", "invalid or revoked API token")
-    return user
+    token = ApiToken.find(plain.strip())
+    if token is None:
+        raise ApiError(401, "unauthorized", "invalid API token")
+    refusal = token.refusal()
+    if refusal is not None:
+        raise ApiError(401, "unauthorized", refusal)
+    token.touch()
+    request.api_token = token
+    return token
+
+
+def bearer_user(request: HttpRequest):
+    """The user of the request's live bearer token (see ``bearer_token``)."""
+    return bearer_token(request).user
+
+
+def require_scope(token: ApiToken, scope: str) -> None:
+    """ApiError(403) naming ``scope`` when ``token`` was not given it."""
+    if scope not in token.scope_set:
+        raise ApiError(403, "insufficient_scope", f"this call needs an API token with the '{scope}' scope; "
+                       f"this one has {', '.join(sorted(token.scope_set))}", "scope")
 
 
 def json_body(request: HttpRequest) -> Any:
     try:
         raw = request.body
     except RequestDataTooBig:
-        raise ApiError(413, "too_large", "the request body is too large") from None
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        raise ApiError(413, "too_large", f"the request body is larger than {limit} bytes (FD_MAX_BODY_BYTES)"
+                       ) from None
     if not raw.strip():
         raise ApiError(400, "invalid", "the request body is empty; send a JSON object")
     try:
@@ -84,15 +118,16 @@ def api_view(*endpoints: Endpoint) -> Callable:
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
             try:
                 # Authenticate first: a caller without a valid token learns nothing, not even the methods.
-                user = bearer_user(request)
+                token = bearer_token(request)
                 endpoint = by_method.get(request.method)
                 if endpoint is None:
                     return method_not_allowed(request.method, tuple(by_method))
+                require_scope(token, endpoint.scope)
                 if endpoint.request_model is not None:
                     kwargs["body"] = validated(endpoint.request_model, json_body(request), InvalidRequest)
-                return view(request, user, *args, **kwargs)
+                return view(request, token.user, *args, **kwargs)
             except FdError as exc:  # ours, named: each carries its status
-                return error_response(exc.status, exc.code, exc.message, exc.field)
+                return fd_error_response(exc)
             except ScriptError:  # a bug, or Redis refusing a command: the log says where, not the client
                 log.exception("a scheduler script failed")
                 return error_response(500, "server_error",

@@ -268,35 +268,37 @@ class Endpoint:
     summary: str
     errors: tuple[int, ...]
     stream: bool = False
+    scope: str = "read"  # what the caller's API token needs (fdconsole.api.models.SCOPES)
 
 
 BODY_ERRORS = (400, 401, 413)
 LIST_TOPICS = Endpoint("listTopics", "GET", "/api/v1/topics", None, TopicList, (200,),
-                       "Every topic with its model and scheduler configuration.", (401,))
+                       "Every topic with its model and scheduler configuration.", (401, 403,))
 CREATE_TOPIC = Endpoint("createTopic", "POST", "/api/v1/topics", TopicCreate, TopicObject, (201,),
                         "Create a topic and publish its configuration to its Redis.",
-                        (*BODY_ERRORS, 403, 409, 503))
+                        (*BODY_ERRORS, 403, 409, 503), scope="admin")
 GET_TOPIC = Endpoint("getTopic", "GET", "/api/v1/topics/{topic}", None, TopicObject, (200,),
-                     "One topic.", (401, 404))
+                     "One topic.", (401, 403, 404))
 UPDATE_TOPIC = Endpoint("updateTopic", "PATCH", "/api/v1/topics/{topic}", TopicPatch, TopicObject, (200,),
                         "Change a topic's model or scheduler parameters; running nodes take the change up "
-                        "without a restart.", (*BODY_ERRORS, 403, 404, 409, 503))
+                        "without a restart.", (*BODY_ERRORS, 403, 404, 409, 503), scope="admin")
 SUBMIT = Endpoint("submitRequest", "POST", "/api/v1/topics/{topic}/requests", SubmissionBody, RequestObject,
-                  (202,), "Queue a request on a node of the topic.", (*BODY_ERRORS, 404, 409, 429, 503))
+                  (202,), "Queue a request on a node of the topic.", (*BODY_ERRORS, 403, 404, 409, 429, 503),
+                  scope="submit")
 GET_REQUEST = Endpoint("getRequest", "GET", "/api/v1/requests/{request_id}", None, RequestObject, (200,),
-                       "A request as it is now.", (401, 404, 503))
+                       "A request as it is now.", (401, 403, 404, 503))
 CANCEL_REQUEST = Endpoint("cancelRequest", "DELETE", "/api/v1/requests/{request_id}", None, RequestObject,
                           (200, 202), "Cancel a request: 202 while it is being cancelled, 200 once final "
                           "(its final status is then cancelled, unless it had already ended).",
-                          (401, 404, 503))
+                          (401, 403, 404, 503), scope="submit")
 STREAM_REQUEST = Endpoint("streamRequest", "GET", "/api/v1/requests/{request_id}/stream", None, RequestObject,
                           (200,), "Server-Sent Events: one token event per generated token, then one done "
                           "event with the final request object (or one error event). Works before, during "
-                          "and after the generation.", (401, 404), stream=True)
+                          "and after the generation.", (401, 403, 404, 429), stream=True)
 LIST_NODES = Endpoint("listNodes", "GET", "/api/v1/nodes", None, NodeList, (200,),
-                      "Every node with its live state.", (401, 503))
+                      "Every node with its live state.", (401, 403, 503))
 GET_NODE = Endpoint("getNode", "GET", "/api/v1/nodes/{name}", None, NodeObject, (200,),
-                    "One node with its live state.", (401, 404, 503))
+                    "One node with its live state.", (401, 403, 404, 503))
 ENDPOINTS = (LIST_TOPICS, CREATE_TOPIC, GET_TOPIC, UPDATE_TOPIC, SUBMIT, GET_REQUEST, CANCEL_REQUEST,
              STREAM_REQUEST, LIST_NODES, GET_NODE)
 ERROR_MODEL = ConsoleError

@@ -23,10 +23,12 @@ from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from redis.exceptions import RedisError
 
-from fdconsole.api.http import bearer_user, error_response, method_not_allowed
-from fdconsole.errors import ApiError, ModelUnavailable, TopicRedisUnavailable, UnknownObject
+from fdconsole.api.http import bearer_token, fd_error_response, method_not_allowed, require_scope
+from fdconsole.api.schemas import STREAM_REQUEST
+from fdconsole.errors import ModelUnavailable, TopicRedisUnavailable
+from fdconsole.inference.access import request_for
+from fdconsole.inference.limits import StreamSlot
 from fdconsole.inference.models import Request
-from fdconsole.inference.submit import get_request_row
 from fdconsole.inference.sync import sync_request
 from fdconsole.redis_conn import topic_url
 from gpu_worker.tokenizer import text_stream
@@ -84,18 +86,21 @@ def off_thread(func):
 
 async def stream_request(request: HttpRequest, request_id: str) -> HttpResponse:
     try:
-        await sync_to_async(bearer_user)(request)  # the token first: without one, nothing is told
+        token = await sync_to_async(bearer_token)(request)  # the token first: without one, nothing is told
         if request.method != "GET":
             return method_not_allowed(request.method, ("GET",))
-        row = await sync_to_async(get_request_row)(request_id)
-    except (ApiError, UnknownObject) as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.field)
-    return sse_response(row)
+        require_scope(token, STREAM_REQUEST.scope)
+        row = await sync_to_async(request_for)(token.user, request_id)
+        slot = await StreamSlot(token).take()  # released when the stream ends (sse_events)
+    except FdError as exc:
+        return fd_error_response(exc)
+    return sse_response(row, slot)
 
 
-def sse_response(row: Request) -> StreamingHttpResponse:
-    """The event stream of ``row``, unbuffered (the API's and the request page's)."""
-    return event_stream_response(sse_events(row))
+def sse_response(row: Request, slot: StreamSlot | None = None) -> StreamingHttpResponse:
+    """The event stream of ``row``, unbuffered (the API's and the request page's), holding the API
+    token's stream ``slot`` (taken) until it ends."""
+    return event_stream_response(sse_events(row, slot or StreamSlot(None)))
 
 
 def event_stream_response(chunks: AsyncIterator[str]) -> StreamingHttpResponse:
@@ -114,17 +119,20 @@ def token_event(event: TokenEvent) -> str:
     return sse("token", {"index": event.index, "token_id": event.token_id, "text": event.text})
 
 
-async def sse_events(row: Request) -> AsyncIterator[str]:
-    async with aclosing(request_events(row)) as events:
-        async for event in events:
-            if isinstance(event, TokenEvent):
-                yield token_event(event)
-            elif isinstance(event, DoneEvent):
-                yield await off_thread(done_event)(event.row)
-            elif isinstance(event, ErrorEvent):
-                yield sse("error", event.error.as_dict())
-            else:
-                yield ": keep-alive\n\n"
+async def sse_events(row: Request, slot: StreamSlot) -> AsyncIterator[str]:
+    try:
+        async with aclosing(request_events(row)) as events:
+            async for event in slot.kept(events):
+                if isinstance(event, TokenEvent):
+                    yield token_event(event)
+                elif isinstance(event, DoneEvent):
+                    yield await off_thread(done_event)(event.row)
+                elif isinstance(event, ErrorEvent):
+                    yield sse("error", event.error.as_dict())
+                else:
+                    yield ": keep-alive\n\n"
+    finally:
+        await slot.release()
 
 
 async def request_events(row: Request) -> AsyncIterator[RequestEvent]:

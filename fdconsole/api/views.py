@@ -24,8 +24,9 @@ from fdconsole.api.schemas import (
     given,
 )
 from fdconsole.errors import ApiError, UnknownObject
+from fdconsole.inference.access import request_for, request_to_cancel
 from fdconsole.inference.models import Request
-from fdconsole.inference.submit import get_request_row, submit_request
+from fdconsole.inference.submit import submit_request
 from fdconsole.inference.sync import cancel_request, sync_request
 from fdconsole.nodes.models import Node
 from fdconsole.nodes.status import describe_nodes
@@ -42,13 +43,13 @@ from scheduler.messages import SubmissionBody
 def topic_requests(request: HttpRequest, user, topic: str, body: SubmissionBody) -> JsonResponse:
     row = get_topic(topic)
     with topic_redis_errors(row):
-        submitted = submit_request(row, body, user)
+        submitted = submit_request(row, body, user, request.api_token)
     return JsonResponse(submitted.as_api(), status=202)
 
 
 @api_view(GET_REQUEST, CANCEL_REQUEST)
 def request_detail(request: HttpRequest, user, request_id: str) -> JsonResponse:
-    row = get_request_row(request_id)
+    row = request_to_cancel(user, request_id) if request.method == "DELETE" else request_for(user, request_id)
     with topic_redis_errors(row.topic):
         if request.method == "DELETE":
             return _cancel(row)

@@ -14,6 +14,7 @@ import json
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
@@ -22,15 +23,18 @@ from django.views.decorators.http import require_POST
 from redis.exceptions import RedisError
 
 from fdconsole.dashboard.pulse import describe_for_browser, known_rows
-from fdconsole.errors import ModelUnavailable, TopicRedisUnavailable, UnknownObject
+from fdconsole.errors import Forbidden, ModelUnavailable, TopicRedisUnavailable, UnknownObject
+from fdconsole.inference.access import request_for, request_to_cancel, visible_requests
 from fdconsole.inference.models import Request, model_tokenizer
-from fdconsole.inference.submit import chat_prompt_ids, get_request_row, submit_request
+from fdconsole.inference.submit import chat_prompt_ids, submit_request
 from fdconsole.inference.sync import cancel_request, sync_request
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store, topic_redis_errors
+from fdconsole.topics import access as topic_access
 from fdconsole.topics.models import MODEL_HELP, Topic
 from fdconsole.topics.services import change_topic, get_topic
 from scheduler.config import PARAMETERS, PARAMETERS_BY_NAME, PASSWORD_MASK
+from scheduler.connection import CONNECTION_FIELDS
 from scheduler.errors import FdError, InvalidRequest
 from scheduler.status import RequestStatus
 
@@ -56,11 +60,15 @@ def _topic_or_404(name: str) -> Topic:
         raise Http404(exc.message) from None
 
 
-def _request_or_404(request_id: str) -> Request:
+def _request_or_404(user, request_id: str, cancel: bool = False) -> Request:
+    """The request when ``user`` may see it (and cancel it, when ``cancel``); 404 when they may not see
+    it, as for one that does not exist; PermissionDenied (403) when they may see it but not cancel it."""
     try:
-        return get_request_row(request_id)
+        return request_to_cancel(user, request_id) if cancel else request_for(user, request_id)
     except UnknownObject as exc:
         raise Http404(exc.message) from None
+    except Forbidden as exc:
+        raise PermissionDenied(exc.message) from None
 
 
 # -- live pages -------------------------------------------------------------------------------------
@@ -72,7 +80,7 @@ def home(request: HttpRequest) -> HttpResponse:
     return render(request, "home.html", {
         "topics": [{"topic": t, "nodes": counts[t.name]} for t in topics],
         "nodes": nodes, "redis_error": redis_error, "live_url": "/ws/cluster/",
-        "recent_requests": Request.objects.select_related("topic")[:10],
+        "recent_requests": visible_requests(request.user)[:10],
     })
 
 
@@ -92,7 +100,8 @@ def topic_config(request: HttpRequest, topic: str) -> HttpResponse:
     errors: dict[str, str] = {}
     submitted: dict[str, str] = {}
     if request.method == "POST":
-        submitted = {p.name: request.POST.get(p.name, "") for p in PARAMETERS}
+        # A field the form did not send (one shown read-only) keeps its value.
+        submitted = {p.name: request.POST[p.name] for p in PARAMETERS if p.name in request.POST}
         if "model" in request.POST:  # a form without the field keeps the model
             submitted["model"] = request.POST["model"]
         changes = _changed_fields(row, submitted)
@@ -112,10 +121,13 @@ def topic_config(request: HttpRequest, topic: str) -> HttpResponse:
             else:
                 messages.info(request, "Nothing changed.")
             return redirect("topic_config", topic=row.name)
+    editable = _editable(request.user)
     return render(request, "topic_config.html", {
-        "topic": row, "fields": _config_fields(row, submitted, errors), "form_error": errors.get("__all__"),
+        "topic": row, "fields": _config_fields(row, submitted, errors, editable),
+        "form_error": errors.get("__all__"), "editable": editable,
         "model": {"value": submitted.get("model", row.model), "error": errors.get("model"),
-                  "help": MODEL_HELP},
+                  "help": MODEL_HELP, "readonly": not editable["change"]},
+        "permissions": {"change": topic_access.CHANGE, "redis": topic_access.CHANGE_REDIS},
         "scheduler_names": PARAMETERS_BY_NAME["scheduler_name"].scopes,
     }, status=400 if errors else 200)
 
@@ -138,7 +150,14 @@ def _as_text(value) -> str:
     return str(value)
 
 
-def _config_fields(row: Topic, submitted: dict[str, str], errors: dict[str, str]) -> list[dict]:
+def _editable(user) -> dict[str, bool]:
+    """Which parts of a topic's configuration ``user`` may change (the rest is shown read-only)."""
+    change, redis = user.has_perm(topic_access.CHANGE), user.has_perm(topic_access.CHANGE_REDIS)
+    return {"change": change, "redis": redis, "any": change or redis}
+
+
+def _config_fields(row: Topic, submitted: dict[str, str], errors: dict[str, str],
+                   editable: dict[str, bool]) -> list[dict]:
     current = row.config.as_dict()
     fields = []
     for param in PARAMETERS:
@@ -151,6 +170,7 @@ def _config_fields(row: Topic, submitted: dict[str, str], errors: dict[str, str]
             "scopes": param.scopes, "applies": row.scheduler_name in param.scopes,
             "kind": param.kind.__name__, "error": errors.get(param.name),
             "default": _as_text(param.default), "is_default": current[param.name] == param.default,
+            "readonly": not editable["redis" if param.name in CONNECTION_FIELDS else "change"],
         })
     return fields
 
@@ -158,7 +178,7 @@ def _config_fields(row: Topic, submitted: dict[str, str], errors: dict[str, str]
 # -- requests ---------------------------------------------------------------------------------------
 @login_required
 def request_list(request: HttpRequest) -> HttpResponse:
-    rows = Request.objects.select_related("topic").order_by("-created_at")
+    rows = visible_requests(request.user).order_by("-created_at")
     filters = {key: request.GET.get(key, "").strip() for key in ("topic", "status", "node")}
     if filters["topic"]:
         rows = rows.filter(topic__name=filters["topic"])
@@ -263,7 +283,7 @@ def _submission(form: dict[str, str], prompt_token_ids: list[int] | None = None)
 
 @login_required
 def request_detail(request: HttpRequest, request_id: str) -> HttpResponse:
-    row = _request_or_404(request_id)
+    row = _request_or_404(request.user, request_id)
     try:
         row = sync_request(row, get_topic_store(row.topic))
     except (RedisError, TopicRedisUnavailable):
@@ -285,13 +305,14 @@ async def request_stream(request: HttpRequest, request_id: str) -> HttpResponse:
 
     from fdconsole.api.stream import sse_response
 
-    return sse_response(await sync_to_async(_request_or_404)(request_id))
+    user = await request.auser()
+    return sse_response(await sync_to_async(_request_or_404)(user, request_id))
 
 
 @login_required
 @require_POST
 def request_cancel(request: HttpRequest, request_id: str) -> HttpResponse:
-    row = _request_or_404(request_id)
+    row = _request_or_404(request.user, request_id, cancel=True)
     try:
         with topic_redis_errors(row.topic):
             cancel_request(row)

@@ -39,6 +39,8 @@ class Request(models.Model):
     submitted_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
+    api_token = models.ForeignKey("api.ApiToken", null=True, blank=True, on_delete=models.SET_NULL,
+                                  related_name="requests", help_text="The token it was submitted with.")
     created_at = models.DateTimeField(db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     first_token_at = models.DateTimeField(null=True, blank=True)
@@ -49,6 +51,9 @@ class Request(models.Model):
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["topic", "status"])]
+        # Without them a user sees and cancels only the requests they submitted (``access``).
+        permissions = [("view_all_requests", "Can view every user's requests"),
+                       ("cancel_all_requests", "Can cancel every user's requests")]
 
     def __str__(self) -> str:
         return self.request_id

@@ -7,6 +7,7 @@ Redis) the row is deleted again before the error reaches the client.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -15,12 +16,14 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from redis.exceptions import RedisError
+from tokenizers.models import BPE
 
 from fdconsole.errors import ModelUnavailable, UnknownObject
+from fdconsole.inference.limits import take_in_flight, take_rate
 from fdconsole.inference.models import Request, model_tokenizer
 from fdconsole.inference.sync import sync_uids
 from fdconsole.nodes.models import Node
-from fdconsole.redis_conn import get_topic_store
+from fdconsole.redis_conn import get_topic_store, get_topic_telemetry
 from gpu_worker.checkpoint_errors import CheckpointError
 from gpu_worker.model_source import inspect
 from scheduler.errors import DuplicateRequest, InvalidRequest, NoNodeAvailable, QueueFull
@@ -44,18 +47,20 @@ def get_request_row(request_id: str) -> Request:
     return row
 
 
-def submit_request(topic: Topic, body: Any, user=None) -> Request:
+def submit_request(topic: Topic, body: Any, user=None, token=None) -> Request:
     """Validate ``body`` (a ``SubmissionBody``, or a decoded JSON body validated as one here) and queue
     it on ``topic``; returns the recorded row.
 
     Raises InvalidRequest (400), UnknownObject (404), DuplicateRequest (409), QueueFull (429),
-    NoNodeAvailable (503), ModelUnavailable (503: the topic's model cannot be served here any more) or
-    a redis error (503).
+    RateLimited (429: a limit of ``token``, the API token it came with), NoNodeAvailable (503),
+    ModelUnavailable (503: the topic's model cannot be served here any more) or a redis error (503).
     """
     if not isinstance(body, SubmissionBody):
         body = validated(SubmissionBody, body, InvalidRequest)
     context = max_model_len(topic)  # first: it says best what is wrong with a model that is gone
     tokenizer = topic_tokenizer(topic)
+    if body.prompt is not None:
+        refuse_long_prompt(topic, len(body.prompt), "prompt", context)
     chat = body.messages is not None
     if chat:
         ids = chat_prompt_ids(topic, [turn.model_dump() for turn in body.messages], "messages")
@@ -78,7 +83,10 @@ def submit_request(topic: Topic, body: Any, user=None) -> Request:
     if not store.has_config(topic.name):  # Redis restarted without persistence: the database knows
         store.publish_config(topic.name, config)
     candidates = _candidate_nodes(topic, node_name, store)
-    row = _insert_row(topic, request, candidates[0], user)
+    _refuse_over_waiting_cap(store, topic)
+    if token is not None:
+        take_rate(token)
+    row = _insert_row(topic, request, candidates[0], user, token)
     try:
         home, expired = _queue_on_first_with_room(store, topic, config, row, request, candidates)
     except BaseException:
@@ -96,13 +104,60 @@ def chat_prompt_ids(topic: Topic, messages: Any, field: str) -> list[int]:
     """The token ids of ``messages`` ([{"role", "content"}, ...]) rendered through the topic's model's
     chat template with the assistant's turn opened; the template writes the special tokens (BOS
     included) itself, so none are added. ``InvalidRequest`` on ``field`` for a malformed chat or a
-    model without a template."""
+    model without a template, or a chat too long to fit in the context (told before it is rendered or
+    tokenized, as ``refuse_long_prompt`` tells)."""
     tokenizer = topic_tokenizer(topic)
+    if isinstance(messages, list):
+        contents = (m.get("content") for m in messages if isinstance(m, dict))
+        refuse_long_prompt(topic, sum(len(c) for c in contents if isinstance(c, str)), field)
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except ValueError as exc:
         raise InvalidRequest(f"{field}: {exc}", field=field) from None
+    refuse_long_prompt(topic, len(text), field)  # what the template adds counts too
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def prompt_ids(topic: Topic, text: str, field: str) -> list[int]:
+    """The token ids of the prompt ``text`` in ``topic``'s model; ``InvalidRequest`` on ``field``, before
+    the tokenizer runs, when the text is too long to fit in the context (``refuse_long_prompt``)."""
+    refuse_long_prompt(topic, len(text), field)
+    return list(topic_tokenizer(topic).encode(text))
+
+
+def refuse_long_prompt(topic: Topic, num_chars: int, field: str, context: int | None = None) -> None:
+    """``InvalidRequest`` on ``field`` when a prompt of ``num_chars`` characters cannot fit in ``topic``'s
+    context (``context`` tokens, by default ``max_model_len``) whatever it says: when it is longer than
+    the context times the most characters one token of the model stands for. Checked before the
+    tokenizer (or a chat template) runs, so that a huge prompt costs nothing but this comparison; no
+    prompt that would fit is refused, which a fixed characters-per-token factor could not promise
+    (SmolLM2 has tokens of 64 '=' and of a newline and 80 spaces). Where a token may stand for any
+    length of text, nothing is refused here (the body limit, FD_MAX_BODY_BYTES, bounds the prompt)."""
+    per_token = longest_token_chars(topic_tokenizer(topic))
+    if per_token is None:
+        return
+    context = context or max_model_len(topic)
+    if num_chars > context * per_token:
+        raise InvalidRequest(
+            f"{field} is too long: {num_chars} characters, and at most {context * per_token} can fit in the "
+            f"model's context of {context} tokens (a token of it stands for {per_token} characters at most)",
+            field=field,
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def longest_token_chars(tokenizer) -> int | None:
+    """The most characters one token of ``tokenizer`` stands for: 1 for the byte model, whose tokens are
+    bytes; else its longest vocabulary entry (which spells a byte-level token one character per byte, a
+    SentencePiece one character for character: never fewer than the text's). None when an unknown token
+    may stand for a whole word or a run of text (WordLevel, WordPiece, Unigram, BPE's fuse_unk)."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None:
+        return 1
+    model = backend.model
+    if not isinstance(model, BPE) or (model.unk_token is not None and model.fuse_unk):
+        return None
+    return max(map(len, backend.get_vocab(with_added_tokens=True)), default=1)
 
 
 def topic_tokenizer(topic: Topic):
@@ -166,12 +221,25 @@ def _count_rejection(store, topic: Topic, reason: str) -> None:
         log.warning("could not count a rejection (%s) of topic %s: %s", reason, topic.name, exc)
 
 
-def _insert_row(topic: Topic, request, home: str, user) -> Request:
+def _refuse_over_waiting_cap(store, topic: Topic) -> None:
+    """QueueFull when ``FD_MAX_WAITING_PER_TOPIC`` requests already wait in the topic, whatever its
+    scheduler (a global or splitwise topic has no per-node bound of its own)."""
+    cap = settings.FD_MAX_WAITING_PER_TOPIC
+    waiting = get_topic_telemetry(topic).waiting_count(topic.name)
+    if waiting >= cap:
+        _count_rejection(store, topic, "queue_full")
+        raise QueueFull(f"queue full: topic '{topic.name}' already has {waiting} waiting requests "
+                        f"(FD_MAX_WAITING_PER_TOPIC={cap})")
+
+
+def _insert_row(topic: Topic, request, home: str, user, token=None) -> Request:
     if Request.objects.filter(request_id=request.request_id).exists():
         raise DuplicateRequest(f"request_id '{request.request_id}' is already taken", field="request_id")
     try:
         with transaction.atomic():
-            return Request.objects.create(
+            if token is not None:
+                take_in_flight(token)  # counted and held on the token's row until the row is made
+            return Request.objects.create(api_token=token,
                 uid=new_uid(), request_id=request.request_id, topic=topic, model=topic.model,
                 home_node=home, prompt_token_ids=request.prompt_token_ids, prompt_tokens=request.prompt_len,
                 sampling=request.to_dict()["sampling"], created_at=timezone.now(),

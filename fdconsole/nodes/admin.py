@@ -38,14 +38,14 @@ class NodeAdmin(admin.ModelAdmin):
             "{} node(s) now {}; running workers apply it within a second. Watch it on the live view: {}",
             count, state, links), messages.SUCCESS)
 
-    @admin.action(description="Enable: take new requests")
+    @admin.action(description="Enable: take new requests", permissions=["change"])
     def enable_nodes(self, request, queryset) -> None:
         self._set_state(request, queryset, Node.AdminState.ENABLED)
 
-    @admin.action(description="Drain: finish queued work, take no new requests")
+    @admin.action(description="Drain: finish queued work, take no new requests", permissions=["change"])
     def drain_nodes(self, request, queryset) -> None:
         self._set_state(request, queryset, Node.AdminState.DRAINING)
 
-    @admin.action(description="Disable: take no new requests")
+    @admin.action(description="Disable: take no new requests", permissions=["change"])
     def disable_nodes(self, request, queryset) -> None:
         self._set_state(request, queryset, Node.AdminState.DISABLED)

@@ -7,7 +7,7 @@ from django.views.decorators.csrf import csrf_exempt
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from fdconsole.api.http import bearer_user, error_response
+from fdconsole.api.http import bearer_token, error_response, require_scope
 from fdconsole.errors import ApiError
 from fdconsole.observability.collector import ClusterCollector
 
@@ -21,7 +21,8 @@ def metrics(request: HttpRequest) -> HttpResponse:
     ``Authorization: Bearer <token>`` as on ``/api/v1/`` (Prometheus: ``authorization`` or
     ``bearer_token_file`` in the scrape config); 401 without a valid one."""
     try:
-        bearer_user(request)  # first: a caller without a valid token learns nothing, not even the methods
+        token = bearer_token(request)  # first: without a valid token, nothing is told, not even the methods
+        require_scope(token, "read")
     except ApiError as exc:
         response = error_response(exc.status, exc.code, exc.message)
         response["WWW-Authenticate"] = "Bearer"

@@ -27,6 +27,7 @@ from fdconsole.api.stream import (
     request_events,
 )
 from fdconsole.errors import GenerationFailed
+from fdconsole.inference.limits import StreamSlot
 from fdconsole.inference.models import Request
 from fdconsole.openai_api.http import fd_error_body
 from fdconsole.openai_api.schemas import (
@@ -170,10 +171,13 @@ async def whole_answer(shape: Shape, row: Request) -> JsonResponse:
 
 
 # -- streamed ---------------------------------------------------------------------------------------
-async def streamed_answer(shape: Shape, row: Request, include_usage: bool) -> HttpResponse:
+async def streamed_answer(shape: Shape, row: Request, include_usage: bool,
+                          slot: StreamSlot | None = None) -> HttpResponse:
     """The answer as Server-Sent Events of chunks. Waits for the first token (or the end) before
-    answering, so that a request that ends without any answer is a plain error with its status."""
-    events = request_events(row)
+    answering, so that a request that ends without any answer is a plain error with its status. The
+    API token's stream ``slot`` (taken) is released when the answer ends."""
+    slot = slot or StreamSlot(None)
+    events = slot.kept(request_events(row))
     try:
         first = await first_event(events)
         if isinstance(first, ErrorEvent):
@@ -182,8 +186,18 @@ async def streamed_answer(shape: Shape, row: Request, include_usage: bool) -> Ht
             finish_reason(first.row)  # raises when it ended without an answer
     except BaseException:
         await events.aclose()
+        await slot.release()
         raise
-    return event_stream_response(chunks(shape, first, events, include_usage))
+    return event_stream_response(released_after(chunks(shape, first, events, include_usage), slot))
+
+
+async def released_after(pieces: AsyncIterator[str], slot: StreamSlot) -> AsyncIterator[str]:
+    try:
+        async with aclosing(pieces):
+            async for piece in pieces:
+                yield piece
+    finally:
+        await slot.release()
 
 
 async def first_event(events: AsyncIterator[RequestEvent]) -> TokenEvent | DoneEvent | ErrorEvent:

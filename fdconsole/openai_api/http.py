@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from redis.exceptions import RedisError
 
-from fdconsole.api.http import bearer_user, json_body
+from fdconsole.api.http import bearer_token, json_body, require_scope
 from fdconsole.openai_api.schemas import Endpoint
 from scheduler.errors import FdError, InvalidRequest, ScriptError
 from scheduler.validation import deepest_errors, models_in, param_of
@@ -64,12 +64,14 @@ def openai_endpoint(endpoint: Endpoint) -> Callable:
         @wraps(view)
         async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             try:
-                user = await sync_to_async(bearer_user)(request)  # first: without a token, nothing is told
+                token = await sync_to_async(bearer_token)(request)  # first: without one, nothing is told
                 if request.method != endpoint.method:
                     response = error_response(405, "method_not_allowed",
                                               f"{request.method} is not allowed here; use {endpoint.method}")
                     response["Allow"] = endpoint.method  # as RFC 9110 asks of a 405
                     return response
+                require_scope(token, endpoint.scope)
+                user = token.user
                 if endpoint.request_model is not None:
                     kwargs["body"] = validated(endpoint.request_model, json_body(request))
                 return await view(request, user, *args, **kwargs)

@@ -314,6 +314,7 @@ class Endpoint:
     response_model: type[Answer]
     summary: str
     stream_model: type[Answer] | None = None
+    scope: str = "read"  # what the caller's API token needs (fdconsole.api.models.SCOPES)
 
 
 MODELS = Endpoint("listModels", "GET", "/v1/models", None, ModelList,
@@ -321,9 +322,9 @@ MODELS = Endpoint("listModels", "GET", "/v1/models", None, ModelList,
 MODEL = Endpoint("retrieveModel", "GET", "/v1/models/{model}", None, ModelCard,
                  "One model of the list: 404 model_not_found when it is not there.")
 COMPLETIONS = Endpoint("createCompletion", "POST", "/v1/completions", CompletionRequest, Completion,
-                       "Complete a prompt on the topic named by model.", CompletionChunk)
+                       "Complete a prompt on the topic named by model.", CompletionChunk, scope="submit")
 CHAT_COMPLETIONS = Endpoint("createChatCompletion", "POST", "/v1/chat/completions", ChatCompletionRequest,
                             ChatCompletion, "Answer a chat on the topic named by model, through its "
-                            "model's chat template.", ChatCompletionChunk)
+                            "model's chat template.", ChatCompletionChunk, scope="submit")
 ENDPOINTS = (MODELS, MODEL, COMPLETIONS, CHAT_COMPLETIONS)
 ERROR_MODEL = ErrorResponse

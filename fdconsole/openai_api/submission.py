@@ -14,7 +14,7 @@ from typing import Any
 
 from fdconsole.errors import ModelUnavailable, UnknownModel, UnknownObject
 from fdconsole.inference.models import Request
-from fdconsole.inference.submit import chat_prompt_ids, max_model_len, submit_request, topic_tokenizer
+from fdconsole.inference.submit import chat_prompt_ids, max_model_len, prompt_ids, submit_request
 from fdconsole.nodes.models import Node
 from fdconsole.openai_api.schemas import (
     ChatCompletionRequest,
@@ -33,7 +33,7 @@ SAMPLING_DEFAULTS = {"max_tokens": None, "temperature": 0.0, "top_p": 1.0, "top_
                      "stop": []}
 
 
-def start_request(body: GenerationRequest, user) -> Request:
+def start_request(body: GenerationRequest, user, token=None) -> Request:
     """Submit ``body`` on the topic its ``model`` names, or reattach to the request of its
     ``request_id``; returns the request's row. Raises what ``submit_request`` raises (an
     ``InvalidRequest`` naming this client's field), and ``UnknownModel`` (404) for a model that names no
@@ -42,7 +42,7 @@ def start_request(body: GenerationRequest, user) -> Request:
     with topic_redis_errors(topic):
         native, renamed = native_body(topic, body)
         try:
-            return submit_request(topic, native, user)
+            return submit_request(topic, native, user, token)
         except DuplicateRequest:
             return reattach(topic, native, user)
         except InvalidRequest as exc:
@@ -79,7 +79,7 @@ def prompt_token_ids(topic: Topic, body: GenerationRequest) -> tuple[list[int], 
         return chat_prompt_ids(topic, body.chat(), "messages"), "messages"
     assert isinstance(body, CompletionRequest)
     if isinstance(body.prompt, str):
-        return list(topic_tokenizer(topic).encode(body.prompt)), "prompt"
+        return prompt_ids(topic, body.prompt, "prompt"), "prompt"
     return body.prompt, "prompt"
 
 

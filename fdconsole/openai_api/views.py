@@ -9,6 +9,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from fdconsole.api.http import bearer_user
 from fdconsole.errors import UnknownModel
+from fdconsole.inference.limits import StreamSlot
 from fdconsole.openai_api.answers import ChatShape, CompletionShape, Shape, streamed_answer, whole_answer
 from fdconsole.openai_api.http import error_response, fd_error_response, openai_endpoint
 from fdconsole.openai_api.schemas import (
@@ -41,19 +42,30 @@ async def model_detail(request: HttpRequest, user, model: str) -> JsonResponse:
 
 @openai_endpoint(COMPLETIONS)
 async def completions(request: HttpRequest, user, body: CompletionRequest) -> HttpResponse:
-    return await generate(CompletionShape, body, user)
+    return await generate(CompletionShape, body, request)
 
 
 @openai_endpoint(CHAT_COMPLETIONS)
 async def chat_completions(request: HttpRequest, user, body: ChatCompletionRequest) -> HttpResponse:
-    return await generate(ChatShape, body, user)
+    return await generate(ChatShape, body, request)
 
 
-async def generate(shape: type[Shape], body: GenerationRequest, user) -> HttpResponse:
-    row = await sync_to_async(start_request)(body, user)
-    if body.stream:
-        return await streamed_answer(shape(row), row, body.include_usage)
-    return await whole_answer(shape(row), row)
+async def generate(shape: type[Shape], body: GenerationRequest, request: HttpRequest) -> HttpResponse:
+    token = request.api_token
+    # An answer holds its connection until the request ends: its stream slot is taken first, so that a
+    # 429 for too many open streams never leaves a request running that nobody reads.
+    slot = await StreamSlot(token).take()
+    try:
+        row = await sync_to_async(start_request)(body, token.user, token)
+        if body.stream:
+            return await streamed_answer(shape(row), row, body.include_usage, slot)  # releases it
+    except BaseException:
+        await slot.release()
+        raise
+    try:
+        return await whole_answer(shape(row), row)
+    finally:
+        await slot.release()
 
 
 @csrf_exempt  # a bearer-token API: an unknown URL is a 404 in OpenAI's shape, whatever the method

@@ -21,11 +21,11 @@ NATIVE_TAG, OPENAI_TAG = "native", "openai"
 ERROR_DESCRIPTIONS = {
     400: "Invalid input: the body is not JSON, or a field is wrong (the error names it).",
     401: "No bearer token, or a bad one.",
-    403: "The user may not make this change (only staff may point a topic at another Redis).",
+    403: "The user lacks the permission, or the API token the scope, that this call needs (named).",
     404: "No such object (or model).",
     409: "A conflict: the request id or topic name is taken, or the topic is busy.",
     413: "The body is larger than FD_MAX_BODY_BYTES.",
-    429: "A queue is full: retry later.",
+    429: "A queue is full, or a limit of the API token is reached (named): retry after Retry-After.",
     500: "The request failed on its node.",
     503: "Redis, a node or the model is unavailable.",
     504: "The request did not end within the connection's time.",
@@ -123,7 +123,8 @@ def native_operation(endpoint: native.Endpoint) -> Operation:
     responses = {str(status): {"description": description.strip(), "content": content}
                  for status in endpoint.statuses}
     responses |= {str(status): _error_response(status, error) for status in sorted(endpoint.errors)}
-    operation = _operation(endpoint.name, endpoint.summary, endpoint.path, NATIVE_TAG, responses)
+    operation = _operation(endpoint.name, endpoint.summary, endpoint.path, NATIVE_TAG, responses,
+                           endpoint.scope)
     if endpoint.request_model is not None:
         body: Use = (endpoint.request_model, "validation")
         uses.append(body)
@@ -146,7 +147,8 @@ def openai_operation(endpoint: openai.Endpoint) -> Operation:
     responses = {"200": {"description": description if endpoint.stream_model else "The answer.",
                          "content": content}}
     responses |= {str(status): _error_response(status, error) for status in openai_errors(endpoint)}
-    operation = _operation(endpoint.name, endpoint.summary, endpoint.path, OPENAI_TAG, responses)
+    operation = _operation(endpoint.name, endpoint.summary, endpoint.path, OPENAI_TAG, responses,
+                           endpoint.scope)
     if endpoint.request_model is not None:
         body: Use = (endpoint.request_model, "validation")
         uses.append(body)
@@ -158,12 +160,14 @@ def openai_errors(endpoint: openai.Endpoint) -> tuple[int, ...]:
     """What an OpenAI-compatible endpoint may answer with an error: a generation is refused like a native
     submission, or fails, expires or outlives its connection."""
     if endpoint.request_model is None:
-        return (401, 404) if "{" in endpoint.path else (401,)
-    return (400, 401, 404, 409, 413, 429, 500, 503, 504)
+        return (401, 403, 404) if "{" in endpoint.path else (401, 403)
+    return (400, 401, 403, 404, 409, 413, 429, 500, 503, 504)
 
 
-def _operation(name: str, summary: str, path: str, tag: str, responses: dict[str, Any]) -> dict[str, Any]:
+def _operation(name: str, summary: str, path: str, tag: str, responses: dict[str, Any],
+               scope: str) -> dict[str, Any]:
     operation: dict[str, Any] = {"operationId": name, "summary": summary, "tags": [tag],
+                                 "description": f"Needs an API token with the `{scope}` scope.",
                                  "responses": responses}
     parameters = [{"name": param, "in": "path", "required": True, "schema": {"type": "string"},
                    "description": PATH_PARAMETERS[param], "example": PATH_EXAMPLES[param]}

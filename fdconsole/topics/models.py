@@ -50,6 +50,10 @@ class Topic(models.Model):
 
     class Meta:
         ordering = ["name"]
+        # Creating a topic needs add_topic, changing its model or scheduler parameters change_topic, and
+        # pointing it at another Redis this one as well (``fdconsole.topics.access``).
+        permissions = [("change_topic_redis", "Can change where a topic's Redis is "
+                        "(scheduler_host/port/db/password)")]
 
     def __str__(self) -> str:
         return self.name

@@ -18,7 +18,7 @@ from contextlib import suppress
 
 from redis.exceptions import RedisError
 
-from fdconsole.errors import Forbidden, TopicBusy
+from fdconsole.errors import TopicBusy
 from fdconsole.inference.models import Request
 from fdconsole.inference.sync import sync_request
 from fdconsole.redis_conn import get_topic_store, topic_url
@@ -29,15 +29,6 @@ from scheduler.liveness import limits, node_state
 from scheduler.status import RequestStatus
 
 SYNC_LIMIT = 100  # unfinished rows brought up to date from Redis before counting them
-
-
-def refuse_move_by_non_staff(user, old: SchedulerConfig, new: SchedulerConfig) -> None:
-    """Raise ``Forbidden`` when ``new`` puts the topic in another Redis and ``user`` is not staff: which
-    server the console and the nodes connect to (and run scripts on) is an operator's decision."""
-    field = moved_field(old, new)
-    if field is not None and not getattr(user, "is_staff", False):
-        raise Forbidden(f"only staff may change {field}: it decides which Redis server the console and "
-                        "the topic's nodes connect to", field=field)
 
 
 def moved_field(old: SchedulerConfig, new: SchedulerConfig) -> str | None:

@@ -3,7 +3,8 @@ benchmarks and the commands. Also finding or creating topics and nodes by name, 
 fdcluster need.
 
 The rule. A change is validated (``Topic.validated``; the model by ``checked_model``), allowed for the
-user (only staff may point a topic at another Redis), allowed for the topic (neither moved to another
+user (each kind of change needs its permission, and a topic's Redis must be on a host the operator
+allows: ``fdconsole.topics.access``), allowed for the topic (neither moved to another
 Redis nor given another model while it has work or running nodes: ``fdconsole.topics.moves``), saved,
 and published to the topic's Redis, where running nodes take it up at their next scheduling step.
 All of it happens in one database transaction: when the topic's Redis does not take the
@@ -23,8 +24,9 @@ from redis.exceptions import RedisError
 from fdconsole.errors import UnknownObject
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store, store_for_url, topic_redis_errors, topic_url
+from fdconsole.topics.access import refuse_unlisted_redis_host, refuse_without_permission
 from fdconsole.topics.models import Topic, checked_model
-from fdconsole.topics.moves import refuse_busy_model_change, refuse_busy_move, refuse_move_by_non_staff
+from fdconsole.topics.moves import refuse_busy_model_change, refuse_busy_move
 from scheduler.config import NAME_RE, SchedulerConfig, validate_name
 from scheduler.connection import describe
 from scheduler.errors import ConfigError
@@ -37,7 +39,7 @@ def create_topic(name: str, changes: dict[str, Any] | None = None, *, user=None,
                  from_text: bool = False) -> Topic:
     """A new topic ``name`` with ``changes`` (scheduler parameters and ``model``, by default
     ``FD_MODEL``) over the default configuration, saved and published. ``user`` is who asks (None: the
-    system itself, trusted). Raises ``ConfigError`` (invalid), ``Forbidden``,
+    system itself, trusted with every permission). Raises ``ConfigError`` (invalid), ``Forbidden``,
     ``TopicRedisUnavailable``; a duplicate name is the caller's to refuse first."""
     validate_name(name, "name")
     topic = Topic(name=name, scheduler_topic=name)
@@ -61,7 +63,9 @@ def check_change(topic: Topic, config: SchedulerConfig, user, model: str | None 
     the checked ``model``, when given) now (the admin asks while validating its form, so that a refusal
     shows beside the field)."""
     previous = topic.config
-    refuse_move_by_non_staff(user, previous, config)
+    refuse_unlisted_redis_host(config)
+    if user is not None:
+        refuse_without_permission(user, previous, config, model is not None and model != topic.model)
     refuse_busy_move(topic, previous, config)
     if model is not None:
         refuse_busy_model_change(topic, topic.model, model)
@@ -75,8 +79,10 @@ def _apply(row: Topic, changes: dict[str, Any], user, from_text: bool,
     config = row.validated(changes, from_text=from_text)
     # Setting the model a topic already serves is no change (a client may send back what GET gave).
     new_model = checked_model(model) if previous is None or model != row.model else None
+    refuse_unlisted_redis_host(config)
     if user is not None:  # who may ask first: the busy check reads Redis and tells about the topic's work
-        refuse_move_by_non_staff(user, previous or SchedulerConfig(scheduler_topic=row.name), config)
+        refuse_without_permission(user, previous, config, model_changed=previous is not None and
+                                  new_model is not None)
     if previous is not None:
         refuse_busy_move(row, previous, config)
         if new_model is not None:
