@@ -25,6 +25,10 @@ FD_MODEL = env_str("FD_MODEL", "smollm2")
 FD_DTYPE = env_str("FD_DTYPE", "")
 # The longest request (prompt plus generated tokens) the console accepts, whatever the model's context.
 FD_MAX_MODEL_LEN = env_int("FD_MAX_MODEL_LEN", 2048)
+# Request bodies larger than this get 413 before they are read whole (fdconsole/bounded_input.py); Django
+# refuses the same when a view reads request.body.
+FD_MAX_BODY_BYTES = env_int("FD_MAX_BODY_BYTES", 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = FD_MAX_BODY_BYTES
 # Intra-op threads of a CPU node. Several nodes often share a machine; torch's default (one thread per
 # core each) makes them spin against each other and slows decoding by an order of magnitude.
 FD_TORCH_THREADS = env_int("FD_TORCH_THREADS", 1)

@@ -194,16 +194,13 @@ def parse_submission(body: Any, *, max_model_len: int, encode,
     if not isinstance(body, SubmissionBody):
         body = validated(SubmissionBody, body, InvalidRequest)
     assert body.messages is None, "a chat is rendered into prompt_token_ids before it is parsed"
+    if body.prompt_token_ids is not None:  # its length first: a list too long is not even scanned
+        _refuse_no_room("prompt_token_ids", len(body.prompt_token_ids), max_model_len)
     prompt_ids = _prompt_ids(body, encode, vocab_size)
     if body.max_tokens > max_model_len:
         raise InvalidRequest(f"max_tokens must be between 1 and {max_model_len}", field="max_tokens")
-    prompt_field = "prompt" if body.prompt is not None else "prompt_token_ids"
-    if len(prompt_ids) >= max_model_len:
-        raise InvalidRequest(
-            f"{prompt_field} ({len(prompt_ids)} tokens) leaves no room to generate in the model's "
-            f"context of {max_model_len} tokens",
-            field=prompt_field,
-        )
+    if body.prompt is not None:
+        _refuse_no_room("prompt", len(prompt_ids), max_model_len)
     if len(prompt_ids) + body.max_tokens > max_model_len:
         raise InvalidRequest(
             f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({body.max_tokens}) exceeds "
@@ -214,6 +211,12 @@ def parse_submission(body: Any, *, max_model_len: int, encode,
                               top_p=float(body.top_p), top_k=body.top_k, seed=body.seed, stop=body.stop or ())
     request = Request(request_id=body.request_id or "", prompt_token_ids=prompt_ids, sampling=sampling)
     return request, body.request_id, body.node
+
+
+def _refuse_no_room(field: str, num_tokens: int, max_model_len: int) -> None:
+    if num_tokens >= max_model_len:
+        raise InvalidRequest(f"{field} ({num_tokens} tokens) leaves no room to generate in the model's "
+                             f"context of {max_model_len} tokens", field=field)
 
 
 def _prompt_ids(body: SubmissionBody, encode, vocab_size: int) -> list[int]:
