@@ -6,8 +6,12 @@ NODES ?= 2
 export NODES
 CHROMIUM := /usr/bin/chromium
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+# The production settings README documents (Settings, Production), as `check --deploy` sees them; the
+# secret key is a fresh random one each time (a strong key is one of the things checked).
+DEPLOY_ENV := FD_DEBUG=0 FD_HTTPS=1 FD_ALLOWED_HOSTS=console.example.com \
+	DATABASE_URL=postgres://fd@db.example.com/fd FD_REDIS_URL=redis://:redis-password@redis.example.com:6379/0
 
-.PHONY: install browser run test lint clean
+.PHONY: install browser run test check-deploy lint clean
 
 install: $(VENV)/.installed
 
@@ -34,8 +38,13 @@ browser:
 	$$sudo env $(APT_INSTALL) || { $$sudo apt-get update && $$sudo env $(APT_INSTALL); } || \
 	echo "note: installing chromium failed; the browser tests will be skipped."
 
-test: install browser
+test: install browser check-deploy
 	$(PY) -m pytest -q
+
+# Django's deployment checklist over the documented production settings: any warning fails (CI runs it).
+check-deploy: install
+	@$(DEPLOY_ENV) FD_SECRET_KEY=$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(50))') \
+	  $(PY) manage.py check --deploy --fail-level WARNING
 
 lint: install
 	$(VENV)/bin/ruff check .

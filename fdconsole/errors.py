@@ -4,7 +4,7 @@ as ``{"error": {"code", "message", "field"}}`` with its status; the pages show i
 
 from __future__ import annotations
 
-from scheduler.connection import describe
+from scheduler.connection import describe, redact
 from scheduler.errors import FdError
 
 
@@ -53,7 +53,7 @@ class TopicRedisUnavailable(FdError):
 
     @classmethod
     def of(cls, topic: str, url: str, exc: Exception) -> TopicRedisUnavailable:
-        return cls(f"the Redis of topic '{topic}' at {describe(url)} is unavailable: {exc}")
+        return cls(f"the Redis of topic '{topic}' at {describe(url)} is unavailable: {redact(str(exc), url)}")
 
 
 class UnknownModel(UnknownObject):

@@ -9,6 +9,7 @@ object with ``name`` and ``config``, such as ``fdconsole.topics.models.Topic``) 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,10 +21,11 @@ from redis.exceptions import RedisError
 
 from fdconsole.errors import TopicRedisUnavailable
 from scheduler.config import SchedulerConfig
-from scheduler.connection import connect, topic_redis_url
+from scheduler.connection import connect, describe, redact, topic_redis_url
 from scheduler.store import RequestStore
 from scheduler.telemetry import Telemetry
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _cache: dict[str, RequestStore] = {}  # by URL, least recently used first
 STORES_KEPT = 32
@@ -60,6 +62,18 @@ def get_store() -> RequestStore:
 
 def get_redis() -> Redis:
     return get_store().redis
+
+
+def console_redis_answers() -> bool:
+    """Whether the console's Redis answers a PING; why not is logged here, never shown, and with the
+    password masked."""
+    try:
+        get_redis().ping()
+    except RedisError as exc:
+        url = settings.FD_REDIS_URL
+        log.warning("the console's Redis at %s did not answer: %s", describe(url), redact(str(exc), url))
+        return False
+    return True
 
 
 def _config_of(topic: TopicRef) -> SchedulerConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -13,6 +14,20 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 SECRET_KEY = secret_key(BASE_DIR / ".secret_key")
 DEBUG = env_bool("FD_DEBUG", False)
 ALLOWED_HOSTS = env_list("FD_ALLOWED_HOSTS", "127.0.0.1,localhost")
+
+# Behind TLS (a proxy that terminates it and sets X-Forwarded-Proto): cookies only over HTTPS, HSTS
+# for a year, plain HTTP redirected. `manage.py check --deploy` is clean with it (make test checks).
+FD_HTTPS = env_bool("FD_HTTPS", False)
+if FD_HTTPS:
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # a load balancer's health check may come over plain HTTP
+    SECURE_HSTS_SECONDS = 365 * 24 * 3600
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    # The header only allows the domain's owner to submit it to the browsers' preload list.
+    SECURE_HSTS_PRELOAD = True
+    # Trusted because the proxy sets it: never expose the console itself with FD_HTTPS=1.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 # The console's Redis: rq queues, the Channels layer, and every topic's scheduler keys.
 FD_REDIS_URL = env_str("FD_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -50,6 +65,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "axes",
     "channels",
     "django_rq",
     "fdconsole.topics",
@@ -70,6 +86,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "fdconsole.dashboard.rq_queues.NodeQueuesMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes asks: turns a lockout into its page
 ]
 
 ROOT_URLCONF = "fdconsole.urls"
@@ -91,9 +108,14 @@ TEMPLATES = [
     },
 ]
 
+# Database connections. The console is served over ASGI (daphne runs fdconsole/asgi.py, which sets
+# FD_ASGI), where Django advises against persistent connections: there CONN_MAX_AGE is 0, and on
+# PostgreSQL connections come from psycopg's pool instead. Every other process (fdnode, fdcluster's
+# reaper: long-lived and synchronous) keeps its connection between uses, checked before each reuse.
+FD_ASGI = env_bool("FD_ASGI", False)
 DATABASES = {
     "default": dj_database_url.parse(
-        env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"), conn_max_age=600,
+        env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"), conn_max_age=0 if FD_ASGI else 600,
         conn_health_checks=True,
     )
 }
@@ -103,12 +125,28 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {
         "timeout": 30, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;",
     }
+elif FD_ASGI and DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
 LOGIN_URL = "/login/"
+# Login throttling (django-axes, its attempts kept in the database that every console process shares):
+# after FD_LOGIN_FAILURE_LIMIT failed logins for one user name from one address, that pair is refused
+# (429, the login page saying why) for FD_LOGIN_LOCKOUT_MINUTES after its last attempt. Keyed on the
+# pair, so that nobody can lock a user out from everywhere. The address is the connection's (daphne's
+# REMOTE_ADDR): behind a proxy, the proxy's, which makes it a limit per user name.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("FD_LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("FD_LOGIN_LOCKOUT_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "login.html"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/login/"
 
@@ -143,5 +181,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("FD_LOG_LEVEL", "INFO")},
-    "loggers": {"django.request": {"level": "ERROR"}},
+    # django-axes: its failed logins and lockouts are warnings; its INFO lines are noise in every process.
+    "loggers": {"django.request": {"level": "ERROR"}, "axes": {"level": "WARNING"}},
 }

@@ -6,7 +6,8 @@ topic sets to something other than its default replaces the base URL's part: a t
 nothing shares the base Redis, one that sets only ``scheduler_db=5`` lives in database 5 of the same
 server. With no base URL (the bare scheduler interface) the parameters alone say where to connect.
 Passwords travel URL-quoted and never appear in what ``describe`` returns, which is what logs and
-error messages show.
+error messages show; ``redact`` takes them out of any other text (an exception's message) before it
+is shown.
 
 How scripts run. ``ScriptRunner`` sends scripts (``scheduler.scripts``) with EVALSHA on a connection of
 the calling thread's own, several calls in one round trip; see ``ScriptRunner.run_scripts``.
@@ -102,6 +103,17 @@ def topic_redis_url(config: SchedulerConfig, base_url: str = DEFAULT_BASE_URL) -
 def describe(url: str) -> str:
     """``url`` as logs and errors may show it: host:port and db, without any password."""
     return RedisEndpoint.parse(url).describe()
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` (an exception's message, say) fit to show or log: ``url`` itself replaced by its
+    ``describe``, and its password, as typed or URL-quoted, by ``***`` wherever else it appears."""
+    endpoint = RedisEndpoint.parse(url)
+    text = text.replace(url, endpoint.describe())
+    secrets = {endpoint.password, quote(endpoint.password, safe="")} - {""}
+    for secret in sorted(secrets, key=len, reverse=True):  # the longer first: one may contain the other
+        text = text.replace(secret, "***")
+    return text
 
 
 def connect(url: str) -> Redis:

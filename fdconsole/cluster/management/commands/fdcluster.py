@@ -1,19 +1,22 @@
 """``manage.py fdcluster``: the whole system in the foreground, what ``make run`` runs.
 
 Redis (an embedded one when nothing answers at FD_REDIS_URL), migrations, an admin user and an API
-token (printed), the ASGI console (HTTP and WebSocket, via daphne), ``--nodes`` node workers, and the
-TTL reaper and the live pages' pulse. Ctrl-C (or SIGTERM) stops every process it started.
+token (kept in .run/, the token printed when it is made), the ASGI console (HTTP and WebSocket, via
+daphne), ``--nodes`` node workers, and the TTL reaper and the live pages' pulse. Ctrl-C (or SIGTERM)
+stops every process it started.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
@@ -21,16 +24,27 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from fdconsole.api.models import ApiToken, hash_token
+from fdconsole.api.models import ApiToken
 from fdconsole.cluster.hooks import sync_many
 from fdconsole.dashboard.pulse import PulseThread
 from fdconsole.embedded_redis import start_for_url
+from fdconsole.env import write_private
 from fdconsole.topics.services import ensure_node, ensure_topic, topic_stores
 from scheduler.config import validate_name
+from scheduler.connection import describe, redact
 from scheduler.errors import ConfigError
 from scheduler.reaper import Reaper
 
 STOP_TIMEOUT_S = 15
+
+
+@dataclass(frozen=True)
+class AdminCredentials:
+    """Where ``make run`` keeps the admin's password and its API token (files of mode 0600)."""
+
+    password_file: Path | None  # None: the admin's password is one set elsewhere, not kept here
+    token_file: Path
+    new_token: str | None  # the token, when this run made it: the one time it is printed
 
 
 class Command(BaseCommand):
@@ -54,15 +68,16 @@ class Command(BaseCommand):
         self.stopping = threading.Event()
         try:
             redis = start_for_url(settings.FD_REDIS_URL)
-        except RuntimeError as exc:
-            raise CommandError(str(exc)) from None
+        except RuntimeError as exc:  # its message may quote FD_REDIS_URL, password and all
+            raise CommandError(redact(str(exc), settings.FD_REDIS_URL)) from None
         if redis:
-            self.say(f"Started an embedded Redis at {settings.FD_REDIS_URL} (nothing answered there).")
+            where = describe(settings.FD_REDIS_URL)
+            self.say(f"Started an embedded Redis at {where} (nothing answered there).")
         reaper = pulse = None
         try:
             call_command("migrate", interactive=False, verbosity=0)
             call_command("collectstatic", interactive=False, verbosity=0)
-            login, token = self.admin_credentials()
+            credentials = self.admin_credentials()
             topic = ensure_topic(options["topic"])
             names = [f"node-{i}" for i in range(1, options["nodes"] + 1)]
             for name in names:
@@ -74,7 +89,7 @@ class Command(BaseCommand):
             self.start_console(options["host"], options["port"])
             for name in names:
                 self.start_node(topic.name, name)
-            self.banner(options["host"], options["port"], topic.name, login, token, names)
+            self.banner(options["host"], options["port"], topic.name, credentials, names)
             self.supervise()
         finally:
             self.stop_children()
@@ -131,40 +146,52 @@ class Command(BaseCommand):
                 process.wait()
 
     # -- credentials ----------------------------------------------------------------------------
-    def admin_credentials(self) -> tuple[str, str]:
-        """The admin login and an API token, kept in .run/ (git-ignored) so reruns print the same."""
+    def admin_credentials(self) -> AdminCredentials:
+        """The admin user and an API token, kept in .run/ (git-ignored) so that reruns reuse them."""
         run_dir = Path(os.environ.get("FD_RUN_DIR") or Path(settings.BASE_DIR) / ".run")
         run_dir.mkdir(mode=0o700, exist_ok=True)
-        user_model = get_user_model()
         password_file, token_file = run_dir / "admin_password", run_dir / "api_token"
         password = os.environ.get("FD_ADMIN_PASSWORD") or (
             password_file.read_text().strip() if password_file.exists() else secrets.token_urlsafe(12))
-        admin, created = user_model.objects.get_or_create(
+        admin, created = get_user_model().objects.get_or_create(
             username="admin", defaults={"is_staff": True, "is_superuser": True})
         if created or os.environ.get("FD_ADMIN_PASSWORD"):
             admin.set_password(password)
             admin.save()
-        _write_private(password_file, password)
-        login = f"admin / {password}" if admin.check_password(password) else "admin / (the password you set)"
+            write_private(password_file, password)
+        kept = password_file if admin.check_password(password) else None
         token = token_file.read_text().strip() if token_file.exists() else ""
-        if not token or not ApiToken.objects.filter(token_hash=hash_token(token), revoked=False).exists():
-            _, token = ApiToken.issue(admin, "make run")
-            _write_private(token_file, token)
-        return login, token
+        if token and ApiToken.authenticate(token) is not None:
+            return AdminCredentials(kept, token_file, None)
+        _, token = ApiToken.issue(admin, "make run")
+        write_private(token_file, token)
+        return AdminCredentials(kept, token_file, token)
 
-    def banner(self, host: str, port: int, topic: str, login: str, token: str, names: list[str]) -> None:
+    def banner(self, host: str, port: int, topic: str, credentials: AdminCredentials,
+               names: list[str]) -> None:
+        """Where the admin's password and the API token are kept; the token itself only when this run
+        made it (stdout is often a log file: a secret printed on every start ends up in many)."""
         url = f"http://{host}:{port}"
+        token_file = shlex.quote(str(credentials.token_file))
         self.say("")
         self.say(f"  fdconsole is up: {url}/  (admin: {url}/admin/)")
-        self.say(f"  login:      {login}")
-        self.say(f"  API token:  {token}")
+        if credentials.password_file is not None:
+            self.say(f"  login:      admin, password in {credentials.password_file}")
+        else:
+            self.say("  login:      admin, with the password set for it (FD_ADMIN_PASSWORD sets one)")
+        if credentials.new_token is not None:
+            self.say(f"  API token:  {credentials.new_token}")
+            self.say(f"              (new: printed this once, kept in {credentials.token_file})")
+        else:
+            self.say(f"  API token   kept in {credentials.token_file} (printed once, when it was made)")
         self.say(f"  nodes:      {', '.join(names) or 'none'} (topic {topic})")
         self.say("  try:")
-        self.say(f"    curl -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\")
+        self.say(f"    TOKEN=$(cat {token_file})")
+        self.say("    curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\")
         body = ('{"messages": [{"role": "user", "content": "What is the capital of France?"}], '
                 '"max_tokens": 32}')
         self.say(f"         -d '{body}' {url}/api/v1/topics/{topic}/requests")
-        self.say(f"    curl -N -H 'Authorization: Bearer {token}' {url}/api/v1/requests/<request_id>/stream")
+        self.say(f"    curl -N -H \"Authorization: Bearer $TOKEN\" {url}/api/v1/requests/<request_id>/stream")
         self.say('    (tiny has no chat template: send {"prompt": "Hello"} to a topic serving it)')
         self.say("  Ctrl-C stops everything.")
         self.say("")
@@ -172,8 +199,3 @@ class Command(BaseCommand):
     def say(self, line: str) -> None:
         self.stdout.write(line)
         self.stdout.flush()
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.write_text(text + "\n")
-    path.chmod(0o600)

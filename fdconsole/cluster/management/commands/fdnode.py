@@ -11,8 +11,9 @@ from django.utils import timezone
 
 from fdconsole.cluster.hooks import database_hooks
 from fdconsole.nodes.models import Node
-from fdconsole.redis_conn import get_topic_store
+from fdconsole.redis_conn import get_topic_store, topic_url
 from fdconsole.topics.services import ensure_node, ensure_topic
+from scheduler.connection import describe
 from scheduler.errors import ConfigError
 
 log = logging.getLogger("fdnode")
@@ -46,9 +47,10 @@ class Command(BaseCommand):
         runtime = NodeRuntime(topic=topic.name, name=node.name, role=node.role, store=get_topic_store(topic),
                               engine=engine, hooks=database_hooks(),
                               token_delay_s=settings.FD_TOKEN_DELAY_MS / 1000)
-        log.info("node %s of topic %s ready on %s (role %s, model %s, %s)", node.name, topic.name,
-                 engine.device, node.role, getattr(getattr(engine, "engine", None), "model_name", "none"),
-                 getattr(engine, "describe", lambda: "fixed work")())
+        model = getattr(getattr(engine, "engine", None), "model_name", "none")
+        capacity = getattr(engine, "describe", lambda: "fixed work")()
+        log.info("node %s of topic %s ready on %s (role %s, model %s, %s; Redis at %s)", node.name,
+                 topic.name, engine.device, node.role, model, capacity, describe(topic_url(topic)))
         NodeWorker(runtime).work(burst=options["burst"], logging_level=settings.LOGGING["root"]["level"])
         log.info("node %s stopped", node.name)
 
