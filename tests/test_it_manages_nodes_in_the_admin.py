@@ -125,6 +125,24 @@ def test_node_actions_apply_to_every_selected_node(admin, two_nodes):
     assert {admin_state("node-a"), admin_state("node-b")} == {"enabled"}
 
 
+def test_node_actions_need_the_node_change_permission(db, two_nodes):
+    from django.contrib.auth import get_user_model
+
+    from tests.test_it_serves_the_console_pages import with_permissions
+
+    viewer = with_permissions(get_user_model().objects.create_user("watcher", is_staff=True),
+                              "nodes.view_node")
+    browser = Client()
+    browser.force_login(viewer)
+    page = browser.get("/admin/nodes/node/").content.decode()
+    assert "node-a" in page and "disable_nodes" not in page  # listed, no action offered
+    browser.post("/admin/nodes/node/", {"action": "disable_nodes", "_selected_action": [two_nodes[0].pk]})
+    assert admin_state("node-a") == "enabled"
+    with_permissions(viewer, "nodes.change_node")
+    browser.post("/admin/nodes/node/", {"action": "disable_nodes", "_selected_action": [two_nodes[0].pk]})
+    assert admin_state("node-a") == "disabled"
+
+
 def test_a_live_node_shows_draining_in_the_api_after_the_action(admin, api, store, two_nodes):
     store.write_heartbeat("default", "node-a", {"state": "idle"})
     assert api.get("/api/v1/nodes/node-a").json()["state"] == "idle"
