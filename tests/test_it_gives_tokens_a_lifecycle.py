@@ -225,3 +225,49 @@ def test_a_revoked_token_cannot_be_restored_in_the_admin(admin, api_user, api_to
                                                          "revoked": ""})
     row.refresh_from_db()
     assert row.revoked
+
+
+def test_a_submit_only_token_cancels_without_reading_the_output(api_user, node):
+    _, write = ApiToken.issue(api_user, "writer", scopes="submit")
+    writer = client_of(write)
+    assert submit(writer, request_id="w").status_code == 202
+    answer = writer.delete("/api/v1/requests/w")
+    assert answer.status_code in (200, 202) and answer.json() == {"request_id": "w", "status": "cancelled"}
+
+
+def test_a_stream_ends_once_its_token_is_revoked(api_user, node, monkeypatch):
+    from asgiref.sync import async_to_sync
+
+    from fdconsole.api import stream
+    from fdconsole.inference import limits
+
+    monkeypatch.setattr(stream, "KEEPALIVE_S", 0.05)  # news (a keep-alive) comes at once
+    monkeypatch.setattr(limits, "STREAM_RENEW_S", 0.0)  # and each one renews, checking the token
+    token, plain = ApiToken.issue(api_user, "watch")
+    client = client_of(plain)
+    assert submit(client, request_id="long").status_code == 202  # queued: it would stream for hours
+    opened = client.get("/api/v1/requests/long/stream")
+    assert opened.status_code == 200
+    token.revoke()
+
+    async def read(chunks) -> str:
+        return b"".join([chunk async for chunk in chunks]).decode()
+
+    started = time.monotonic()
+    body = async_to_sync(read)(opened.streaming_content)  # ends: no done, no error, just the end
+    assert time.monotonic() - started < 10 and "event: done" not in body
+    assert client.get("/api/v1/requests/long/stream").status_code == 401
+
+
+def test_a_users_page_streams_are_bounded_too(api_user, api, node, settings):
+    from asgiref.sync import async_to_sync
+
+    from fdconsole.inference.limits import StreamSlot
+
+    settings.FD_MAX_STREAMS_PER_TOKEN = 1
+    assert api.post(SUBMIT, {"prompt": "Hi", "max_tokens": 4, "request_id": "p"}).status_code == 202
+    browser = Client()
+    browser.force_login(api_user)
+    async_to_sync(StreamSlot(api_user).take)()  # another tab holds the one stream
+    refused = browser.get("/requests/p/stream")
+    assert refused.status_code == 429 and "FD_MAX_STREAMS_PER_TOKEN" in refused.content.decode()

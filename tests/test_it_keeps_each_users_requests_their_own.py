@@ -125,3 +125,39 @@ def test_a_topic_redis_must_be_on_a_host_the_operator_allows(api, node, settings
     assert made.status_code == 400 and made.json()["error"]["field"] == "scheduler_host"
     settings.FD_TOPIC_REDIS_HOSTS = ["127.0.0.1", "localhost"]
     assert api.patch("/api/v1/topics/default", {"scheduler_host": "localhost"}).status_code == 200
+
+
+def test_the_rq_pages_need_the_permission_to_view_all_requests(api, node, people):
+    from django.contrib.auth import get_user_model
+
+    from tests.test_it_serves_the_console_pages import with_permissions
+
+    staff = get_user_model().objects.create_user("stan", is_staff=True)
+    browser = Client()
+    browser.force_login(staff)
+    refused = browser.get("/rq/")
+    assert refused.status_code == 403 and "inference.view_all_requests" in refused.content.decode()
+    with_permissions(staff, "inference.view_all_requests")
+    assert browser.get("/rq/").status_code == 200
+    from django_rq.settings import get_queues_list
+
+    submitted(api, "queued-1")
+    browser.get("/rq/")  # the node queues are listed from the Node table
+    index = next(i for i, q in enumerate(get_queues_list()) if q["name"] != "default")
+    cleared = browser.post(f"/rq/queues/{index}/failed/clear/")  # a write on a node queue
+    assert cleared.status_code == 409
+
+
+def test_the_admin_shows_a_topic_password_masked_to_who_may_only_view_it(api, node, db):
+    from django.contrib.auth import get_user_model
+
+    from fdconsole.topics.models import Topic
+    from tests.test_it_serves_the_console_pages import with_permissions
+
+    Topic.objects.filter(name="default").update(scheduler_password="TOPSECRETPW")
+    viewer = with_permissions(get_user_model().objects.create_user("vic", is_staff=True), "topics.view_topic")
+    browser = Client()
+    browser.force_login(viewer)
+    pk = Topic.objects.get(name="default").pk
+    page = browser.get(f"/admin/topics/topic/{pk}/change/").content.decode()
+    assert "Scheduler password" in page and "TOPSECRETPW" not in page

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from fdconsole.api.http import bearer_token, fd_error_response, method_not_allowed, require_scope
 from fdconsole.api.schemas import STREAM_REQUEST
-from fdconsole.errors import ModelUnavailable, TopicRedisUnavailable
+from fdconsole.errors import ApiError, ModelUnavailable, TopicRedisUnavailable
 from fdconsole.inference.access import request_for
 from fdconsole.inference.limits import StreamSlot
 from fdconsole.inference.models import Request
@@ -94,6 +94,8 @@ async def stream_request(request: HttpRequest, request_id: str) -> HttpResponse:
         slot = await StreamSlot(token).take()  # released when the stream ends (sse_events)
     except FdError as exc:
         return fd_error_response(exc)
+    except RedisError as exc:  # the console's own, where stream slots are kept
+        return fd_error_response(ApiError(503, "redis_unavailable", f"Redis did not answer: {exc}"))
     return sse_response(row, slot)
 
 

@@ -53,13 +53,16 @@ def request_detail(request: HttpRequest, user, request_id: str) -> JsonResponse:
     row = request_to_cancel(user, request_id) if request.method == "DELETE" else request_for(user, request_id)
     with topic_redis_errors(row.topic):
         if request.method == "DELETE":
-            return _cancel(row)
+            return _cancel(row, "read" in request.api_token.scope_set)
         return JsonResponse(sync_request(row).as_api())
 
 
-def _cancel(row: Request) -> JsonResponse:
+def _cancel(row: Request, may_read: bool) -> JsonResponse:
+    """The request object after the cancel; only its id and status for a token without the read scope
+    (a submit-only token cancels, it does not read outputs)."""
     row = cancel_request(row)
-    return JsonResponse(row.as_api(), status=200 if row.is_final else 202)
+    body = row.as_api() if may_read else {"request_id": row.request_id, "status": row.status}
+    return JsonResponse(body, status=200 if row.is_final else 202)
 
 
 # -- topics -----------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@ Node table, so the list is rebuilt from it before each /rq/ page (django-rq read
 
 A node queue is the scheduler's: its scripts keep each node's load score equal to its queue's length
 and every waiting request in the topic's waiting set. django-rq's write actions (delete, requeue,
-enqueue, stop, empty, bulk actions) change the queue behind the scripts' back, so on node queues they
-are refused with where to go instead: cancel a request from its page or the API, drain or disable a
-node in the admin. The console's own ``default`` queue keeps every action.
+enqueue, stop, empty, clear failed, bulk actions: every view but the reading ones) change the queue
+behind the scripts' back, so on node queues they are refused with where to go instead: cancel a
+request from its page or the API, drain or disable a node in the admin. The console's own
+``default`` queue keeps every action. The pages list every user's requests, so staff also need
+``inference.view_all_requests`` to see them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
 from django.shortcuts import render
 from django.urls import Resolver404, resolve
 
@@ -21,8 +23,14 @@ from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import topic_url
 from scheduler import keys
 
-WRITE_VIEWS = frozenset({"delete_job", "requeue_job", "enqueue_job", "stop_job", "clear", "requeue_all",
-                         "confirm_action", "actions"})
+# django-rq's views that only read; any other (delete, requeue, enqueue, stop, empty, clear failed, bulk
+# actions, and whatever a later django-rq adds) is a write, refused on node queues.
+READ_VIEWS = frozenset({"home", "home_json", "metrics", "jobs", "queue_details", "finished_jobs",
+                        "failed_jobs", "scheduled_jobs", "started_jobs", "deferred_jobs", "job_detail",
+                        "result_detail", "workers", "worker_details", "scheduler_jobs",
+                        "cron_scheduler_detail", "cron_job_detail"})
+# Its pages list every user's requests (ids, statuses, results): staff need this permission too.
+VIEW_PERMISSION = "inference.view_all_requests"
 
 
 def node_queues() -> dict[str, dict[str, str]]:
@@ -41,6 +49,10 @@ class NodeQueuesMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if request.path.startswith("/rq/"):
+            user = request.user
+            if user.is_authenticated and user.is_staff and not user.has_perm(VIEW_PERMISSION):
+                return HttpResponseForbidden(f"The rq pages show every user's requests: they need the "
+                                             f"permission {VIEW_PERMISSION}.", content_type="text/plain")
             settings.RQ_QUEUES = node_queues()
             refusal = refuse_node_queue_writes(request)
             if refusal is not None:
@@ -54,7 +66,7 @@ def refuse_node_queue_writes(request: HttpRequest) -> HttpResponse | None:
         match = resolve(request.path_info)
     except Resolver404:
         return None
-    if match.url_name not in WRITE_VIEWS or not (request.user.is_authenticated and request.user.is_staff):
+    if match.url_name in READ_VIEWS or not (request.user.is_authenticated and request.user.is_staff):
         return None  # reads, and anyone django-rq itself turns away
     from django_rq.settings import get_queues_list
 

@@ -179,7 +179,9 @@ def _config_fields(row: Topic, submitted: dict[str, str], errors: dict[str, str]
 @login_required
 def request_list(request: HttpRequest) -> HttpResponse:
     rows = visible_requests(request.user).order_by("-created_at")
-    filters = {key: request.GET.get(key, "").strip() for key in ("topic", "status", "node")}
+    # A NUL can name nothing here, and PostgreSQL refuses it in a query with an error: dropped.
+    filters = {key: request.GET.get(key, "").replace("\x00", "").strip()
+               for key in ("topic", "status", "node")}
     if filters["topic"]:
         rows = rows.filter(topic__name=filters["topic"])
     if filters["status"]:
@@ -200,12 +202,14 @@ def request_list(request: HttpRequest) -> HttpResponse:
 @login_required
 def request_new(request: HttpRequest) -> HttpResponse:
     topics = list(Topic.objects.order_by("name"))
-    form = {"topic": request.GET.get("topic") or (topics[0].name if topics else ""), **FORM_DEFAULTS}
+    asked = request.GET.get("topic", "").replace("\x00", "")  # PostgreSQL refuses a NUL in a query
+    form = {"topic": asked or (topics[0].name if topics else ""), **FORM_DEFAULTS}
     chat = CHAT_DEFAULT
     error = None
     if request.method == "POST":
         form.update({key: request.POST.get(key, "").strip() for key in form})
         form["prompt"] = request.POST.get("prompt", "")  # the prompt as typed, spaces included
+        form["topic"] = form["topic"].replace("\x00", "")  # looked up below: no NUL (PostgreSQL)
         chat = _chat_messages(request)
         try:
             row = _submit_form(form, chat, request.user)
@@ -304,9 +308,18 @@ async def request_stream(request: HttpRequest, request_id: str) -> HttpResponse:
     from asgiref.sync import sync_to_async
 
     from fdconsole.api.stream import sse_response
+    from fdconsole.inference.limits import RateLimited, StreamSlot
 
     user = await request.auser()
-    return sse_response(await sync_to_async(_request_or_404)(user, request_id))
+    row = await sync_to_async(_request_or_404)(user, request_id)
+    try:
+        slot = await StreamSlot(user).take()  # a user's page streams are bounded as a token's are
+    except RateLimited as exc:
+        return HttpResponse(exc.message, status=429, headers={"Retry-After": str(exc.retry_after)},
+                            content_type="text/plain")
+    except RedisError:
+        return HttpResponse("Redis did not answer", status=503, content_type="text/plain")
+    return sse_response(row, slot)
 
 
 @login_required

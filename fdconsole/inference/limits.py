@@ -11,9 +11,10 @@ and a message naming the limit (``RateLimited``).
   token's unfinished rows first: a request that ended but nobody has read since never holds a place.
   Submissions of one token are serialised on its row, so two at once cannot both take the last place.
 - Open streams (``FD_MAX_STREAMS_PER_TOKEN``) are Server-Sent Event streams and whole OpenAI answers
-  (both hold a connection until the request ends): each holds a slot in a sorted set of the console's
-  Redis, scored by when its lease ends; an open stream renews it, a closed one removes it, and a
-  process that died leaves slots that lapse within ``STREAM_LEASE_S``.
+  (both hold a connection until the request ends), per token, and the pages' streams per user: each
+  holds a slot in a sorted set of the console's Redis, scored by when its lease ends; an open stream
+  renews it (and ends once its token is revoked or expired, or its user deactivated), a closed one
+  removes it, and a process that died leaves slots that lapse within ``STREAM_LEASE_S``.
 """
 
 from __future__ import annotations
@@ -111,14 +112,18 @@ def _unfinished(token: ApiToken) -> int:
 
 
 # -- open streams -----------------------------------------------------------------------------------
-def _streams_key(token: ApiToken) -> str:
-    return f"fd:limits:streams:{token.pk}"
+def _is_token(owner) -> bool:
+    return hasattr(owner, "token_hash")
 
 
-def open_stream(token: ApiToken) -> str:
-    """Takes a stream slot of ``token``; returns its id. ``RateLimited`` when all
-    ``FD_MAX_STREAMS_PER_TOKEN`` are taken."""
-    limit, key, slot = settings.FD_MAX_STREAMS_PER_TOKEN, _streams_key(token), uuid.uuid4().hex
+def _streams_key(owner) -> str:
+    return f"fd:limits:streams:{owner.pk}" if _is_token(owner) else f"fd:limits:streams:user:{owner.pk}"
+
+
+def open_stream(owner) -> str:
+    """Takes a stream slot of ``owner`` (an API token, or the user of a page's stream); returns its id.
+    ``RateLimited`` when all ``FD_MAX_STREAMS_PER_TOKEN`` are taken."""
+    limit, key, slot = settings.FD_MAX_STREAMS_PER_TOKEN, _streams_key(owner), uuid.uuid4().hex
     now = time.time()
     redis = get_redis()
     with redis.pipeline() as pipe:  # MULTI/EXEC: lapse the dead, take a slot, count
@@ -129,45 +134,63 @@ def open_stream(token: ApiToken) -> str:
         held = pipe.execute()[-1]
     if held > limit:
         redis.zrem(key, slot)
-        raise RateLimited(f"this API token has {limit} streams open (FD_MAX_STREAMS_PER_TOKEN): close one "
-                          "first", retry_after=1)
+        who = "this API token has" if _is_token(owner) else "you have"
+        raise RateLimited(f"{who} {limit} streams open (FD_MAX_STREAMS_PER_TOKEN): close one first",
+                          retry_after=1)
     return slot
 
 
-def renew_stream(token: ApiToken, slot: str) -> None:
-    key, redis = _streams_key(token), get_redis()
+def renew_stream(owner, slot: str) -> bool:
+    """Renews the slot while ``owner`` may still stream: a token not revoked or expired since, a user
+    still active. Returns False (and lets the slot go) when it may not."""
+    if not _still_allowed(owner):
+        close_stream(owner, slot)
+        return False
+    key, redis = _streams_key(owner), get_redis()
     redis.zadd(key, {slot: time.time() + STREAM_LEASE_S}, xx=True)
     redis.expire(key, int(STREAM_LEASE_S) * 2)
+    return True
 
 
-def close_stream(token: ApiToken, slot: str) -> None:
-    get_redis().zrem(_streams_key(token), slot)
+def _still_allowed(owner) -> bool:
+    fresh = type(owner).objects.filter(pk=owner.pk).first()
+    if fresh is None:
+        return False
+    return fresh.refusal() is None if _is_token(owner) else fresh.is_active
+
+
+def close_stream(owner, slot: str) -> None:
+    get_redis().zrem(_streams_key(owner), slot)
 
 
 class StreamSlot:
-    """A stream slot of ``token`` (None: a page's stream, which no token limits): ``take`` it before the
-    stream answers, pass its events through ``kept`` (which renews it as they flow), ``release`` it when
+    """A stream slot of ``owner`` (an API token; a user for a page's stream; None: unlimited): ``take``
+    it before the stream answers, pass its events through ``kept`` (which renews it as they flow, and
+    ends the stream once the token is revoked or expired, or the user deactivated), ``release`` it when
     the stream ends. A slot never released lapses after ``STREAM_LEASE_S``."""
 
-    def __init__(self, token: ApiToken | None) -> None:
-        self.token, self.slot, self.renewed = token, None, 0.0
+    def __init__(self, owner) -> None:
+        self.owner, self.slot, self.renewed = owner, None, 0.0
 
     async def take(self) -> Self:
-        if self.token is not None:
-            self.slot = await sync_to_async(open_stream, thread_sensitive=False)(self.token)
+        if self.owner is not None:
+            self.slot = await sync_to_async(open_stream, thread_sensitive=False)(self.owner)
             self.renewed = time.monotonic()
         return self
 
     async def release(self) -> None:
         if self.slot is not None:
             slot, self.slot = self.slot, None
-            await sync_to_async(close_stream, thread_sensitive=False)(self.token, slot)
+            await sync_to_async(close_stream, thread_sensitive=False)(self.owner, slot)
 
     async def kept(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
-        """``events`` (closed with this iterator), renewing the slot every ``STREAM_RENEW_S``."""
+        """``events`` (closed with this iterator), renewing the slot every ``STREAM_RENEW_S``; they stop
+        when the owner may no longer stream."""
         async with aclosing(events):
             async for event in events:
                 if self.slot is not None and time.monotonic() - self.renewed > STREAM_RENEW_S:
                     self.renewed = time.monotonic()
-                    await sync_to_async(renew_stream, thread_sensitive=False)(self.token, self.slot)
+                    if not await sync_to_async(renew_stream, thread_sensitive=False)(self.owner, self.slot):
+                        self.slot = None  # let go already
+                        return
                 yield event

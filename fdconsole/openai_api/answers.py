@@ -154,10 +154,11 @@ def stream_ended() -> GenerationFailed:
 
 
 # -- whole ------------------------------------------------------------------------------------------
-async def whole_answer(shape: Shape, row: Request) -> JsonResponse:
-    """Wait for the request to end; its whole answer, or the error it ended with."""
+async def whole_answer(shape: Shape, row: Request, slot: StreamSlot | None = None) -> JsonResponse:
+    """Wait for the request to end; its whole answer, or the error it ended with. The API token's
+    stream ``slot`` is renewed while it waits (its caller releases it)."""
     texts = []
-    async with aclosing(request_events(row)) as events:
+    async with aclosing((slot or StreamSlot(None)).kept(request_events(row))) as events:
         async for event in events:
             if isinstance(event, TokenEvent):
                 texts.append(event.text)

@@ -63,7 +63,7 @@ async def generate(shape: type[Shape], body: GenerationRequest, request: HttpReq
         await slot.release()
         raise
     try:
-        return await whole_answer(shape(row), row)
+        return await whole_answer(shape(row), row, slot)
     finally:
         await slot.release()
 

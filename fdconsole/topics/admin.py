@@ -13,7 +13,7 @@ from django.http import HttpResponseRedirect
 
 from fdconsole.topics.models import MODEL_HELP, Topic, checked_model
 from fdconsole.topics.services import change_topic, check_change, create_topic
-from scheduler.config import PARAMETERS
+from scheduler.config import PARAMETERS, PASSWORD_MASK
 from scheduler.errors import FdError
 
 
@@ -63,7 +63,7 @@ class TopicAdmin(admin.ModelAdmin):
                     "updated_at")
     list_filter = ("scheduler_name",)
     search_fields = ("name",)
-    readonly_fields = ("created_at", "updated_at")
+    readonly_fields = ("created_at", "updated_at", "password_masked")
     fieldsets = (
         (None, {"fields": ("name", "created_at", "updated_at")}),
         ("Model", {"fields": ("model",)}),
@@ -73,6 +73,17 @@ class TopicAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request, obj=None):
         # Keys in Redis and rows of in-flight requests hang off the name: it cannot change.
         return (*self.readonly_fields, "name") if obj else self.readonly_fields
+
+    def get_fieldsets(self, request, obj=None):
+        if obj is None or self.has_change_permission(request, obj):
+            return self.fieldsets
+        # Shown read-only, every field is printed as it is: the password only masked.
+        masked = tuple("password_masked" if p.name == "scheduler_password" else p.name for p in PARAMETERS)
+        return (*self.fieldsets[:2], ("Scheduler", {"fields": masked}))
+
+    @admin.display(description="scheduler password")
+    def password_masked(self, topic: Topic) -> str:
+        return PASSWORD_MASK if topic.scheduler_password else ""
 
     def get_form(self, request, obj=None, change=False, **kwargs):
         form = super().get_form(request, obj, change, **kwargs)
