@@ -165,6 +165,30 @@ def test_make_run_keeps_its_secrets_in_owner_only_files_and_prints_the_token_onc
     assert (run_dir / "api_token").read_text().strip() == token
 
 
+@pytest.mark.e2e
+def test_the_embedded_redis_of_make_run_asks_for_a_password_kept_owner_only(cluster_env):
+    from redis import Redis
+    from redis.exceptions import AuthenticationError, ResponseError
+
+    run_dir, port, redis_port = Path(cluster_env["FD_RUN_DIR"]), free_port(), free_port()
+    env = {**cluster_env, "FD_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}  # nothing answers there
+    run = Run(env, port)
+    try:
+        banner = run.wait_for_banner()
+        password = (run_dir / "redis_password").read_text().strip()
+        assert mode(run_dir / "redis_password") == 0o600 and len(password) >= 24
+        assert f"asks for the password in {run_dir / 'redis_password'}" in banner
+        with pytest.raises((AuthenticationError, ResponseError), match="(?i)auth"):
+            Redis(port=redis_port).ping()  # another user of the machine: refused
+        assert Redis(port=redis_port, password=password).ping()
+        wait_for_health(f"http://127.0.0.1:{port}")  # the console was given the password
+    finally:
+        said = run.stop()
+    assert password not in said
+    with pytest.raises(RedisConnectionError):
+        Redis(port=redis_port, password=password, socket_connect_timeout=1).ping()  # stopped with the run
+
+
 def test_make_run_names_a_redis_it_cannot_reach_without_its_password(cluster_env):
     env = {**cluster_env, "FD_REDIS_URL": f"redis://:{PASSWORD}@192.0.2.1:6379/0"}  # TEST-NET: no one there
     done = subprocess.run([sys.executable, "manage.py", "fdcluster", "--nodes", "0"], cwd=ROOT, env=env,

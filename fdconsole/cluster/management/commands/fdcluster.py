@@ -66,13 +66,16 @@ class Command(BaseCommand):
             raise CommandError(exc.message) from None
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.stopping = threading.Event()
+        asked = settings.FD_REDIS_URL
         try:
-            redis = start_for_url(settings.FD_REDIS_URL)
+            redis, url = start_for_url(asked, run_dir() / "redis_password")
         except RuntimeError as exc:  # its message may quote FD_REDIS_URL, password and all
-            raise CommandError(redact(str(exc), settings.FD_REDIS_URL)) from None
+            raise CommandError(redact(str(exc), asked)) from None
+        if url != asked:  # the embedded Redis asks for a password: every process of this run gives it
+            use_redis_url(url)
         if redis:
-            where = describe(settings.FD_REDIS_URL)
-            self.say(f"Started an embedded Redis at {where} (nothing answered there).")
+            kept = f"; it asks for the password in {run_dir() / 'redis_password'}" if url != asked else ""
+            self.say(f"Started an embedded Redis at {describe(url)} (nothing answered there){kept}.")
         reaper = pulse = None
         try:
             call_command("migrate", interactive=False, verbosity=0)
@@ -148,9 +151,7 @@ class Command(BaseCommand):
     # -- credentials ----------------------------------------------------------------------------
     def admin_credentials(self) -> AdminCredentials:
         """The admin user and an API token, kept in .run/ (git-ignored) so that reruns reuse them."""
-        run_dir = Path(os.environ.get("FD_RUN_DIR") or Path(settings.BASE_DIR) / ".run")
-        run_dir.mkdir(mode=0o700, exist_ok=True)
-        password_file, token_file = run_dir / "admin_password", run_dir / "api_token"
+        password_file, token_file = run_dir() / "admin_password", run_dir() / "api_token"
         password = os.environ.get("FD_ADMIN_PASSWORD") or (
             password_file.read_text().strip() if password_file.exists() else secrets.token_urlsafe(12))
         admin, created = get_user_model().objects.get_or_create(
@@ -199,3 +200,19 @@ class Command(BaseCommand):
     def say(self, line: str) -> None:
         self.stdout.write(line)
         self.stdout.flush()
+
+
+def run_dir() -> Path:
+    """Where ``make run`` keeps its secrets (FD_RUN_DIR, default .run/): owner-only."""
+    path = Path(os.environ.get("FD_RUN_DIR") or Path(settings.BASE_DIR) / ".run")
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def use_redis_url(url: str) -> None:
+    """Makes ``url`` the console's Redis here and in every process started from now on (the console,
+    the nodes): the settings that name it, and FD_REDIS_URL."""
+    os.environ["FD_REDIS_URL"] = url
+    settings.FD_REDIS_URL = url
+    settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [url]
+    settings.RQ_QUEUES["default"]["URL"] = url
