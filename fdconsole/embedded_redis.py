@@ -39,14 +39,21 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
 
 
 class EmbeddedRedis:
-    """A private redis-server on ``host:port`` that keeps nothing on disk; ``stop()`` ends it. With a
-    ``password`` it refuses every client that does not give it (Redis's own advice: never an open
-    server); the password goes to the server in a 0600 configuration file, never on its command line,
-    where any user of the machine could read it."""
+    """A private redis-server on ``host:port``; ``stop()`` ends it.
 
-    def __init__(self, port: int, host: str = "127.0.0.1", password: str = "") -> None:
+    With a ``password`` it refuses every client that does not give it (Redis's own advice: never an
+    open server); the password goes to the server in a 0600 configuration file, never on its command
+    line, where any user of the machine could read it. With a ``data_dir`` it keeps its data there in
+    an append-only file synced every second, so that a restart (of it, or of the machine) loses at
+    most a second of work; without one (the tests' servers) it keeps nothing on disk. It never evicts:
+    at ``maxmemory`` a write fails loudly instead of a queued request silently disappearing.
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1", password: str = "", data_dir: Path | None = None,
+                 maxmemory: str = "0") -> None:
         self.host, self.port, self.password = host, port, password
-        self.dir = tempfile.mkdtemp(prefix="fd-redis-")  # 0700
+        self.data_dir, self.maxmemory = data_dir, maxmemory
+        self.dir = tempfile.mkdtemp(prefix="fd-redis-")  # 0700: the configuration file
         self.process: subprocess.Popen | None = None
 
     @property
@@ -60,9 +67,15 @@ class EmbeddedRedis:
             config = Path(self.dir) / "redis.conf"
             write_private(config, f"requirepass {self.password}")
             argv.append(str(config))  # a configuration file comes first, the options after it
+        if self.data_dir is not None:
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            persistence = ["--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec"]
+        else:
+            persistence = ["--dir", self.dir, "--appendonly", "no"]
         self.process = subprocess.Popen(
-            [*argv, "--port", str(self.port), "--bind", self.host, "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--daemonize", "no", "--loglevel", "warning"],
+            [*argv, "--port", str(self.port), "--bind", self.host, "--save", "", *persistence,
+             "--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction", "--daemonize", "no",
+             "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout
@@ -75,7 +88,16 @@ class EmbeddedRedis:
         self.stop()
         raise RuntimeError(f"redis-server did not answer on {self.host}:{self.port} within {timeout}s")
 
-    def stop(self) -> None:
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def restart(self, timeout: float = 10.0) -> EmbeddedRedis:
+        """Starts it again after it died, on the same port with the same password and data."""
+        self.stop(keep_dir=True)
+        return self.start(timeout)
+
+    def stop(self, keep_dir: bool = False) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -83,14 +105,17 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_for_url(url: str, password_file: Path | None = None) -> tuple[EmbeddedRedis | None, str]:
+def start_for_url(url: str, password_file: Path | None = None, data_dir: Path | None = None,
+                  maxmemory: str = "0") -> tuple[EmbeddedRedis | None, str]:
     """Start an embedded server where ``url`` points, unless something already answers there; returns it
     (None when none was started) and the URL to use. A ``url`` without a password given a
     ``password_file`` gets a server that asks for the password kept there (made at random, 0600, on
-    first use), and the URL with it: a server on this machine is never left open to its other users."""
+    first use), and the URL with it: a server on this machine is never left open to its other users.
+    ``data_dir`` and ``maxmemory``: see ``EmbeddedRedis``."""
     if redis_answers(url):
         return None, url
     endpoint = RedisEndpoint.parse(url)
@@ -104,5 +129,22 @@ def start_for_url(url: str, password_file: Path | None = None) -> tuple[Embedded
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise RuntimeError(f"nothing answers at {url}, and an embedded Redis can only run on this machine")
     server = EmbeddedRedis(endpoint.port or 6379, "127.0.0.1" if host == "localhost" else host,
-                           endpoint.password).start()
+                           endpoint.password, data_dir, maxmemory).start()
     return server, endpoint.url
+
+
+def eviction_risk(redis: Redis) -> str | None:
+    """What is wrong with ``redis``'s eviction policy for a scheduler (one that may drop keys when memory
+    runs out drops queued requests), or None when it never evicts. A server that will not tell (CONFIG
+    is often renamed away on managed services) is not reported."""
+    try:
+        reply = redis.config_get("maxmemory-policy")
+    except RedisError:
+        return None
+    policy = next(iter(reply.values()), None) if reply else None
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    if policy in (None, "noeviction"):
+        return None
+    return (f"maxmemory-policy is {policy}: when its memory runs out this Redis drops keys, queued "
+            "requests among them; set it to noeviction")

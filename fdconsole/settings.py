@@ -56,6 +56,9 @@ FD_TOPIC_REDIS_HOSTS = env_list("FD_TOPIC_REDIS_HOSTS", "")
 # Requests that may wait in one topic at once, whatever its scheduler (local also bounds each node's
 # queue by scheduler_max_size); beyond it a submission is a 429.
 FD_MAX_WAITING_PER_TOPIC = env_int("FD_MAX_WAITING_PER_TOPIC", 10000)
+# The memory of the embedded Redis that make run starts (redis-server's maxmemory: 0 is no limit). It
+# never evicts: past it, writes fail instead of queued requests vanishing.
+FD_EMBEDDED_REDIS_MAXMEMORY = env_str("FD_EMBEDDED_REDIS_MAXMEMORY", "1gb")
 
 INSTALLED_APPS = [
     "daphne",

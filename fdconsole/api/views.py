@@ -24,6 +24,7 @@ from fdconsole.api.schemas import (
     UPDATE_TOPIC,
     given,
 )
+from fdconsole.embedded_redis import eviction_risk
 from fdconsole.errors import ApiError, UnknownObject
 from fdconsole.inference.access import request_for, request_to_cancel
 from fdconsole.inference.models import Request
@@ -31,7 +32,7 @@ from fdconsole.inference.submit import submit_request
 from fdconsole.inference.sync import cancel_request, sync_request
 from fdconsole.nodes.models import Node
 from fdconsole.nodes.status import describe_nodes
-from fdconsole.redis_conn import console_redis_answers, topic_redis_errors
+from fdconsole.redis_conn import console_redis_answers, get_redis, topic_redis_errors
 from fdconsole.topics.models import Topic
 from fdconsole.topics.services import change_topic, create_topic, get_topic
 from scheduler.config import NAME_RE
@@ -132,4 +133,8 @@ def healthz(request: HttpRequest) -> JsonResponse:
         failed.append("redis")
     if failed:
         return JsonResponse({"status": "unavailable", "failed": failed}, status=503)
-    return JsonResponse({"status": "ok", "database": "ok", "redis": "ok"})
+    answer = {"status": "ok", "database": "ok", "redis": "ok"}
+    risk = eviction_risk(get_redis())
+    if risk:  # it answers, but could drop queued requests when its memory runs out
+        answer["warnings"] = [f"redis: {risk}"]
+    return JsonResponse(answer)

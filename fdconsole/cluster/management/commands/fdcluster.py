@@ -23,11 +23,12 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+from redis import Redis
 
 from fdconsole.api.models import ApiToken
 from fdconsole.cluster.hooks import sync_many
 from fdconsole.dashboard.pulse import PulseThread
-from fdconsole.embedded_redis import start_for_url
+from fdconsole.embedded_redis import eviction_risk, start_for_url
 from fdconsole.env import write_private
 from fdconsole.topics.services import ensure_node, ensure_topic, topic_stores
 from scheduler.config import validate_name
@@ -36,6 +37,7 @@ from scheduler.errors import ConfigError
 from scheduler.reaper import Reaper
 
 STOP_TIMEOUT_S = 15
+REDIS_BACKOFF_S = 2.0  # between two starts of a dying embedded Redis
 
 
 @dataclass(frozen=True)
@@ -68,14 +70,21 @@ class Command(BaseCommand):
         self.stopping = threading.Event()
         asked = settings.FD_REDIS_URL
         try:
-            redis, url = start_for_url(asked, run_dir() / "redis_password")
+            redis, url = start_for_url(asked, run_dir() / "redis_password", data_dir=run_dir() / "redis",
+                                       maxmemory=settings.FD_EMBEDDED_REDIS_MAXMEMORY)
         except RuntimeError as exc:  # its message may quote FD_REDIS_URL, password and all
             raise CommandError(redact(str(exc), asked)) from None
         if url != asked:  # the embedded Redis asks for a password: every process of this run gives it
             use_redis_url(url)
         if redis:
             kept = f"; it asks for the password in {run_dir() / 'redis_password'}" if url != asked else ""
-            self.say(f"Started an embedded Redis at {describe(url)} (nothing answered there){kept}.")
+            self.say(f"Started an embedded Redis at {describe(url)} (nothing answered there), its data in "
+                     f"{run_dir() / 'redis'}{kept}.")
+        self.redis, self.redis_started = redis, time.monotonic()
+        with Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2) as probe:
+            risk = eviction_risk(probe)
+        if risk:
+            self.say(f"Warning: the Redis at {describe(url)}: {risk}.")
         reaper = pulse = None
         try:
             call_command("migrate", interactive=False, verbosity=0)
@@ -124,6 +133,7 @@ class Command(BaseCommand):
             signal.signal(sig, lambda *_: self.stopping.set())
         reported: set[str] = set()
         while not self.stopping.wait(0.5):
+            self.keep_redis_alive()
             for label, process in self.children:
                 code = process.poll()
                 if code is None or label in reported:
@@ -134,6 +144,20 @@ class Command(BaseCommand):
                     return
                 self.say(f"{label} exited with code {code}. Start it again with: "
                          f"python manage.py fdnode --topic {self.topic} --name {label}")
+
+    def keep_redis_alive(self) -> None:
+        """Starts the embedded Redis again when it died (its data comes back from its append-only file),
+        no sooner than REDIS_BACKOFF_S after the last start."""
+        redis = self.redis
+        if redis is None or redis.alive or time.monotonic() - self.redis_started < REDIS_BACKOFF_S:
+            return
+        self.redis_started = time.monotonic()
+        self.say(f"The embedded Redis exited with code {redis.process.returncode}; starting it again.")
+        try:
+            redis.restart()
+        except RuntimeError as exc:
+            self.say(f"The embedded Redis did not start again: {redact(str(exc), redis.url)}; trying again "
+                     f"in {REDIS_BACKOFF_S:g} s.")
 
     def stop_children(self) -> None:
         for _, process in self.children:
