@@ -63,7 +63,7 @@ MATRIX = [
         body={"action": "disable_nodes", "_selected_action": "{node}"}),
     Row("GET", "/admin/api/apitoken/", every(302, staff=403, superuser=200)),
     Row("GET", "/admin/inference/request/", every(302, staff=403, superuser=200)),
-    Row("GET", "/rq/", STAFF_SITE),
+    Row("GET", "/rq/", every(302, staff=403, superuser=200)),  # staff who may view all requests
     Row("GET", "/healthz", every(200)), Row("GET", "/api/openapi.json", every(200)),
     Row("GET", "/api/docs", every(200)),
     # the native API (token)
