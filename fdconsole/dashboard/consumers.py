@@ -68,6 +68,14 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
     async def session_close(self, event: dict) -> None:
         await self.close(code=UNAUTHORIZED)
 
+    async def close(self, code=None, reason=None) -> None:
+        """Once: a second close (a logout and a check, say, landing together) would reach daphne after
+        the first, while the closing handshake is still under way."""
+        if getattr(self, "closing", False):
+            return
+        self.closing = True
+        await super().close(code=code, reason=reason)
+
     async def session_verify(self, event: dict) -> None:
         await self._verify()
 
