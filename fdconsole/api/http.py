@@ -33,8 +33,12 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     body: dict[str, Any] = {"code": code, "message": message}
     if field:
         body["field"] = field
-    response = JsonResponse({"error": body}, status=status)
-    retry_after = retry_after or RETRY_AFTER_S.get(status)
+    return with_retry_after(JsonResponse({"error": body}, status=status), retry_after)
+
+
+def with_retry_after(response: JsonResponse, retry_after: int | None = None) -> JsonResponse:
+    """``response`` (an error) with ``Retry-After``: ``retry_after``, else its status's default."""
+    retry_after = retry_after or RETRY_AFTER_S.get(response.status_code)
     if retry_after:
         response["Retry-After"] = str(retry_after)
     return response

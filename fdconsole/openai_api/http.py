@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from redis.exceptions import RedisError
 
-from fdconsole.api.http import bearer_token, json_body, require_scope
+from fdconsole.api.http import bearer_token, json_body, require_scope, with_retry_after
 from fdconsole.openai_api.schemas import Endpoint
 from scheduler.errors import FdError, InvalidRequest, ScriptError
 from scheduler.validation import deepest_errors, models_in, param_of
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 ERROR_TYPES = {403: "permission_error", 429: "rate_limit_error"}  # else invalid_request_error / server_error
 CODES = {"unauthorized": "invalid_api_key"}  # ours -> OpenAI's, where OpenAI has its own
-RETRY_AFTER_S = {429: 1, 503: 5}  # a full queue drains in about a second; a node or Redis takes longer
 
 
 def error_body(status: int, code: str | None, message: str, param: str | None = None) -> dict[str, Any]:
@@ -44,10 +43,7 @@ def fd_error_body(exc: FdError) -> dict[str, Any]:
 def error_response(status: int, code: str | None, message: str, param: str | None = None,
                    retry_after: int | None = None) -> JsonResponse:
     response = JsonResponse(error_body(status, code, message, param), status=status)
-    retry_after = retry_after or RETRY_AFTER_S.get(status)
-    if retry_after:
-        response["Retry-After"] = str(retry_after)
-    return response
+    return with_retry_after(response, retry_after)
 
 
 def fd_error_response(exc: FdError) -> JsonResponse:
