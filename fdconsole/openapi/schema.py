@@ -123,13 +123,7 @@ def native_operation(endpoint: native.Endpoint) -> Operation:
     responses = {str(status): {"description": description.strip(), "content": content}
                  for status in endpoint.statuses}
     responses |= {str(status): _error_response(status, error) for status in sorted(endpoint.errors)}
-    operation = _operation(endpoint.name, endpoint.summary, endpoint.path, NATIVE_TAG, responses,
-                           endpoint.scope)
-    if endpoint.request_model is not None:
-        body: Use = (endpoint.request_model, "validation")
-        uses.append(body)
-        operation["requestBody"] = _request_body(body)
-    return endpoint.path, endpoint.method, operation, uses
+    return _endpoint_operation(endpoint, NATIVE_TAG, responses, uses)
 
 
 def openai_operation(endpoint: openai.Endpoint) -> Operation:
@@ -147,13 +141,7 @@ def openai_operation(endpoint: openai.Endpoint) -> Operation:
     responses = {"200": {"description": description if endpoint.stream_model else "The answer.",
                          "content": content}}
     responses |= {str(status): _error_response(status, error) for status in openai_errors(endpoint)}
-    operation = _operation(endpoint.name, endpoint.summary, endpoint.path, OPENAI_TAG, responses,
-                           endpoint.scope)
-    if endpoint.request_model is not None:
-        body: Use = (endpoint.request_model, "validation")
-        uses.append(body)
-        operation["requestBody"] = _request_body(body)
-    return endpoint.path, endpoint.method, operation, uses
+    return _endpoint_operation(endpoint, OPENAI_TAG, responses, uses)
 
 
 def openai_errors(endpoint: openai.Endpoint) -> tuple[int, ...]:
@@ -162,6 +150,18 @@ def openai_errors(endpoint: openai.Endpoint) -> tuple[int, ...]:
     if endpoint.request_model is None:
         return (401, 403, 404) if "{" in endpoint.path else (401, 403)
     return (400, 401, 403, 404, 409, 413, 429, 500, 503, 504)
+
+
+def _endpoint_operation(endpoint: native.Endpoint | openai.Endpoint, tag: str, responses: dict[str, Any],
+                        uses: list[Use]) -> Operation:
+    """The operation of ``endpoint`` (of either API) with its ``responses``, and its body's model added
+    to ``uses``."""
+    operation = _operation(endpoint.name, endpoint.summary, endpoint.path, tag, responses, endpoint.scope)
+    if endpoint.request_model is not None:
+        body: Use = (endpoint.request_model, "validation")
+        uses.append(body)
+        operation["requestBody"] = _request_body(body)
+    return endpoint.path, endpoint.method, operation, uses
 
 
 def _operation(name: str, summary: str, path: str, tag: str, responses: dict[str, Any],
