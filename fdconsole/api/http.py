@@ -48,6 +48,19 @@ def fd_error_response(exc: FdError) -> JsonResponse:
     return error_response(exc.status, exc.code, exc.message, exc.field, getattr(exc, "retry_after", None))
 
 
+def as_fd_error(exc: FdError | ScriptError | RedisError) -> FdError:
+    """What a view's failure is answered as, in either API's shape: ours as they are (each carries its
+    status); a script that failed (a bug, or Redis refusing a command) a 500 whose detail goes to the
+    log, not the client; Redis not answering a 503."""
+    if isinstance(exc, FdError):
+        return exc
+    if isinstance(exc, ScriptError):
+        log.exception("a scheduler script failed")
+        return ApiError(500, "server_error", "a scheduler script failed; the server log says where")
+    log.warning("Redis unavailable: %s", exc)
+    return ApiError(503, "redis_unavailable", f"Redis did not answer: {exc}")
+
+
 def method_not_allowed(method: str, allowed: tuple[str, ...]) -> JsonResponse:
     """405, with the ``Allow`` header that RFC 9110 asks of it."""
     use = ", ".join(allowed)
@@ -130,15 +143,8 @@ def api_view(*endpoints: Endpoint) -> Callable:
                 if endpoint.request_model is not None:
                     kwargs["body"] = validated(endpoint.request_model, json_body(request), InvalidRequest)
                 return view(request, token.user, *args, **kwargs)
-            except FdError as exc:  # ours, named: each carries its status
-                return fd_error_response(exc)
-            except ScriptError:  # a bug, or Redis refusing a command: the log says where, not the client
-                log.exception("a scheduler script failed")
-                return error_response(500, "server_error",
-                                      "a scheduler script failed; the server log says where")
-            except RedisError as exc:
-                log.warning("Redis unavailable: %s", exc)
-                return error_response(503, "redis_unavailable", f"Redis did not answer: {exc}")
+            except (FdError, ScriptError, RedisError) as exc:
+                return fd_error_response(as_fd_error(exc))
 
         return wrapper
 

@@ -8,7 +8,6 @@ code (``field`` becomes ``param``); invalid input is 400 ``invalid_request_error
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -20,12 +19,10 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from redis.exceptions import RedisError
 
-from fdconsole.api.http import bearer_token, json_body, require_scope, with_retry_after
+from fdconsole.api.http import as_fd_error, bearer_token, json_body, require_scope, with_retry_after
 from fdconsole.openai_api.schemas import Endpoint
 from scheduler.errors import FdError, InvalidRequest, ScriptError
 from scheduler.validation import deepest_errors, models_in, param_of
-
-log = logging.getLogger(__name__)
 
 ERROR_TYPES = {403: "permission_error", 429: "rate_limit_error"}  # else invalid_request_error / server_error
 CODES = {"unauthorized": "invalid_api_key"}  # ours -> OpenAI's, where OpenAI has its own
@@ -71,15 +68,8 @@ def openai_endpoint(endpoint: Endpoint) -> Callable:
                 if endpoint.request_model is not None:
                     kwargs["body"] = validated(endpoint.request_model, json_body(request))
                 return await view(request, user, *args, **kwargs)
-            except FdError as exc:  # ours, named: each carries its status
-                return fd_error_response(exc)
-            except ScriptError:  # a bug, or Redis refusing a command: the log says where, not the client
-                log.exception("a scheduler script failed")
-                return error_response(500, "server_error", "a scheduler script failed; the server log says "
-                                      "where")
-            except RedisError as exc:
-                log.warning("Redis unavailable: %s", exc)
-                return error_response(503, "redis_unavailable", f"Redis did not answer: {exc}")
+            except (FdError, ScriptError, RedisError) as exc:
+                return fd_error_response(as_fd_error(exc))
 
         return wrapper
 
