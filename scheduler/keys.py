@@ -20,7 +20,7 @@ IDS, CRC, KV, SCHED = "ids", "crc", "kv:", "sched"
 ROLES, PDLOAD, PENDING, SEEN, CHARGES = "roles", "pdload", "pending", "seen", "charges"
 EVENTS, STATS, SERIES, METRICS = "events", "stats", "series", "metrics"
 EVENTS_KEPT = 1000  # the event stream is capped at about this many entries
-RETENTION_S = 3600  # how long Redis keeps a finished request's hash and stream (the database keeps it all)
+RETENTION_S = 3600  # how long Redis keeps a finished request's hash and stream once the database has it
 
 
 def topic_prefix(topic: str) -> str:

@@ -201,6 +201,7 @@ def load(file: str, name: str, *, keys: int = 0) -> Script:
 
 # The request lifecycle (lifecycle.lua; Python side: scheduler.store)
 SUBMIT = load("lifecycle", "submit")
+RESUBMIT = load("lifecycle", "resubmit")
 CLAIM = load("lifecycle", "claim")
 EMIT = load("lifecycle", "emit")
 FINISH = load("lifecycle", "finish")

@@ -201,7 +201,7 @@ class RequestStore:
         if outcome[0] == SubmitReply.FULL:
             raise QueueFull(f"queue full: node '{home}' already holds scheduler_max_size="
                             f"{config.scheduler_max_size} waiting requests")
-        if outcome[0] == SubmitReply.DUPLICATE:
+        if outcome[0] == SubmitReply.DUPLICATE and not self._queued_as(topic, uid, request.request_id):
             raise DuplicateRequest(f"request_id '{request.request_id}' is already in flight in topic "
                                    f"'{topic}'", field="request_id")
         return expired
@@ -237,6 +237,34 @@ class RequestStore:
             self.redis.delete(*(Job.key_for(uid) for uid in refused))
         expired = [uid.decode() for uid in replies[0]] if max_size != UNBOUNDED else []
         return expired, outcome
+
+    def _queued_as(self, topic: str, uid: str, request_id: str) -> bool:
+        """Whether request ``uid`` is already here as ``request_id``: a duplicate of itself (the console's
+        reconciler queued it again from its record while its first submission was on its way)."""
+        return self.redis.hget(keys.request(topic, uid), "request_id") == request_id.encode()
+
+    def resubmit(self, topic: str, uid: str, request: Request, home: str, config: SchedulerConfig, *,
+                 waiting_since: float, output_token_ids: Sequence[int] = (), texts: Sequence[str] = (),
+                 attempt: int = 0) -> bool:
+        """Queue again, on node ``home``, a request this Redis lost (it restarted without its data), from
+        the console's record: its TTL runs from ``waiting_since`` (epoch seconds), ``output_token_ids``
+        (with their streamed ``texts``) are streamed again first so that a node resumes after them,
+        and its leases are numbered from ``attempt`` on. False when it is known here after all."""
+        if len(texts) != len(output_token_ids):
+            raise ValueError("resubmit: one text per output token")
+        call = scripts.RESUBMIT.call(
+            topic, uid=uid, request_id=request.request_id, home=home, payload=json.dumps(request.to_dict()),
+            prompt_tokens=request.prompt_len, waiting_since=f"{waiting_since:.6f}",
+            output_ids=json.dumps(list(output_token_ids)), texts=json.dumps(list(texts)), attempt=attempt)
+        reply = self.runner.run_scripts([call], self._job_commands(topic, uid, request, home, config))[0]
+        return SubmitReply(reply[0].decode()) == SubmitReply.OK
+
+    def recorded(self, topic: str, uids: Sequence[str]) -> None:
+        """The console's database now holds the final state of ``uids``: Redis keeps them only
+        ``keys.RETENTION_S`` more (until then, since they ended, up to a day: ``lifecycle.lua``)."""
+        if uids:
+            self.runner.run_commands([("EXPIRE", key, keys.RETENTION_S) for uid in uids
+                                      for key in (keys.request(topic, uid), keys.output(topic, uid))])
 
     def _job_commands(self, topic: str, uid: str, request: Request, home: str,
                       config: SchedulerConfig) -> list[tuple[Any, ...]]:

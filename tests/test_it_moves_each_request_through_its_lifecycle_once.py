@@ -56,8 +56,12 @@ def test_finished_keys_get_a_ttl(lifecycle):
     [claim] = lifecycle.claim("t", "n1")
     lifecycle.emit("t", uid, claim.lease, 0, 65, "A")
     lifecycle.finish("t", uid, claim.lease, status="finished", finish_reason="length")
-    assert 0 < lifecycle.redis.ttl(keys.request("t", uid)) <= 3600
-    assert 0 < lifecycle.redis.ttl(keys.output("t", uid)) <= 3600
+    # Kept until the console's database has it (a day at most), then the retention (an hour).
+    for key in (keys.request("t", uid), keys.output("t", uid)):
+        assert keys.RETENTION_S < lifecycle.redis.ttl(key) <= 86400 + keys.RETENTION_S
+    lifecycle.recorded("t", [uid])
+    for key in (keys.request("t", uid), keys.output("t", uid)):
+        assert 0 < lifecycle.redis.ttl(key) <= keys.RETENTION_S
 
 
 def test_a_cancel_reaches_the_running_node_at_its_next_token(lifecycle):

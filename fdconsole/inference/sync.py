@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from django.utils import timezone
 
+from fdconsole.errors import ModelUnavailable
 from fdconsole.inference.models import Request
+from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store
+from gpu_worker.tokenizer import text_stream
 from scheduler.keys import RETENTION_S
+from scheduler.messages import Request as WireRequest
 from scheduler.state import RequestState
 from scheduler.status import RequestStatus
 from scheduler.store import RequestStore
 
 log = logging.getLogger(__name__)
-LOST_GRACE_S = 60
+RESUBMIT_GRACE_S = 10  # a younger row Redis does not know may still be on its way there (submit_request)
 CANCEL_WAIT_S = 2.0
 
 
@@ -39,27 +43,101 @@ def cancel_request(row: Request) -> Request:
 
 def sync_request(row: Request, store: RequestStore | None = None) -> Request:
     """Refresh ``row`` from its topic's Redis (or ``store``; no-op when it is already final); returns the
-    refreshed row."""
+    refreshed row. A request Redis no longer knows is queued again from the row (``recover_lost``)."""
     if row.is_final:
         return row
     store = store or get_topic_store(row.topic)
-    if row.status == RequestStatus.QUEUED:
-        # Lazy eviction: a reader sees an overdue request expire even when no reaper runs.
-        store.expire_due(row.topic.name)
-    state = store.state(row.topic.name, row.uid)
-    if state is None:
-        return _mark_lost_if_overdue(row)
-    changes = _changes_from_state(row, state, store)
-    _conditional_update(row, changes)
+    if _refresh(row, store):
+        store.recorded(row.topic.name, [row.uid])
     return row
 
 
 def sync_uids(topic: str, uids: list[str], store: RequestStore | None = None) -> int:
     """Refresh the rows of ``uids`` (e.g. the ones the reaper just expired); returns how many."""
-    rows = Request.objects.select_related("topic").filter(topic__name=topic, uid__in=uids)
-    for row in rows:
-        sync_request(row, store)
-    return len(rows)
+    rows = list(Request.objects.select_related("topic").filter(topic__name=topic, uid__in=uids))
+    return len(sync_rows(rows, store))
+
+
+def sync_rows(rows: list[Request], store: RequestStore | None = None) -> list[Request]:
+    """Refresh ``rows`` (all of one topic) from their topic's Redis; returns those that are final now.
+    Redis keeps a final state until the database has it: told so here, in one round trip."""
+    if not rows:
+        return []
+    store = store or get_topic_store(rows[0].topic)
+    final = [row for row in rows if not row.is_final and _refresh(row, store)]
+    store.recorded(rows[0].topic.name, [row.uid for row in final])
+    return final
+
+
+def _refresh(row: Request, store: RequestStore) -> bool:
+    """Bring ``row`` (unfinished) up to date; whether it is final now."""
+    if row.status == RequestStatus.QUEUED:
+        # Lazy eviction: a reader sees an overdue request expire even when no reaper runs.
+        store.expire_due(row.topic.name)
+    state = store.state(row.topic.name, row.uid)
+    if state is None:
+        recover_lost(row, store)
+    else:
+        _conditional_update(row, _changes_from_state(row, state, store))
+    return row.is_final
+
+
+def recover_lost(row: Request, store: RequestStore) -> None:
+    """Redis does not know ``row``, which the database has in flight: Redis restarted without its data
+    (or lost its last second of writes), or the submission is still on its way (``RESUBMIT_GRACE_S``).
+    While its TTL runs it is queued again from the row, resuming after the tokens the row holds, as
+    after a node failure (a waiting one keeps its place in time, a running one waits afresh); past its
+    TTL it expired. A running row older than its TTL plus the retention is a record from another
+    Redis's time, not a request to run now: it expired too."""
+    age = (timezone.now() - row.created_at).total_seconds()
+    if age < RESUBMIT_GRACE_S:
+        return
+    config = row.topic.config
+    horizon = config.scheduler_ttl + (RETENTION_S if row.status == RequestStatus.RUNNING else 0)
+    if age >= horizon:
+        _expire_lost(row, config.scheduler_ttl)
+        return
+    home = _home_for(row, store)
+    if home is None:
+        return  # no enabled node: tried again on the next pass, until the TTL ends it
+    if not store.has_config(row.topic.name):
+        store.publish_config(row.topic.name, config)
+    waiting_since = row.created_at.timestamp() if row.status == RequestStatus.QUEUED else time.time()
+    output = list(row.output_token_ids) if row.status == RequestStatus.RUNNING else []
+    if store.resubmit(row.topic.name, row.uid, _request_of(row), home, config, waiting_since=waiting_since,
+                      output_token_ids=output, texts=_texts(row, output), attempt=int(time.time())):
+        log.warning("request %s of %s was not in Redis any more (restarted without its data?); queued "
+                    "again on %s from its record, after %d token(s)", row.request_id, row.topic.name, home,
+                    len(output))
+
+
+def _home_for(row: Request, store: RequestStore) -> str | None:
+    """Its home node while that is enabled, else the next enabled node of its topic; None when none is."""
+    enabled = list(Node.objects.filter(topic=row.topic, admin_state=Node.AdminState.ENABLED)
+                   .order_by("name").values_list("name", flat=True))
+    if row.home_node in enabled:
+        return row.home_node
+    return store.next_home(row.topic.name, enabled) if enabled else None
+
+
+def _request_of(row: Request) -> WireRequest:
+    """The request as it was submitted, from its row."""
+    return WireRequest.from_dict({
+        "request_id": row.request_id, "prompt_token_ids": list(row.prompt_token_ids),
+        "sampling": dict(row.sampling or {}), "topic": row.topic.name,
+        "arrival_time": row.created_at.timestamp(),
+    })
+
+
+def _texts(row: Request, token_ids: list[int]) -> list[str]:
+    """The text each of ``token_ids`` streamed as (what a resumed node's decoder goes on from)."""
+    if not token_ids:
+        return []
+    try:
+        stream = text_stream(row.tokenizer, (row.sampling or {}).get("stop") or ())
+    except ModelUnavailable:
+        return [""] * len(token_ids)  # its node will say the model is gone; the ids are what matters
+    return [stream.push(token_id) for token_id in token_ids]
 
 
 def _changes_from_state(row: Request, state: RequestState, store: RequestStore) -> dict:
@@ -98,21 +176,13 @@ def _conditional_update(row: Request, changes: dict) -> None:
         row.refresh_from_db()
 
 
-def _mark_lost_if_overdue(row: Request) -> Request:
-    """Redis no longer knows a request the database thinks is in flight (Redis restarted without
-    persistence, or the submit died half-way). Once its TTL and the retention are past, say so."""
-    ttl = row.topic.config.scheduler_ttl
-    deadline = row.created_at + timedelta(seconds=ttl + LOST_GRACE_S)
-    if row.status == RequestStatus.RUNNING:
-        deadline = row.created_at + timedelta(seconds=ttl + RETENTION_S)
-    if timezone.now() < deadline:
-        return row
-    log.warning("request %s lost its live state in Redis; marking it failed", row.request_id)
+def _expire_lost(row: Request, ttl: int) -> None:
+    log.warning("request %s lost its live state in Redis after its TTL; it expired", row.request_id)
     _conditional_update(row, {
-        "status": RequestStatus.FAILED, "finished_at": timezone.now(), "error_code": "lost",
-        "error_message": "the request's live state was lost (was Redis restarted?)",
+        "status": RequestStatus.EXPIRED, "finished_at": timezone.now(), "error_code": "expired",
+        "error_message": f"its live state was lost (Redis restarted without its data) and scheduler_ttl="
+                         f"{ttl}s has passed since it was submitted",
     })
-    return row
 
 
 def _time(seconds: float | None) -> datetime | None:

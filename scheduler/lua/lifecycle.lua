@@ -44,8 +44,10 @@ local function close(uid, status, reason, code, message, extra)
   local result = {finished = true, finish_reason = reason}
   if code ~= '' then result.error = {code = code, message = message} end
   push_result(req, result)
-  redis.call('EXPIRE', req, RETENTION)
-  redis.call('EXPIRE', out, RETENTION)
+  -- kept until the console's database has it (``RequestStore.recorded`` shortens it to RETENTION then),
+  -- a day at most: an outage of the database must not lose the end of a request
+  redis.call('EXPIRE', req, 86400 + RETENTION)
+  redis.call('EXPIRE', out, 86400 + RETENTION)
 end
 local function close_waiting(uid, status, message, cfg)
   dequeue(uid, k_req(uid), cfg)
@@ -77,19 +79,13 @@ local function end_request(uid, req, status, reason, output_ids, code, message)
   return status
 end
 
--- @script submit
--- Queues one request on node home, or, in splitwise mode, on the nodes placement chooses from the
--- live nodes' roles and loads (with no eligible node it waits in the pending list). max_size is
--- UNBOUNDED except in local mode. Returns {SUBMIT_OK, enqueue time} or {SUBMIT_FULL} or {SUBMIT_DUPLICATE}.
-local function submit(uid, request_id, home, payload, prompt_tokens, max_size, origin, rand, result_shard)
-  local cfg = need_config()
-  max_size = tonumber(max_size)
-  if max_size ~= UNBOUNDED and redis.call('LLEN', k_queue(home)) >= max_size then return {SUBMIT_FULL} end
+-- A new request hash, queued on node home (splitwise: placed, or pending with no eligible node), waiting
+-- since t. Returns {SUBMIT_OK, t} or {SUBMIT_DUPLICATE}.
+local function queue_new(uid, request_id, home, payload, prompt_tokens, origin, rand, result_shard, t, cfg)
   local req = k_req(uid)
   if redis.call('EXISTS', req) == 1 or redis.call('HSETNX', K_IDS, request_id, uid) == 0 then
     return {SUBMIT_DUPLICATE}
   end
-  local t = now()
   redis.call('HSET', req, 'request_id', request_id, 'home_node', home, 'enqueued_at', fmt(t),
              'ttl', cfg.scheduler_ttl, 'prompt_tokens', prompt_tokens, 'payload', payload, 'origin', origin,
              'attempt', 0, 'num_output_tokens', 0, 'result_shard', result_shard)
@@ -102,6 +98,39 @@ local function submit(uid, request_id, home, payload, prompt_tokens, max_size, o
     redis.call('ZADD', K_WAITING, t, uid)
   end
   return {SUBMIT_OK, fmt(t)}
+end
+
+-- @script submit
+-- Queues one request on node home, or, in splitwise mode, on the nodes placement chooses from the
+-- live nodes' roles and loads (with no eligible node it waits in the pending list). max_size is
+-- UNBOUNDED except in local mode. Returns {SUBMIT_OK, enqueue time} or {SUBMIT_FULL} or {SUBMIT_DUPLICATE}.
+local function submit(uid, request_id, home, payload, prompt_tokens, max_size, origin, rand, result_shard)
+  local cfg = need_config()
+  max_size = tonumber(max_size)
+  if max_size ~= UNBOUNDED and redis.call('LLEN', k_queue(home)) >= max_size then return {SUBMIT_FULL} end
+  return queue_new(uid, request_id, home, payload, prompt_tokens, origin, rand, result_shard, now(), cfg)
+end
+
+-- @script resubmit
+-- Queues again a request this Redis no longer knows (it restarted without its data), from the console's
+-- record: as submit, but waiting since waiting_since (server seconds: its TTL runs from then), with
+-- the tokens the record holds (output_ids and their texts, JSON lists) streamed again first, so that a
+-- node resumes after them as after a failover, and with leases numbered from attempt on, so that no
+-- run from before the loss can hold one. Never refused for a full queue: it was accepted long ago.
+-- Returns {SUBMIT_OK, t} or {SUBMIT_DUPLICATE} (it is known here after all).
+local function resubmit(uid, request_id, home, payload, prompt_tokens, waiting_since, output_ids, texts, attempt)
+  local cfg = need_config()
+  local reply = queue_new(uid, request_id, home, payload, prompt_tokens, '', 0, '', tonumber(waiting_since),
+                          cfg)
+  if reply[1] ~= SUBMIT_OK then return reply end
+  local req, out, ids, pieces = k_req(uid), k_out(uid), cjson.decode(output_ids), cjson.decode(texts)
+  for i, token_id in ipairs(ids) do
+    redis.call('XADD', out, '*', 'type', 'token', 'index', i - 1, 'token_id', token_id, 'text', pieces[i])
+  end
+  if #ids > 0 then redis.call('EXPIRE', out, 86400 + RETENTION) end
+  redis.call('HSET', req, 'num_output_tokens', #ids, 'attempt', tonumber(attempt), 'requeues', 1)
+  event('resubmitted', 'request_id', request_id, 'to', home, 'tokens', #ids)
+  return reply
 end
 
 -- @script claim

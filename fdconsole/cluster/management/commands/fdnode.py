@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from fdconsole.cluster.hooks import database_hooks
+from fdconsole.inference.reconcile import Reconciler
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store, topic_url
 from fdconsole.topics.services import ensure_node, ensure_topic
@@ -51,7 +52,16 @@ class Command(BaseCommand):
         capacity = getattr(engine, "describe", lambda: "fixed work")()
         log.info("node %s of topic %s ready on %s (role %s, model %s, %s; Redis at %s)", node.name,
                  topic.name, engine.device, node.role, model, capacity, describe(topic_url(topic)))
-        NodeWorker(runtime).work(burst=options["burst"], logging_level=settings.LOGGING["root"]["level"])
+        # Rows the database has in flight are compared with Redis by one process of the cluster at a time:
+        # a node takes over when no console runs. A burst run ends with its queue: it leaves that to others.
+        reconciler = None if options["burst"] else Reconciler()
+        if reconciler:
+            reconciler.start()
+        try:
+            NodeWorker(runtime).work(burst=options["burst"], logging_level=settings.LOGGING["root"]["level"])
+        finally:
+            if reconciler:
+                reconciler.stop()
         log.info("node %s stopped", node.name)
 
     def engine(self, node: Node, fixed_work_ms: float | None):
