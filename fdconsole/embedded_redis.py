@@ -148,3 +148,19 @@ def eviction_risk(redis: Redis) -> str | None:
         return None
     return (f"maxmemory-policy is {policy}: when its memory runs out this Redis drops keys, queued "
             "requests among them; set it to noeviction")
+
+
+def server_pid(port: int) -> int:
+    """The redis-server listening on 127.0.0.1:``port``, found in /proc (Linux; no tool needed):
+    redis-server titles its process ``redis-server 127.0.0.1:<port>``. ``LookupError`` when none."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"redis-server" in title.split(b"\0")[0]:
+            if f"127.0.0.1:{port}".encode() in title or f"--port\0{port}\0".encode() in title:
+                return int(entry.name)
+    raise LookupError(f"no redis-server on port {port}")

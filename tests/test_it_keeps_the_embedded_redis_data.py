@@ -14,25 +14,9 @@ import httpx
 import pytest
 from redis import Redis
 
-from fdconsole.embedded_redis import EmbeddedRedis, eviction_risk
+from fdconsole.embedded_redis import EmbeddedRedis, eviction_risk, server_pid
 from tests.conftest import free_port
 from tests.test_it_keeps_secrets import Run, cluster_env, wait_for_health  # noqa: F401 (a fixture)
-
-
-def pid_listening(port: int) -> int:
-    """The redis-server listening on ``port``, found in /proc (no tool needed): redis-server titles its
-    process ``redis-server 127.0.0.1:<port>``."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            title = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if title.startswith(b"redis-server") or b"redis-server" in title.split(b"\0")[0]:
-            if f"127.0.0.1:{port}".encode() in title or f"--port\0{port}\0".encode() in title:
-                return int(entry.name)
-    raise AssertionError(f"no redis-server on port {port}")
 
 
 def test_its_data_survives_a_kill_and_it_never_evicts(tmp_path):
@@ -76,7 +60,7 @@ def test_fdcluster_starts_its_redis_again_when_it_dies_with_what_it_held(cluster
         base = f"http://127.0.0.1:{port}"
         wait_for_health(base)
         time.sleep(1.5)  # what it holds (the topic's published configuration) is on disk by now
-        os.kill(pid_listening(redis_port), signal.SIGKILL)
+        os.kill(server_pid(redis_port), signal.SIGKILL)
         deadline = time.monotonic() + 30
         password = (run_dir / "redis_password").read_text().strip()
         while time.monotonic() < deadline:
