@@ -32,8 +32,12 @@ def redis_binary() -> str:
 
 
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
+    """Whether a Redis at ``url`` answers a PING: it has ``timeout`` to accept the connection and as
+    long again to reply (one that accepts and never replies does not answer). The probe's connection
+    is closed after (no keepalive: it lives for one command)."""
     try:
-        return bool(Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping())
+        with Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout) as probe:
+            return bool(probe.ping())
     except (RedisError, OSError, ValueError):
         return False
 
@@ -77,6 +81,7 @@ class EmbeddedRedis:
              "--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction", "--daemonize", "no",
              "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,  # a terminal's Ctrl-C reaches its owner, which stops it last
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

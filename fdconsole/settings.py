@@ -8,6 +8,7 @@ from pathlib import Path
 import dj_database_url
 
 from fdconsole.env import env_bool, env_int, env_list, env_str, secret_key
+from scheduler.connection import READ_TIMEOUT_S, client_options, url_with_client_options
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -168,15 +169,22 @@ STORAGES = {
     "staticfiles": {"BACKEND": "fdconsole.storage.StaticStorage"},
 }
 
+# The channel layer's clients give up on a Redis that does not answer, like every other
+# (scheduler.connection.client_options). Its receive blocks in BZPOPMIN for up to 5 s
+# (channels_redis's RedisChannelLayer.brpop_timeout), so its read timeout is that plus the usual one.
+CHANNEL_LAYER_READ_TIMEOUT_S = 5 + READ_TIMEOUT_S
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [FD_REDIS_URL]},
+        "CONFIG": {"hosts": [{"address": FD_REDIS_URL,
+                              **client_options(FD_REDIS_URL, CHANNEL_LAYER_READ_TIMEOUT_S)}]},
     }
 }
 
-# django-rq shows the node queues at /rq/; jobs travel as JSON, never pickle.
-RQ_QUEUES = {"default": {"URL": FD_REDIS_URL, "SERIALIZER": "rq.serializers.JSONSerializer"}}
+# django-rq shows the node queues at /rq/; jobs travel as JSON, never pickle. It takes its client's
+# options from the URL alone: the timeouts travel in its query.
+RQ_QUEUES = {"default": {"URL": url_with_client_options(FD_REDIS_URL),
+                         "SERIALIZER": "rq.serializers.JSONSerializer"}}
 RQ = {"DEFAULT_RESULT_TTL": 3600}
 
 LOGGING = {

@@ -50,7 +50,11 @@ from scheduler.store import JOB_FAILURE_TTL_S, JOB_TIMEOUT_S, RUN_REQUEST_JOB, C
 log = logging.getLogger(__name__)
 # How long an idle node waits for its bell before it looks again for work to steal. Only its own
 # queue rings it, so this bounds how late a thief notices a skewed node (an empty claim costs ~15 us).
+# Its BLPOP is the node's only blocking command: far within the client's read timeout (MAX_BLOCK_S).
 IDLE_WAIT_S = 0.05
+# What a Redis that does not answer raises: refused or reset (ConnectionError), or no reply within
+# the client's timeouts (TimeoutError, which is not a ConnectionError in redis-py).
+NOT_ANSWERING = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 class Heartbeat(threading.Thread):
@@ -146,6 +150,13 @@ class NodeWorker(SimpleWorker):
         self.claimed: deque[Claim] = deque()  # claimed, handed to rq one job at a time
         self.rq_beat_at = 0.0
 
+    def _set_connection(self, connection: redis.Redis) -> redis.Redis:
+        """Keeps the client's read timeout (``scheduler.connection.READ_TIMEOUT_S``). rq would raise it
+        on the shared pool to its dequeue timeout plus 10 s (minutes) for a BLPOP this worker never
+        makes: its only blocking command is ``wait_for_work``'s, for IDLE_WAIT_S. With rq's timeout a
+        Redis that stops answering would hang the node, its heartbeat and reaper for minutes."""
+        return connection
+
     def work(self, burst: bool = False, **kwargs: Any) -> bool:
         rt = self.runtime
         install_runtime(rt)
@@ -211,7 +222,7 @@ class NodeWorker(SimpleWorker):
                 self.loop.flush()
                 call = self.loop.claim_call()
                 self._hold(rt.store.parse_claims(rt.store.run(call)) if call is not None else [])
-            except redis.exceptions.ConnectionError as exc:
+            except NOT_ANSWERING as exc:
                 log.error("Redis did not answer (%s); letting go of what runs, trying again in %.0f s",
                           exc, backoff)
                 self.loop.drop_all()
@@ -228,7 +239,7 @@ class NodeWorker(SimpleWorker):
                 return None
             try:
                 rt.store.wait_for_work(rt.topic, rt.name, IDLE_WAIT_S)
-            except redis.exceptions.ConnectionError:
+            except NOT_ANSWERING:
                 continue  # handled with a backoff on the next claim
 
     def _hold(self, claims: list[Claim]) -> None:

@@ -9,6 +9,16 @@ Passwords travel URL-quoted and never appear in what ``describe`` returns, which
 error messages show; ``redact`` takes them out of any other text (an exception's message) before it
 is shown.
 
+How long a call may take. Every client ``connect`` makes (and every client configured with
+``client_options``) gives up on a server that stops answering: within ``CONNECT_TIMEOUT_S`` when it
+does not accept the connection, within ``READ_TIMEOUT_S`` when it accepted but never replies (a
+SIGSTOPped or frozen server, a firewall that drops packets after the handshake), so that no call
+hangs and a Redis that does not answer holds up only what uses it. TCP keepalive finds a dead peer
+under an idle pooled connection, and a health check PINGs one idle longer than ``HEALTH_CHECK_S``
+before it is used. A blocking command (BLPOP, BLMPOP, XREAD BLOCK) blocks for at most
+``MAX_BLOCK_S`` on such a client, so that its reply still comes within the read timeout. Options
+in the URL's query (``?socket_timeout=10``) win over these.
+
 How scripts run. ``ScriptRunner`` sends scripts (``scheduler.scripts``) with EVALSHA on a connection of
 the calling thread's own, several calls in one round trip; see ``ScriptRunner.run_scripts``.
 """
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -33,7 +44,16 @@ from scheduler.scripts import ScriptCall
 
 DEFAULT_BASE_URL = "redis://127.0.0.1:6379/0"
 CONNECTION_FIELDS = ("scheduler_host", "scheduler_port", "scheduler_db", "scheduler_password")
-CONNECT_TIMEOUT_S = 3  # a Redis that does not answer fails a request in seconds, not minutes
+CONNECT_TIMEOUT_S = 3  # a Redis that does not accept the connection fails a request in seconds, not minutes
+# A Redis that accepted the connection but sends no reply this long is not answering (stopped, frozen,
+# or packets dropped): the call fails. A live one answers our scripts and reads in milliseconds, and
+# a persistence fork or a slow script stalls it for far less than this.
+READ_TIMEOUT_S = 5.0
+MAX_BLOCK_S = READ_TIMEOUT_S - 1.0  # a blocking command's longest block: its reply in time to spare
+HEALTH_CHECK_S = 30  # a pooled connection idle this long is PINGed before its next command
+# TCP keepalive on idle connections: the first probe after 15 s of silence, then every 5 s; a peer
+# that misses 3 is dead (about 30 s), and a NAT or firewall on the way keeps the connection.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 15, 5, 3
 LANE_CHECK_AFTER_S = 0.05  # a thread's connection unused this long is checked before its next call
 
 
@@ -105,6 +125,13 @@ def describe(url: str) -> str:
     return RedisEndpoint.parse(url).describe()
 
 
+def describe_client(redis: Redis) -> str:
+    """Where the client ``redis`` connects, as ``describe`` says it (never the password)."""
+    kwargs = redis.connection_pool.connection_kwargs
+    where = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+    return f"{where} (db {kwargs.get('db', 0)})"
+
+
 def redact(text: str, url: str) -> str:
     """``text`` (an exception's message, say) fit to show or log: ``url`` itself replaced by its
     ``describe``, and its password, as typed or URL-quoted, by ``***`` wherever else it appears."""
@@ -116,9 +143,44 @@ def redact(text: str, url: str) -> str:
     return text
 
 
+def keepalive_options() -> dict[int, int]:
+    """The socket options of ``KEEPALIVE_*`` that this platform has (Linux: all three; macOS names
+    the idle time TCP_KEEPALIVE)."""
+    idle = getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)
+    wanted = [(idle, KEEPALIVE_IDLE_S), (getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL_S),
+              (getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_PROBES)]
+    return {option: value for option, value in wanted if option is not None}
+
+
+def client_options(url: str, read_timeout_s: float = READ_TIMEOUT_S) -> dict[str, Any]:
+    """The keyword arguments of redis-py's ``from_url`` (the plain and the asyncio client alike) that
+    make a client for ``url`` give up on a server that does not answer: connect and read timeouts,
+    keepalive (TCP only: a unix socket has none) and a health check. ``read_timeout_s``: longer for a
+    client whose blocking commands block longer than ``MAX_BLOCK_S`` (it blocks that long, plus the
+    usual ``READ_TIMEOUT_S``)."""
+    options: dict[str, Any] = {"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_timeout": read_timeout_s,
+                               "health_check_interval": HEALTH_CHECK_S}
+    if urlsplit(url).scheme != "unix":
+        options.update(socket_keepalive=True, socket_keepalive_options=keepalive_options())
+    return options
+
+
+def url_with_client_options(url: str, read_timeout_s: float = READ_TIMEOUT_S) -> str:
+    """``url`` with ``client_options`` in its query, for a library that takes nothing but a URL
+    (django-rq). Options the URL sets already stay as they are; the keepalive timings cannot travel in
+    a URL (the system's defaults apply)."""
+    base, _, given = url.partition("?")  # not urlsplit's geturl: it would drop unix://'s slashes
+    query = dict(parse_qsl(given))
+    for name, value in client_options(url, read_timeout_s).items():
+        if name != "socket_keepalive_options":
+            query.setdefault(name, "true" if value is True else str(value))
+    return f"{base}?{urlencode(query)}"
+
+
 def connect(url: str) -> Redis:
-    """A client for ``url`` (bytes replies, as rq needs) that gives up on a dead server quickly."""
-    return Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30)
+    """A client for ``url`` (bytes replies, as rq needs) that gives up on a server that does not
+    answer (``client_options``)."""
+    return Redis.from_url(url, **client_options(url))
 
 
 _fork_generation = 0  # bumped in a forked child, so that no lane's connection is shared across a fork

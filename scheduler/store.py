@@ -35,7 +35,7 @@ from rq.utils import now as rq_now
 
 from scheduler import keys, scripts
 from scheduler.config import PARAMETERS_BY_NAME, UNBOUNDED, SchedulerConfig, parse_config
-from scheduler.connection import ScriptRunner
+from scheduler.connection import ScriptRunner, client_options
 from scheduler.errors import DuplicateRequest, FdError, NoNodeAvailable, QueueFull
 from scheduler.loadtable import shard_of
 from scheduler.messages import Request
@@ -441,7 +441,7 @@ class AsyncOutputReader:
     def __init__(self, url: str) -> None:
         from redis import asyncio as aioredis
 
-        self.redis = aioredis.Redis.from_url(url, socket_connect_timeout=3)
+        self.redis = aioredis.Redis.from_url(url, **client_options(url))  # its XREAD blocks for less
 
     async def read(self, topic: str, uid: str, after: str, block_ms: int) -> list[OutputEvent]:
         reply = await self.redis.xread({keys.output(topic, uid): after}, count=1000, block=block_ms)

@@ -35,10 +35,15 @@ def pytest_configure(config) -> None:
     settings.FD_MODEL = "tiny"
 
     settings.FD_REDIS_URL = _redis.url
+    # The same client options as fdconsole.settings gives them (timeouts, keepalive), on the test server.
+    from scheduler.connection import client_options, url_with_client_options
+
+    layer_host = {"address": _redis.url, **client_options(_redis.url, settings.CHANNEL_LAYER_READ_TIMEOUT_S)}
     settings.CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [_redis.url]}}
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [layer_host]}}
     }
-    settings.RQ_QUEUES = {"default": {"URL": _redis.url, "SERIALIZER": "rq.serializers.JSONSerializer"}}
+    settings.RQ_QUEUES = {"default": {"URL": url_with_client_options(_redis.url),
+                                      "SERIALIZER": "rq.serializers.JSONSerializer"}}
     # Neither password hashing nor static files are what the tests are about: a cheap hasher, and
     # WhiteNoise looking files up per request instead of scanning STATIC_ROOT for each test client.
     if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):

@@ -77,9 +77,9 @@ def wait_rows_final(rows, timeout: float = 90) -> list[Request]:
 
 
 def assert_each_finished_once(rows, store) -> None:
-    assert [row.status for row in rows] == ["finished"] * len(rows), [(r.status, r.error_message) for r in rows]
-    outputs = {prompt: {tuple(r.output_token_ids) for r in rows if r.prompt_token_ids == list(prompt.encode())}
-               for prompt in PROMPTS}
+    assert [r.status for r in rows] == ["finished"] * len(rows), [(r.status, r.error_message) for r in rows]
+    outputs = {p: {tuple(r.output_token_ids) for r in rows if r.prompt_token_ids == list(p.encode())}
+               for p in PROMPTS}
     for prompt, seen in outputs.items():
         assert len(seen) == 1, f"{prompt!r}: the resumed runs differ from the others"  # greedy: all equal
         assert len(next(iter(seen))) == MAX_TOKENS

@@ -73,7 +73,8 @@ def test_a_resubmitted_request_keeps_its_text(api, node, store, run_node):
     run_node()
     reference.refresh_from_db()
     row = submit(api)
-    Request.objects.filter(pk=row.pk).update(status="running", output_token_ids=reference.output_token_ids[:5])
+    held = reference.output_token_ids[:5]
+    Request.objects.filter(pk=row.pk).update(status="running", output_token_ids=held)
     store.redis.flushdb()
     age(row, RESUBMIT_GRACE_S + 1)
     reconcile_once()
@@ -135,13 +136,13 @@ def test_a_late_first_submission_of_a_request_already_queued_again_is_no_duplica
     age(row, RESUBMIT_GRACE_S + 1)
     reconcile_once()  # queued again from its row
     config = row.topic.config
-    assert store.submit("default", row.uid, _request_of(row), "node-a", config) == []  # its own, not a duplicate
+    # Its own first submission arriving late: no duplicate, nothing expired.
+    assert store.submit("default", row.uid, _request_of(row), "node-a", config) == []
 
 
 def test_one_topic_redis_down_holds_up_only_its_own_rows(api, node, store, run_node):
-    from fdconsole.topics.services import create_topic
-
     from fdconsole.topics.models import Topic
+    from fdconsole.topics.services import create_topic
 
     down = create_topic("elsewhere", {"model": "tiny"})
     Topic.objects.filter(pk=down.pk).update(scheduler_port=1)  # its Redis went away (nothing answers on 1)

@@ -52,7 +52,7 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
         self.checks = asyncio.create_task(self._check_every(SESSION_CHECK_S))
-        await self.send_json(await database_sync_to_async(hello)(self.topic))
+        await self.send_json(await hello(self.topic))
 
     async def disconnect(self, code: int) -> None:
         checks = getattr(self, "checks", None)

@@ -22,6 +22,7 @@ from django.urls import Resolver404, resolve
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import topic_url
 from scheduler import keys
+from scheduler.connection import url_with_client_options
 
 # django-rq's views that only read; any other (delete, requeue, enqueue, stop, empty, clear failed, bulk
 # actions, and whatever a later django-rq adds) is a write, refused on node queues.
@@ -35,10 +36,12 @@ VIEW_PERMISSION = "inference.view_all_requests"
 
 def node_queues() -> dict[str, dict[str, str]]:
     """The console's default queue, and each node's queue in its topic's Redis."""
-    queues = {"default": {"URL": settings.FD_REDIS_URL, "SERIALIZER": "rq.serializers.JSONSerializer"}}
+    queues = {"default": {"URL": url_with_client_options(settings.FD_REDIS_URL),
+                          "SERIALIZER": "rq.serializers.JSONSerializer"}}
     for node in Node.objects.select_related("topic").order_by("topic__name", "name"):
-        queues[keys.node_queue_name(node.topic.name, node.name)] = {
-            "URL": topic_url(node.topic), "SERIALIZER": "rq.serializers.JSONSerializer",
+        queues[keys.node_queue_name(node.topic.name, node.name)] = {  # with timeouts: no page hangs
+            "URL": url_with_client_options(topic_url(node.topic)),
+            "SERIALIZER": "rq.serializers.JSONSerializer",
         }
     return queues
 

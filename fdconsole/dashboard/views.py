@@ -22,19 +22,19 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 from redis.exceptions import RedisError
 
-from fdconsole.dashboard.pulse import describe_for_browser, known_rows
+from fdconsole.dashboard.pulse import describe_live
 from fdconsole.errors import Forbidden, ModelUnavailable, TopicRedisUnavailable, UnknownObject
 from fdconsole.inference.access import request_for, request_to_cancel, visible_requests
 from fdconsole.inference.models import Request, model_tokenizer
 from fdconsole.inference.submit import chat_prompt_ids, submit_request
 from fdconsole.inference.sync import cancel_request, sync_request
 from fdconsole.nodes.models import Node
-from fdconsole.redis_conn import get_topic_store, topic_redis_errors
+from fdconsole.redis_conn import get_topic_store, topic_redis_errors, topic_url
 from fdconsole.topics import access as topic_access
 from fdconsole.topics.models import MODEL_HELP, Topic
 from fdconsole.topics.services import change_topic, get_topic
 from scheduler.config import PARAMETERS, PARAMETERS_BY_NAME, PASSWORD_MASK
-from scheduler.connection import CONNECTION_FIELDS
+from scheduler.connection import CONNECTION_FIELDS, describe
 from scheduler.errors import FdError, InvalidRequest
 from scheduler.status import RequestStatus
 
@@ -45,12 +45,17 @@ CHAT_ROLES = ("system", "user", "assistant")
 CHAT_DEFAULT = [{"role": "system", "content": ""}, {"role": "user", "content": ""}]
 
 
-def _described(nodes: list[Node]) -> tuple[list[dict], str | None]:
-    """Nodes with their live state; when Redis is down, what the database knows and the error."""
-    try:
-        return describe_for_browser(nodes), None
-    except (RedisError, TopicRedisUnavailable) as exc:
-        return known_rows(nodes), str(exc)
+def _described(topics: list[Topic], nodes: list[Node]) -> tuple[list[dict], dict[str, str]]:
+    """The nodes (in their order) with their live state, and per topic whose Redis did not answer in
+    time the error: its nodes then show what the database knows. A Redis that does not answer delays
+    the page by ``pulse.STALL_S`` at most."""
+    members: dict[str, list[Node]] = {topic.name: [] for topic in topics}
+    for node in nodes:
+        members.get(node.topic.name, []).append(node)  # a topic made since ``topics`` was read: next time
+    live = describe_live(topics, members)
+    rows = {row["name"]: row for update in live.values() for row in update["nodes"]}
+    errors = {name: update["error"] for name, update in live.items() if update.get("error")}
+    return [rows[node.name] for node in nodes if node.name in rows], errors
 
 
 def _topic_or_404(name: str) -> Topic:
@@ -74,12 +79,13 @@ def _request_or_404(user, request_id: str, cancel: bool = False) -> Request:
 # -- live pages -------------------------------------------------------------------------------------
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
-    nodes, redis_error = _described(list(Node.objects.select_related("topic").order_by("name")))
     topics = list(Topic.objects.order_by("name"))
+    nodes, errors = _described(topics, list(Node.objects.select_related("topic").order_by("name")))
     counts = {t.name: sum(1 for n in nodes if n["topic"] == t.name) for t in topics}
     return render(request, "home.html", {
-        "topics": [{"topic": t, "nodes": counts[t.name]} for t in topics],
-        "nodes": nodes, "redis_error": redis_error, "live_url": "/ws/cluster/",
+        "topics": [{"topic": t, "nodes": counts[t.name], "redis": describe(topic_url(t)),
+                    "error": errors.get(t.name)} for t in topics],
+        "nodes": nodes, "redis_errors": list(errors.values()), "live_url": "/ws/cluster/",
         "recent_requests": visible_requests(request.user)[:10],
     })
 
@@ -87,9 +93,10 @@ def home(request: HttpRequest) -> HttpResponse:
 @login_required
 def topic_page(request: HttpRequest, topic: str) -> HttpResponse:
     row = _topic_or_404(topic)
-    nodes, redis_error = _described(list(row.nodes.select_related("topic").order_by("name")))
+    nodes, errors = _described([row], list(row.nodes.select_related("topic").order_by("name")))
     return render(request, "topic.html", {
-        "topic": row, "nodes": nodes, "redis_error": redis_error, "live_url": f"/ws/topics/{row.name}/",
+        "topic": row, "nodes": nodes, "redis_error": errors.get(row.name),
+        "live_url": f"/ws/topics/{row.name}/",
     })
 
 

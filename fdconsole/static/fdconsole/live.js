@@ -149,6 +149,11 @@
       set(row, "live_nodes", topic.live_nodes);
       set(row, "waiting", topic.waiting);
       if (topic.point) { set(row, "rps", topic.point.rps); set(row, "tps", topic.point.tps); }
+      /* Where its Redis is, and whether it answers (the full notice in the badge's tooltip). */
+      var where = row.querySelector('[data-field="redis"] [data-where]');
+      var down = row.querySelector('[data-field="redis"] [data-redis-error]');
+      if (where && topic.redis) where.textContent = topic.redis;
+      if (down) { down.hidden = !topic.error; down.title = topic.error || ""; }
     });
   }
 
