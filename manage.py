@@ -9,7 +9,10 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fdconsole.settings")
     from django.core.management import execute_from_command_line
 
-    execute_from_command_line(sys.argv)
+    try:
+        execute_from_command_line(sys.argv)
+    except KeyboardInterrupt:  # Ctrl-C before the command took over its signals: nothing to clean up
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -68,12 +68,12 @@ def test_processes_starting_together_agree_on_one_secret_key(tmp_path):
 
 # -- make run's banner ------------------------------------------------------------------------------
 class Run:
-    """One ``manage.py fdcluster --nodes 0`` under umask 000, its output collected."""
+    """One ``manage.py fdcluster --nodes 0`` (or ``nodes``) under umask 000, its output collected."""
 
-    def __init__(self, env: dict[str, str], port: int) -> None:
+    def __init__(self, env: dict[str, str], port: int, nodes: int = 0) -> None:
         self.lines: list[str] = []
         self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "fdcluster", "--nodes", "0", "--port", str(port)], cwd=ROOT,
+            [sys.executable, "manage.py", "fdcluster", "--nodes", str(nodes), "--port", str(port)], cwd=ROOT,
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, umask=0)
         threading.Thread(target=self._pump, daemon=True).start()
 

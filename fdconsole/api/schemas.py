@@ -212,6 +212,11 @@ class NodeObject(Answer):
     heartbeat_age_s: float | None
     requests_run: int
     requests_stolen: int
+    restarts: int = Field(description="Times fdcluster started the node's process again after it died.")
+    last_exit_status: str | None = Field(
+        description="How its process last ended, as fdcluster saw it: 'exit code 1', 'killed by SIGKILL'; "
+                    "null when it never died under fdcluster.")
+    last_exit_at: datetime | None
     max_num_seqs: int
     max_num_batched_tokens: int
     capacity: NodeCapacity

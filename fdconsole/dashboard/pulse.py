@@ -38,7 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from fdconsole.errors import TopicRedisUnavailable
 from fdconsole.nodes.models import Node
-from fdconsole.nodes.status import describe_nodes, engine_figures
+from fdconsole.nodes.status import describe_nodes, engine_figures, exit_record
 from fdconsole.redis_conn import get_store, get_topic_telemetry, topic_url
 from fdconsole.topics.models import Topic
 from scheduler.connection import describe, redact
@@ -418,7 +418,7 @@ def known_rows(nodes: list[Node]) -> list[dict[str, Any]]:
     return [{"name": n.name, "topic": n.topic.name, "role": n.role, "state": "unknown",
              "admin_state": n.admin_state, "requests_run": n.requests_run,
              "requests_stolen": n.requests_stolen, "heartbeat_ts": None, "running_count": 0,
-             "prefix_cache_hit_pct": None, **engine_figures({})} for n in nodes]
+             "prefix_cache_hit_pct": None, **exit_record(n), **engine_figures({})} for n in nodes]
 
 
 def topic_summary(topic: Topic, update: dict[str, Any]) -> dict[str, Any]:

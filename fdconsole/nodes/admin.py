@@ -8,11 +8,12 @@ from fdconsole.nodes.models import CAPACITY_FIELDS, Node
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
     list_display = ("name", "topic", "role", "admin_state", "device", "max_num_seqs", "block_size", "host",
-                    "requests_run", "requests_stolen", "last_started_at", "live_view")
+                    "requests_run", "requests_stolen", "last_started_at", "restarts", "last_exit",
+                    "live_view")
     list_filter = ("topic", "role", "admin_state")
     search_fields = ("name", "host")
     readonly_fields = ("requests_run", "requests_stolen", "host", "created_at", "updated_at",
-                       "last_started_at")
+                       "last_started_at", "last_exit_status", "last_exit_at", "restarts")
     fieldsets = (
         (None, {"fields": ("name", "topic", "role", "device", "admin_state")}),
         ("Capacity", {
@@ -24,6 +25,11 @@ class NodeAdmin(admin.ModelAdmin):
         ("Activity", {"fields": readonly_fields}),
     )
     actions = ("enable_nodes", "drain_nodes", "disable_nodes")
+
+    @admin.display(description="Last exit", ordering="last_exit_at")
+    def last_exit(self, node: Node) -> str:
+        """How its process last ended, as fdcluster saw it; a dash when it never died under fdcluster."""
+        return node.last_exit_status or "–"
 
     @admin.display(description="Live")
     def live_view(self, node: Node) -> str:

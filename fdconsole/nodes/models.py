@@ -64,6 +64,12 @@ class Node(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     last_started_at = models.DateTimeField(null=True, blank=True)
+    # What ``fdcluster`` saw of the node's process: how it last ended, and how often it started it again.
+    last_exit_status = models.CharField(
+        max_length=64, blank=True, help_text="How its process last ended: exit code 1, killed by SIGKILL…")
+    last_exit_at = models.DateTimeField(null=True, blank=True, help_text="When its process last ended.")
+    restarts = models.PositiveIntegerField(
+        default=0, help_text="Times fdcluster started its process again after it died.")
 
     class Meta:
         ordering = ["topic__name", "name"]

@@ -64,12 +64,20 @@ def _describe(node: Node, heartbeat: dict[str, str], queue_length: int,
         "heartbeat_age_s": round(age, 3) if age is not None else None,
         "requests_run": node.requests_run,
         "requests_stolen": node.requests_stolen,
+        **exit_record(node),
         "max_num_seqs": node.max_num_seqs,
         "max_num_batched_tokens": node.max_num_batched_tokens,
         # The record's settings; a running node keeps those it started with until it restarts.
         "capacity": {name: getattr(node, name) for name in CAPACITY_FIELDS},
         **engine_figures(heartbeat),
     }
+
+
+def exit_record(node: Node) -> dict[str, Any]:
+    """What ``fdcluster`` saw of the node's process: how it last ended (null when it never died under
+    fdcluster) and how often it was started again."""
+    return {"restarts": node.restarts, "last_exit_status": node.last_exit_status or None,
+            "last_exit_at": _iso(node.last_exit_at.timestamp()) if node.last_exit_at else None}
 
 
 def engine_figures(heartbeat: dict[str, str]) -> dict[str, int | float | None]:

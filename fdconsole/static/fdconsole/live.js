@@ -102,6 +102,12 @@
     return dash(node.kv_blocks_used) + " / " + dash(node.kv_blocks_total);
   }
 
+  /* "1 · killed by SIGKILL": how often fdcluster started the node's process again, and how it last ended. */
+  function restarts(node) {
+    if (node.restarts == null) return "–";
+    return String(node.restarts) + (node.last_exit_status ? " · " + node.last_exit_status : "");
+  }
+
   function renderNodes(list) {
     if (!table) return;
     var body = table.tBodies[0];
@@ -125,6 +131,8 @@
       cell(row, "tokens_per_s", node.tokens_per_s == null ? "–" : node.tokens_per_s.toFixed(1), true);
       cell(row, "steals", dash(node.requests_stolen), true);
       cell(row, "run", dash(node.requests_run), true);
+      cell(row, "restarts", restarts(node));
+      if (node.last_exit_at) row.lastChild.title = "last ended " + node.last_exit_at;
       return row;
     });
     body.replaceChildren.apply(body, rows);
@@ -231,7 +239,8 @@
     node_stopped: function (e) { return "node " + e.node + " stopped"; },
     node_stale: function (e) { return "node " + e.node + " is stale: heartbeats are late"; },
     node_draining: function (e) { return "node " + e.node + " is " + (e.state || "draining") + ": it takes no new work"; },
-    node_enabled: function (e) { return "node " + e.node + " was enabled again"; }
+    node_enabled: function (e) { return "node " + e.node + " was enabled again"; },
+    node_restarted: function (e) { return "node " + e.node + "'s process ended (" + e.status + "); fdcluster started it again"; }
   };
   var eventList = document.getElementById("events"), eventsEmpty = document.getElementById("events-empty");
 

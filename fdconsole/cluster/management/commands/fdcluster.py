@@ -2,8 +2,10 @@
 
 Redis (an embedded one when nothing answers at FD_REDIS_URL), migrations, an admin user and an API
 token (kept in .run/, the token printed when it is made), the ASGI console (HTTP and WebSocket, via
-daphne), ``--nodes`` node workers, and the TTL reaper and the live pages' pulse. Ctrl-C (or SIGTERM)
-stops every process it started.
+daphne), ``--nodes`` node workers, and the TTL reaper and the live pages' pulse. It supervises them: the
+console or a node that dies is started again after a backoff (``fdconsole.cluster.supervision``), the
+embedded Redis too. Ctrl-C (or SIGTERM, SIGHUP) stops them in order, quietly: the nodes, the console, the
+threads, then the embedded Redis; a second Ctrl-C hurries it.
 """
 
 from __future__ import annotations
@@ -12,32 +14,59 @@ import os
 import secrets
 import shlex
 import signal
-import subprocess
+import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+from django.db import DatabaseError, InterfaceError, close_old_connections
+from django.db.models import F
+from django.utils import timezone
 from redis import Redis
 
 from fdconsole.api.models import ApiToken
 from fdconsole.cluster.hooks import sync_many
+from fdconsole.cluster.supervision import Child, Death, Recorder
 from fdconsole.dashboard.pulse import PulseThread
-from fdconsole.embedded_redis import eviction_risk, start_for_url
+from fdconsole.embedded_redis import EmbeddedRedis, eviction_risk, start_for_url
 from fdconsole.env import write_private
+from fdconsole.inference.reconcile import Reconciler
+from fdconsole.nodes.models import Node
+from fdconsole.redis_conn import get_topic_telemetry
+from fdconsole.topics.models import Topic
 from fdconsole.topics.services import ensure_node, ensure_topic, topic_stores
 from scheduler.config import validate_name
-from scheduler.connection import describe, redact
+from scheduler.connection import client_options, describe, redact, url_with_client_options
 from scheduler.errors import ConfigError
 from scheduler.reaper import Reaper
 
-STOP_TIMEOUT_S = 15
+STOP_TIMEOUT_S = 15  # for the nodes to finish or hand back their work, then for the console
+THREADS_STOP_S = 5  # for the recorder, the reaper, the reconciler and the pulse to end their pass
+SUPERVISE_TICK_S = 0.5
 REDIS_BACKOFF_S = 2.0  # between two starts of a dying embedded Redis
+
+
+class Interrupted(Exception):
+    """Ctrl-C during start-up: what started so far is stopped, quietly."""
+
+
+class StoppableThread(Protocol):
+    """The recorder, the reaper, the reconciler, the pulse: threads with a stop flag."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -66,84 +95,158 @@ class Command(BaseCommand):
             self.topic = validate_name(options["topic"], "--topic")
         except ConfigError as exc:
             raise CommandError(exc.message) from None
-        self.children: list[tuple[str, subprocess.Popen]] = []
-        self.stopping = threading.Event()
+        self.console: Child | None = None
+        self.nodes: list[Child] = []
+        self.threads: list[StoppableThread] = []
+        self.redis: EmbeddedRedis | None = None
+        self.topic_record: Topic | None = None  # as it was at start-up: for when the database is down
+        self.recorder = Recorder(tidy=close_old_connections)  # the nodes' deaths, on their rows and feed
+        self.stopping, self.hurry = threading.Event(), threading.Event()
+        self.interruptible = False  # while True, a second Ctrl-C cuts the start-up step under way short
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal closed
+            signal.signal(sig, self.on_signal)
+        try:
+            self.start_cluster(options)
+            self.supervise()
+        except Interrupted:
+            pass
+        finally:
+            self.stop_cluster()
+            # Stopped: a late Ctrl-C, one landing while Python exits, must not end it by SIGINT (exit -2).
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        """Ctrl-C or SIGTERM: the first stops the cluster in order; a second hurries the stop (what is
+        left is killed) and cuts a start-up step such as migrate short. Nothing is printed here: the
+        main thread may be inside a write to stdout."""
+        if self.stopping.is_set():
+            self.hurry.set()
+            if self.interruptible:
+                self.interruptible = False
+                raise Interrupted
+        self.stopping.set()
+
+    @contextmanager
+    def interruptible_steps(self) -> Iterator[None]:
+        """Steps that a second Ctrl-C may cut short: they leave no process or thread behind."""
+        self.interruptible = True
+        try:
+            yield
+        finally:
+            self.interruptible = False
+
+    def step(self) -> None:
+        """Between two start-up steps: a Ctrl-C during the last one stops the start here."""
+        if self.stopping.is_set():
+            raise Interrupted
+
+    # -- starting -----------------------------------------------------------------------------
+    def start_cluster(self, options: dict[str, Any]) -> None:
+        """Redis, the database, the threads, the console and the nodes, in that order."""
+        check_port(options["host"], options["port"])  # else the console would start and fail, again and again
+        self.start_redis()
+        self.step()
+        with self.interruptible_steps():
+            call_command("migrate", interactive=False, verbosity=0)
+            call_command("collectstatic", interactive=False, verbosity=0)
+            credentials = self.admin_credentials()
+            self.topic_record = topic = ensure_topic(options["topic"])
+            names = [f"node-{i}" for i in range(1, options["nodes"] + 1)]
+            for name in names:
+                ensure_node(name, topic)
+        self.step()
+        self.start_thread(self.recorder)
+        self.start_thread(Reaper(topic_stores, sync_many))  # every topic's Redis, as topics come and go
+        self.start_thread(Reconciler())  # the database's unfinished rows against Redis (one process at once)
+        self.start_thread(PulseThread())  # the live pages' feed (one per console Redis holds the lease)
+        self.console = Child("console", [
+            sys.executable, "-m", "daphne", "-b", options["host"], "-p", str(options["port"]),
+            "fdconsole.asgi:application"], settings.BASE_DIR).start()
+        for name in names:
+            self.nodes.append(Child(name, [
+                sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "fdnode", "--topic", topic.name,
+                "--name", name], settings.BASE_DIR).start())
+        self.step()
+        self.banner(options["host"], options["port"], topic.name, credentials, names)
+
+    def start_redis(self) -> None:
+        """The embedded Redis when nothing answers at FD_REDIS_URL; its URL (with the password it asks
+        for) becomes every process's FD_REDIS_URL."""
         asked = settings.FD_REDIS_URL
         try:
-            redis, url = start_for_url(asked, run_dir() / "redis_password", data_dir=run_dir() / "redis",
-                                       maxmemory=settings.FD_EMBEDDED_REDIS_MAXMEMORY)
+            self.redis, url = start_for_url(asked, run_dir() / "redis_password", data_dir=run_dir() / "redis",
+                                            maxmemory=settings.FD_EMBEDDED_REDIS_MAXMEMORY)
         except RuntimeError as exc:  # its message may quote FD_REDIS_URL, password and all
             raise CommandError(redact(str(exc), asked)) from None
         if url != asked:  # the embedded Redis asks for a password: every process of this run gives it
             use_redis_url(url)
-        if redis:
+        if self.redis:
             kept = f"; it asks for the password in {run_dir() / 'redis_password'}" if url != asked else ""
             self.say(f"Started an embedded Redis at {describe(url)} (nothing answered there), its data in "
                      f"{run_dir() / 'redis'}{kept}.")
-        self.redis, self.redis_started = redis, time.monotonic()
+        self.redis_started = time.monotonic()
         with Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2) as probe:
             risk = eviction_risk(probe)
         if risk:
             self.say(f"Warning: the Redis at {describe(url)}: {risk}.")
-        reaper = pulse = None
-        try:
-            call_command("migrate", interactive=False, verbosity=0)
-            call_command("collectstatic", interactive=False, verbosity=0)
-            credentials = self.admin_credentials()
-            topic = ensure_topic(options["topic"])
-            names = [f"node-{i}" for i in range(1, options["nodes"] + 1)]
-            for name in names:
-                ensure_node(name, topic)
-            reaper = Reaper(topic_stores, sync_many)  # every topic's Redis, as topics come and go
-            reaper.start()
-            pulse = PulseThread()  # the live pages' feed (one per console Redis holds the lease)
-            pulse.start()
-            self.start_console(options["host"], options["port"])
-            for name in names:
-                self.start_node(topic.name, name)
-            self.banner(options["host"], options["port"], topic.name, credentials, names)
-            self.supervise()
-        finally:
-            self.stop_children()
-            if reaper:
-                reaper.stop()
-            if pulse:
-                pulse.stop()
-                pulse.join(timeout=2)
-            if redis:
-                redis.stop()
-            self.say("Stopped.")
 
-    # -- processes ----------------------------------------------------------------------------
-    def spawn(self, label: str, argv: list[str]) -> None:
-        # A session of its own: Ctrl-C reaches only this supervisor, which stops children in order.
-        process = subprocess.Popen(argv, cwd=settings.BASE_DIR, start_new_session=True, env=os.environ.copy())
-        self.children.append((label, process))
+    def start_thread(self, thread: StoppableThread) -> None:
+        self.threads.append(thread)
+        thread.start()
 
-    def start_console(self, host: str, port: int) -> None:
-        self.spawn("console", [sys.executable, "-m", "daphne", "-b", host, "-p", str(port),
-                               "fdconsole.asgi:application"])
-
-    def start_node(self, topic: str, name: str) -> None:
-        self.spawn(name, [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "fdnode",
-                          "--topic", topic, "--name", name])
+    # -- supervising --------------------------------------------------------------------------
+    @property
+    def children(self) -> list[Child]:
+        return ([self.console] if self.console else []) + self.nodes
 
     def supervise(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stopping.set())
-        reported: set[str] = set()
-        while not self.stopping.wait(0.5):
+        """Until Ctrl-C: starts again, after a backoff, the embedded Redis, the console or a node that
+        died; a node's record and its topic's events say how it ended."""
+        while not self.stopping.wait(SUPERVISE_TICK_S):
             self.keep_redis_alive()
-            for label, process in self.children:
-                code = process.poll()
-                if code is None or label in reported:
-                    continue
-                reported.add(label)
-                if label == "console":
-                    self.say(f"The console exited with code {code}; stopping everything.")
-                    return
-                self.say(f"{label} exited with code {code}. Start it again with: "
-                         f"python manage.py fdnode --topic {self.topic} --name {label}")
+            now = time.monotonic()
+            for child in self.children:
+                death = child.check(now)
+                if death is not None:
+                    self.say(str(death))
+                    if child is not self.console:
+                        self.record_exit(death)
+                elif child.due(now):
+                    self.restart(child, now)
+
+    def restart(self, child: Child, now: float) -> None:
+        try:
+            child.start()
+        except OSError as exc:  # out of processes or memory: the next try waits its backoff
+            child.postpone(now)
+            self.say(f"{child.label} did not start again: {exc}; trying again in {child.backoff_s:g} s.")
+            return
+        if child is not self.console and child.death is not None:
+            self.record_restart(child.label, child.death.status)
+
+    def record_exit(self, death: Death) -> None:
+        """How the node's process ended, on its record (its row on the pages, the API, the admin)."""
+        name, status, at = death.label, death.status, timezone.now()
+        self.recorder.record(f"record how {name} ended", lambda: Node.objects.filter(name=name).update(
+            last_exit_status=status, last_exit_at=at))
+
+    def record_restart(self, name: str, status: str) -> None:
+        """The node's restart count, and a ``node_restarted`` event in its topic's feed."""
+        self.recorder.record(f"count the restart of {name}", lambda: Node.objects.filter(name=name).update(
+            restarts=F("restarts") + 1))
+        self.recorder.record(
+            f"add the restart of {name} to the events of topic {self.topic}",
+            lambda: get_topic_telemetry(self.current_topic()).add_event(
+                self.topic, "node_restarted", node=name, status=status))
+
+    def current_topic(self) -> Topic:
+        """The nodes' topic as the database has it now, or as it was at start-up while it is down."""
+        try:
+            return Topic.objects.get(name=self.topic)
+        except (DatabaseError, InterfaceError):
+            assert self.topic_record is not None  # the nodes run: start-up got this far
+            return self.topic_record
 
     def keep_redis_alive(self) -> None:
         """Starts the embedded Redis again when it died (its data comes back from its append-only file),
@@ -159,18 +262,39 @@ class Command(BaseCommand):
             self.say(f"The embedded Redis did not start again: {redact(str(exc), redis.url)}; trying again "
                      f"in {REDIS_BACKOFF_S:g} s.")
 
-    def stop_children(self) -> None:
-        for _, process in self.children:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for label, process in self.children:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.say(f"{label} did not stop within {STOP_TIMEOUT_S}s; killing it.")
-                process.kill()
-                process.wait()
+    # -- stopping -----------------------------------------------------------------------------
+    def stop_cluster(self) -> None:
+        """Nodes first (they finish or hand back their work, through Redis), then the console, then the
+        threads, then the embedded Redis: nothing is left talking to a Redis that is gone. A second
+        Ctrl-C kills what is left instead of waiting for it."""
+        if not (self.children or self.threads or self.redis):
+            return  # nothing was started
+        self.say("Stopping (Ctrl-C again to hurry)…")
+        self.stop_processes(self.nodes, STOP_TIMEOUT_S)
+        self.stop_processes([self.console] if self.console else [], STOP_TIMEOUT_S)
+        for thread in self.threads:
+            thread.stop()
+        deadline = time.monotonic() + THREADS_STOP_S
+        for thread in self.threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self.redis:
+            self.redis.stop()
+        self.say("Stopped.")
+
+    def stop_processes(self, children: list[Child], grace_s: float) -> None:
+        """SIGTERM to each, then up to ``grace_s`` for them to exit (less after a second Ctrl-C); then
+        SIGKILL to what is left, process groups and all."""
+        for child in children:
+            child.terminate()
+        deadline = time.monotonic() + grace_s
+        while any(child.running for child in children) and time.monotonic() < deadline:
+            if self.hurry.wait(0.05):
+                break
+        for child in children:
+            if child.running:
+                why = "Ctrl-C again" if self.hurry.is_set() else f"it did not stop within {grace_s:g} s"
+                self.say(f"Killing {child.label} ({why}).")
+            child.kill_group()
 
     # -- credentials ----------------------------------------------------------------------------
     def admin_credentials(self) -> AdminCredentials:
@@ -222,8 +346,11 @@ class Command(BaseCommand):
         self.say("")
 
     def say(self, line: str) -> None:
-        self.stdout.write(line)
-        self.stdout.flush()
+        try:
+            self.stdout.write(line)
+            self.stdout.flush()
+        except OSError:  # its terminal is gone (SIGHUP): the stop goes on without a word
+            pass
 
 
 def run_dir() -> Path:
@@ -233,10 +360,21 @@ def run_dir() -> Path:
     return path
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuses to start when the console's address is taken (by another console, most likely)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as daphne listens: TIME_WAIT is fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CommandError(f"the console cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
 def use_redis_url(url: str) -> None:
     """Makes ``url`` the console's Redis here and in every process started from now on (the console,
     the nodes): the settings that name it, and FD_REDIS_URL."""
     os.environ["FD_REDIS_URL"] = url
     settings.FD_REDIS_URL = url
-    settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [url]
-    settings.RQ_QUEUES["default"]["URL"] = url
+    settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
+        {"address": url, **client_options(url, settings.CHANNEL_LAYER_READ_TIMEOUT_S)}]
+    settings.RQ_QUEUES["default"]["URL"] = url_with_client_options(url)  # the timeouts, as settings.py has
