@@ -231,6 +231,7 @@
     expired: function (e) { return "request " + e.request_id + " expired" + (e.node ? " on " + e.node : "") + ": " + e.message; },
     failover: function (e) { return "request " + e.request_id + " moved from " + (e.from || "?") + " to " + e.to + " (its node stopped renewing it)"; },
     reclaimed: function (e) { return e.to + " took back request " + e.request_id + " after restarting"; },
+    resubmitted: function (e) { return "request " + e.request_id + " was queued again on " + e.to + " from its record (Redis had lost it), after " + e.tokens + " token(s)"; },
     rehomed: function (e) { return e.count + " queued request(s) moved off dead node " + e.from; },
     node_expired: function (e) { return "node " + e.node + " expired and left the registry (" + e.moved + " request(s) moved)"; },
     node_joined: function (e) { return "node " + e.node + " (" + e.role + ") joined"; },
