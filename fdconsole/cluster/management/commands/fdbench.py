@@ -13,7 +13,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 class Command(BaseCommand):
     help = ("Run a benchmark and print its figures as one JSON object (model, engine, scheduler, splitwise, "
-            "skew, handoff, serve).")
+            "skew, handoff, serve, chaos).")
 
     def add_arguments(self, parser) -> None:
         sub = parser.add_subparsers(dest="kind", required=True)
@@ -60,6 +60,16 @@ class Command(BaseCommand):
         serve.add_argument("--prompt", default=None, help="default: a short text prompt")
         serve.add_argument("--token", default=None,
                            help="default: FD_API_TOKEN, else a temporary token minted here, deleted after")
+        chaos = sub.add_parser("chaos", help="a steady load while nodes, the console, Redis and the database "
+                                             "are hurt: what was lost or duplicated")
+        chaos.add_argument("--minutes", type=float, default=10.0, help="how long the load runs (default 10)")
+        chaos.add_argument("--rate", type=float, default=2.0, help="requests a second (default 2)")
+        chaos.add_argument("--nodes", type=int, default=2)
+        chaos.add_argument("--fault-every", type=float, default=15.0,
+                           help="seconds between faults (default 15)")
+        chaos.add_argument("--max-tokens", type=int, default=32)
+        chaos.add_argument("--database-url", default=None,
+                           help="the cluster's database (default: a SQLite file of its own, deleted after)")
 
     def handle(self, *args, **options) -> None:
         try:
@@ -153,3 +163,17 @@ class Command(BaseCommand):
             title = f"fdbench serve --api {options['api']}"
             self.stderr.write(f"wrote {write_plot(options['plot'], figures['results'], title)}")
         return figures
+
+    def bench_chaos(self, options) -> dict:
+        from fdconsole.cluster.chaos import ChaosError, bench_chaos
+
+        if options["minutes"] <= 0 or options["rate"] <= 0 or options["fault_every"] <= 0:
+            raise CommandError("--minutes, --rate and --fault-every must be above 0")
+        if options["nodes"] < 1 or options["max_tokens"] < 1:
+            raise CommandError("--nodes and --max-tokens must be at least 1")
+        try:
+            return bench_chaos(minutes=options["minutes"], rate=options["rate"], nodes=options["nodes"],
+                               fault_every=options["fault_every"], max_tokens=options["max_tokens"],
+                               database_url=options["database_url"], log=self.stderr.write)
+        except ChaosError as exc:
+            raise CommandError(str(exc)) from None
