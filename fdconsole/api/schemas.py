@@ -16,6 +16,7 @@ Nothing here imports Django: these models are plain data.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -256,13 +257,52 @@ class ConsoleError(Answer):
     error: ConsoleErrorDetail
 
 
+# -- header and query parameters -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HttpParameter:
+    """A header or query parameter an endpoint reads beside its path and body: optional, a string of
+    ``pattern`` (matched whole, by the view that reads it, and published in the OpenAPI schema)."""
+
+    name: str
+    location: Literal["header", "query"]
+    description: str
+    pattern: str
+
+    def matches(self, value: str) -> bool:
+        return re.fullmatch(self.pattern, value) is not None
+
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "string", "pattern": f"^(?:{self.pattern})$"}
+
+
+REPLAYED_HEADER = "Idempotent-Replayed"
+IDEMPOTENCY_KEY = HttpParameter(
+    "Idempotency-Key", "header",
+    "Makes a retried submission one request (as Stripe's): the same key from the same user with the same "
+    "submission (topic, prompt tokens, sampling, node) answers with the request the first made, adding, "
+    f"queueing and counting nothing (the answer then has `{REPLAYED_HEADER}: true`); with another "
+    "submission it is 409 idempotency_key_reused. 1-255 printable ASCII characters, kept per user for as "
+    "long as the request is. A request_id sent again works the same way.",
+    r"[ -~]{1,255}")
+LAST_EVENT_ID_DESCRIPTION = (
+    "Resume the stream: the id of the last event the client has (a token's index, or `done`); only the "
+    "tokens after it are sent (after `done`, only `done`). What a browser's EventSource sends when it "
+    "reconnects.")
+EVENT_ID_PATTERN = r"done|[0-9]{1,18}"
+LAST_EVENT_ID = HttpParameter("Last-Event-ID", "header", LAST_EVENT_ID_DESCRIPTION, EVENT_ID_PATTERN)
+LAST_EVENT_ID_QUERY = HttpParameter("last_event_id", "query", LAST_EVENT_ID_DESCRIPTION + " For clients "
+                                    "that cannot set headers; the header wins when both are sent.",
+                                    EVENT_ID_PATTERN)
+
+
 # -- the registry ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Endpoint:
     """One endpoint of the native API: its method and path (``{name}`` a path parameter, a string), its
     body's model, and its answer's model with the statuses it comes with. ``stream``: the answer is a
     ``text/event-stream`` instead (``token`` events of ``TokenEvent``, then ``done`` with the
-    ``response_model``). ``errors``: the statuses it answers with a ``ConsoleError``."""
+    ``response_model``). ``errors``: the statuses it answers with a ``ConsoleError``. ``parameters``: the
+    headers and query parameters it reads."""
 
     name: str  # the OpenAPI operationId
     method: str
@@ -274,6 +314,7 @@ class Endpoint:
     errors: tuple[int, ...]
     stream: bool = False
     scope: str = "read"  # what the caller's API token needs (fdconsole.api.models.SCOPES)
+    parameters: tuple[HttpParameter, ...] = ()
 
 
 BODY_ERRORS = (400, 401, 413)
@@ -288,8 +329,8 @@ UPDATE_TOPIC = Endpoint("updateTopic", "PATCH", "/api/v1/topics/{topic}", TopicP
                         "Change a topic's model or scheduler parameters; running nodes take the change up "
                         "without a restart.", (*BODY_ERRORS, 403, 404, 409, 503), scope="admin")
 SUBMIT = Endpoint("submitRequest", "POST", "/api/v1/topics/{topic}/requests", SubmissionBody, RequestObject,
-                  (202,), "Queue a request on a node of the topic.", (*BODY_ERRORS, 403, 404, 409, 429, 503),
-                  scope="submit")
+                  (202,), "Queue a request on a node of the topic (a retry of one already made: that one).",
+                  (*BODY_ERRORS, 403, 404, 409, 429, 503), scope="submit", parameters=(IDEMPOTENCY_KEY,))
 GET_REQUEST = Endpoint("getRequest", "GET", "/api/v1/requests/{request_id}", None, RequestObject, (200,),
                        "A request as it is now.", (401, 403, 404, 503))
 CANCEL_REQUEST = Endpoint("cancelRequest", "DELETE", "/api/v1/requests/{request_id}", None, RequestObject,
@@ -297,9 +338,11 @@ CANCEL_REQUEST = Endpoint("cancelRequest", "DELETE", "/api/v1/requests/{request_
                           "(its final status is then cancelled, unless it had already ended).",
                           (401, 403, 404, 503), scope="submit")
 STREAM_REQUEST = Endpoint("streamRequest", "GET", "/api/v1/requests/{request_id}/stream", None, RequestObject,
-                          (200,), "Server-Sent Events: one token event per generated token, then one done "
-                          "event with the final request object (or one error event). Works before, during "
-                          "and after the generation.", (401, 403, 404, 429), stream=True)
+                          (200,), "Server-Sent Events: one token event per generated token (its id: the "
+                          "token's index), then one done event with the final request object (its id: "
+                          "done), or one error event. Works before, during and after the generation; "
+                          "resumes after Last-Event-ID.", (400, 401, 403, 404, 429), stream=True,
+                          parameters=(LAST_EVENT_ID, LAST_EVENT_ID_QUERY))
 LIST_NODES = Endpoint("listNodes", "GET", "/api/v1/nodes", None, NodeList, (200,),
                       "Every node with its live state.", (401, 403, 503))
 GET_NODE = Endpoint("getNode", "GET", "/api/v1/nodes/{name}", None, NodeObject, (200,),

@@ -17,9 +17,11 @@ from fdconsole.api.schemas import (
     GET_NODE,
     GET_REQUEST,
     GET_TOPIC,
+    IDEMPOTENCY_KEY,
     LIST_NODES,
     LIST_TOPICS,
     READ_ONLY_TOPIC_FIELDS,
+    REPLAYED_HEADER,
     SUBMIT,
     UPDATE_TOPIC,
     given,
@@ -28,7 +30,7 @@ from fdconsole.embedded_redis import eviction_risk
 from fdconsole.errors import ApiError, UnknownObject
 from fdconsole.inference.access import request_for, request_to_cancel
 from fdconsole.inference.models import Request
-from fdconsole.inference.submit import submit_request
+from fdconsole.inference.submit import submit_or_replay
 from fdconsole.inference.sync import cancel_request, sync_request
 from fdconsole.nodes.models import Node
 from fdconsole.nodes.status import describe_nodes
@@ -36,17 +38,36 @@ from fdconsole.redis_conn import console_redis_answers, get_redis, topic_redis_e
 from fdconsole.topics.models import Topic
 from fdconsole.topics.services import change_topic, create_topic, get_topic
 from scheduler.config import NAME_RE
-from scheduler.errors import ConfigError
+from scheduler.errors import ConfigError, InvalidRequest
 from scheduler.messages import SubmissionBody
 
 
 # -- requests ---------------------------------------------------------------------------------------
 @api_view(SUBMIT)
 def topic_requests(request: HttpRequest, user, topic: str, body: SubmissionBody) -> JsonResponse:
+    """202 with the request; a retry of a submission already made (the same request_id or
+    Idempotency-Key, the same content, the same user) is 202 with that request as it is now."""
+    key = idempotency_key(request)
     row = get_topic(topic)
     with topic_redis_errors(row):
-        submitted = submit_request(row, body, user, request.api_token)
-    return JsonResponse(submitted.as_api(), status=202)
+        submitted = submit_or_replay(row, body, user, request.api_token, key)
+        answer = sync_request(submitted.row) if submitted.replayed else submitted.row
+    response = JsonResponse(answer.as_api(), status=202)
+    if submitted.replayed:
+        response[REPLAYED_HEADER] = "true"
+    return response
+
+
+def idempotency_key(request: HttpRequest) -> str:
+    """The request's ``Idempotency-Key`` header: "" when it has none; ``InvalidRequest`` naming the header
+    when it is not 1-255 printable ASCII characters. (Both APIs' submissions take it.)"""
+    value = request.headers.get(IDEMPOTENCY_KEY.name)
+    if value is None:
+        return ""
+    if not IDEMPOTENCY_KEY.matches(value):
+        raise InvalidRequest(f"{IDEMPOTENCY_KEY.name} must be 1-255 printable ASCII characters",
+                             field=IDEMPOTENCY_KEY.name)
+    return value
 
 
 @api_view(GET_REQUEST, CANCEL_REQUEST)

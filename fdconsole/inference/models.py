@@ -47,10 +47,17 @@ class Request(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     handoff_bytes = models.PositiveBigIntegerField(null=True, blank=True, help_text="KV handoff bytes.")
     handoff_ms = models.FloatField(null=True, blank=True, help_text="Splitwise KV handoff time, ms.")
+    idempotency_key = models.CharField(max_length=255, blank=True, default="", help_text="The "
+                                       "Idempotency-Key it was submitted with: unique per submitter.")
+    submission_digest = models.CharField(max_length=64, blank=True, default="", editable=False,
+                                         help_text="SHA-256 of the validated submission: a retry must match.")
 
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["topic", "status"])]
+        constraints = [models.UniqueConstraint(fields=["submitted_by", "idempotency_key"],
+                                               condition=~models.Q(idempotency_key=""),
+                                               name="unique_idempotency_key_per_submitter")]
         # Without them a user sees and cancels only the requests they submitted (``access``).
         permissions = [("view_all_requests", "Can view every user's requests"),
                        ("cancel_all_requests", "Can cancel every user's requests")]

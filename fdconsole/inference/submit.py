@@ -3,13 +3,26 @@
 Order matters for "never a half-written record": the row is inserted first (its unique request_id is
 the duplicate check), then Redis queues the request atomically; when Redis refuses (queue full, no
 Redis) the row is deleted again before the error reaches the client.
+
+Design note (idempotency). A client whose reply was lost sends the same submission again; that must be
+the request it already made, not a second one. A submission is named by its ``request_id`` (when the
+client gives one) and its ``Idempotency-Key`` (unique per submitter, as Stripe's); what it asks for is
+``submission_digest``, a hash of its validated content (topic, model, prompt token ids, sampling,
+node), kept on the row. The same submitter sending the same digest under a name already taken is a
+retry: it is answered with the request that name holds (``Submitted.replayed``), and adds no row,
+queues nothing and takes none of the token's limits. A name taken by another user, or by other
+content, is a 409. Two identical submissions racing meet at the row's unique constraints (the token's
+row lock first, when it has an in-flight limit): the loser reads the winner's row and compares.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -19,14 +32,15 @@ from redis.exceptions import RedisError
 from tokenizers.models import BPE
 
 from fdconsole.errors import ModelUnavailable, UnknownObject
-from fdconsole.inference.limits import take_in_flight, take_rate
+from fdconsole.inference.limits import RateLimited, take_in_flight, take_rate
 from fdconsole.inference.models import Request, model_tokenizer
 from fdconsole.inference.sync import sync_uids
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import get_topic_store, get_topic_telemetry
 from gpu_worker.checkpoint_errors import CheckpointError
 from gpu_worker.model_source import inspect
-from scheduler.errors import DuplicateRequest, InvalidRequest, NoNodeAvailable, QueueFull
+from scheduler.errors import DuplicateRequest, FdError, InvalidRequest, NoNodeAvailable, QueueFull
+from scheduler.messages import Request as QueuedRequest
 from scheduler.messages import SubmissionBody, parse_submission
 from scheduler.store import new_uid
 from scheduler.validation import validated
@@ -35,26 +49,144 @@ if TYPE_CHECKING:
     from fdconsole.topics.models import Topic
 
 log = logging.getLogger(__name__)
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # where the API takes a submission's idempotency key (checked there)
+
+
+class IdempotencyKeyReused(FdError):
+    """An Idempotency-Key of this submitter that already names a submission of other content."""
+
+    code = "idempotency_key_reused"
+    status = 409
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What a submission came to: its request's row, and whether it was a retry of one already made
+    (``replayed``: then nothing was added, queued or counted against a limit)."""
+
+    row: Request
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class Submission:
+    """Who submits what under which names: what tells a retry from a new request."""
+
+    owner: Any  # the submitting user; None when there is none (then nothing is a retry)
+    digest: str  # ``submission_digest`` of its validated content
+    request_id: str | None  # the client's; None when it gave none
+    idempotency_key: str  # "" when it sent none
+
+    def earlier(self) -> Request | None:
+        """The request this very submission already made, None when there is none. ``IdempotencyKeyReused``
+        or ``DuplicateRequest`` (409) when one of its names holds another submission (another user's
+        request is not described)."""
+        if self.owner is None:
+            return None
+        if self.idempotency_key:
+            row = _rows().filter(submitted_by=self.owner, idempotency_key=self.idempotency_key).first()
+            if row is not None:
+                if recorded_digest(row) != self.digest or self.request_id not in (None, row.request_id):
+                    raise IdempotencyKeyReused(
+                        f"{IDEMPOTENCY_HEADER} '{self.idempotency_key}' was used with another submission "
+                        "(another topic, prompt, sampling, node or request_id): send a new key for a new "
+                        "request", field=IDEMPOTENCY_HEADER)
+                return row
+        if self.request_id is not None:
+            row = _rows().filter(request_id=self.request_id).first()
+            if row is not None and row.submitted_by_id != self.owner.pk:
+                raise DuplicateRequest(f"request_id '{self.request_id}' is already taken", field="request_id")
+            if row is not None and recorded_digest(row) != self.digest:
+                raise DuplicateRequest(f"request_id '{self.request_id}' is already taken by another of your "
+                                       "requests (another topic, prompt, sampling or node)",
+                                       field="request_id")
+            return row
+        return None
+
+
+def _rows():
+    return Request.objects.select_related("topic")
+
+
+def submission_digest(topic: str, model: str, prompt_token_ids: list[int], sampling: dict[str, Any],
+                      node: str | None) -> str:
+    """SHA-256 (hex) of what a validated submission asks: its topic and model, prompt token ids,
+    sampling (``Request.to_dict``'s: max_tokens and stop included) and home ``node``; the same for every
+    way of asking the same (a prompt or its token ids, a chat or its rendering, a default left out or
+    sent)."""
+    content = {"topic": topic, "model": model, "prompt_token_ids": prompt_token_ids, "sampling": sampling,
+               "node": node}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def recorded_digest(row: Request) -> str:
+    """The ``submission_digest`` of ``row``'s submission; for a row made before digests were kept, as
+    its own fields say it (the node it asked for is not recorded: none)."""
+    return row.submission_digest or submission_digest(row.topic.name, row.model, row.prompt_token_ids,
+                                                       row.sampling, None)
 
 
 def get_request_row(request_id: str) -> Request:
     """The request ``request_id``; ``UnknownObject`` when there is none."""
     row = None
     if request_id.isprintable():
-        row = Request.objects.select_related("topic").filter(request_id=request_id).first()
+        row = _rows().filter(request_id=request_id).first()
     if row is None:
         raise UnknownObject(f"no request '{request_id}'", field="request_id")
     return row
 
 
-def submit_request(topic: Topic, body: Any, user=None, token=None) -> Request:
-    """Validate ``body`` (a ``SubmissionBody``, or a decoded JSON body validated as one here) and queue
-    it on ``topic``; returns the recorded row.
+def submit_request(topic: Topic, body: Any, user=None, token=None, idempotency_key: str = "") -> Request:
+    """``submit_or_replay``'s row."""
+    return submit_or_replay(topic, body, user, token, idempotency_key).row
 
-    Raises InvalidRequest (400), UnknownObject (404), DuplicateRequest (409), QueueFull (429),
-    RateLimited (429: a limit of ``token``, the API token it came with), NoNodeAvailable (503),
-    ModelUnavailable (503: the topic's model cannot be served here any more) or a redis error (503).
+
+def submit_or_replay(topic: Topic, body: Any, user=None, token=None, idempotency_key: str = "") -> Submitted:
+    """Validate ``body`` (a ``SubmissionBody``, or a decoded JSON body validated as one here) and queue
+    it on ``topic``; or, when ``user`` made this very submission already (under its request_id or
+    ``idempotency_key``), answer with that request (see the note).
+
+    Raises InvalidRequest (400), UnknownObject (404), DuplicateRequest or IdempotencyKeyReused (409),
+    QueueFull (429), RateLimited (429: a limit of ``token``, the API token it came with),
+    NoNodeAvailable (503), ModelUnavailable (503: the topic's model cannot be served here any more) or a
+    redis error (503).
     """
+    request, client_request_id, node_name = _validated_request(topic, body)
+    owner = user if user is not None and user.is_authenticated else None
+    digest = submission_digest(topic.name, topic.model, request.prompt_token_ids,
+                               request.to_dict()["sampling"], node_name)
+    submission = Submission(owner, digest, client_request_id, idempotency_key)
+    earlier = submission.earlier()  # before Redis is asked anything: a retry is answered whatever it says
+    if earlier is not None:
+        return Submitted(earlier, replayed=True)
+    config = topic.config
+    request.request_id = client_request_id or f"req-{uuid.uuid4().hex}"
+    request.topic = topic.name
+    store = get_topic_store(topic)
+    if not store.has_config(topic.name):  # Redis restarted without persistence: the database knows
+        store.publish_config(topic.name, config)
+    candidates = _candidate_nodes(topic, node_name, store)
+    _refuse_over_waiting_cap(store, topic)
+    submitted = _insert_row(topic, request, candidates[0], submission, token)
+    if submitted.replayed:  # its twin won the race
+        return submitted
+    row = submitted.row
+    try:
+        home, expired = _queue_on_first_with_room(store, topic, config, row, request, candidates)
+    except BaseException:
+        row.delete()
+        raise
+    if home != row.home_node:
+        Request.objects.filter(pk=row.pk).update(home_node=home)
+        row.home_node = home
+    if expired:
+        sync_uids(topic.name, expired, store)
+    return submitted
+
+
+def _validated_request(topic: Topic, body: Any) -> tuple[QueuedRequest, str | None, str | None]:
+    """``body`` checked against ``topic``'s model (a chat rendered through its template): the request
+    (its request_id still to set), the client's request_id and the node it asked for (or None)."""
     if not isinstance(body, SubmissionBody):
         body = validated(SubmissionBody, body, InvalidRequest)
     context = max_model_len(topic)  # first: it says best what is wrong with a model that is gone
@@ -66,7 +198,7 @@ def submit_request(topic: Topic, body: Any, user=None, token=None) -> Request:
         ids = chat_prompt_ids(topic, [turn.model_dump() for turn in body.messages], "messages")
         body = body.model_copy(update={"messages": None, "prompt_token_ids": ids})
     try:
-        request, request_id, node_name = parse_submission(
+        return parse_submission(
             body, max_model_len=context, encode=tokenizer.encode,
             # a prompt of the byte model holds bytes only, never its end-of-text id
             vocab_size=getattr(tokenizer, "prompt_vocab_size", tokenizer.vocab_size),
@@ -76,28 +208,6 @@ def submit_request(topic: Topic, body: Any, user=None, token=None) -> Request:
             raise InvalidRequest(exc.message.replace("prompt_token_ids", "messages (as the chat template "
                                                      "renders them)"), field="messages") from None
         raise
-    config = topic.config
-    request.request_id = request_id or f"req-{uuid.uuid4().hex}"
-    request.topic = topic.name
-    store = get_topic_store(topic)
-    if not store.has_config(topic.name):  # Redis restarted without persistence: the database knows
-        store.publish_config(topic.name, config)
-    candidates = _candidate_nodes(topic, node_name, store)
-    _refuse_over_waiting_cap(store, topic)
-    if token is not None:
-        take_rate(token)
-    row = _insert_row(topic, request, candidates[0], user, token)
-    try:
-        home, expired = _queue_on_first_with_room(store, topic, config, row, request, candidates)
-    except BaseException:
-        row.delete()
-        raise
-    if home != row.home_node:
-        Request.objects.filter(pk=row.pk).update(home_node=home)
-        row.home_node = home
-    if expired:
-        sync_uids(topic.name, expired, store)
-    return row
 
 
 def chat_prompt_ids(topic: Topic, messages: Any, field: str) -> list[int]:
@@ -232,20 +342,35 @@ def _refuse_over_waiting_cap(store, topic: Topic) -> None:
                         f"(FD_MAX_WAITING_PER_TOPIC={cap})")
 
 
-def _insert_row(topic: Topic, request, home: str, user, token=None) -> Request:
-    if Request.objects.filter(request_id=request.request_id).exists():
-        raise DuplicateRequest(f"request_id '{request.request_id}' is already taken", field="request_id")
+def _insert_row(topic: Topic, request: QueuedRequest, home: str, submission: Submission,
+                token=None) -> Submitted:
+    """The new request's row, made after the token's limits are checked (in one transaction with them,
+    so that a refused submission leaves nothing and a retry takes nothing); or the earlier request of
+    the same submission, when a twin got there first (``replayed``)."""
     try:
         with transaction.atomic():
+            earlier = submission.earlier()  # a twin may have committed since the first look
+            if earlier is not None:
+                return Submitted(earlier, replayed=True)
             if token is not None:
                 take_in_flight(token)  # counted and held on the token's row until the row is made
-            return Request.objects.create(api_token=token,
-                uid=new_uid(), request_id=request.request_id, topic=topic, model=topic.model,
+            row = Request.objects.create(
+                api_token=token, uid=new_uid(), request_id=request.request_id, topic=topic, model=topic.model,
                 home_node=home, prompt_token_ids=request.prompt_token_ids, prompt_tokens=request.prompt_len,
                 sampling=request.to_dict()["sampling"], created_at=timezone.now(),
-                submitted_by=user if user is not None and user.is_authenticated else None,
+                submitted_by=submission.owner, idempotency_key=submission.idempotency_key,
+                submission_digest=submission.digest,
             )
-    except IntegrityError:
+            if token is not None:
+                take_rate(token)  # last: a refusal rolls the row back, and a retry never gets here
+            return Submitted(row)
+    except (IntegrityError, RateLimited) as exc:
+        # A twin committed meanwhile (its row took a name, or the last place in flight): this is its retry.
+        earlier = submission.earlier()
+        if earlier is not None:
+            return Submitted(earlier, replayed=True)
+        if isinstance(exc, RateLimited):
+            raise
         raise DuplicateRequest(
             f"request_id '{request.request_id}' is already taken", field="request_id"
         ) from None

@@ -1,11 +1,12 @@
 """A submitted request's answer in OpenAI's shapes: whole once it finished, or streamed as chunks.
 
 Both read the request's events once through ``fdconsole.api.stream.request_events`` (every token
-exactly once, then the end), as the native stream does. A request that ends without its answer
-(expired, failed) is an error: before the first streamed byte a plain JSON error with its status,
-later one ``data: {"error": ...}`` event, then ``data: [DONE]``. A cancelled request ends with
-finish_reason ``abort``. A client that goes away does not cancel its request: it may come back with
-the same ``request_id`` and read it again.
+exactly once, by index, then the end, across a Redis that restarts or pauses), as the native stream
+does. A request that ends without its answer (expired, failed) is an error: before the first streamed
+byte a plain JSON error with its status, later one ``data: {"error": ...}`` event, then ``data:
+[DONE]``. A cancelled request ends with finish_reason ``abort``. A client that goes away does not
+cancel its request: it may come back with the same ``request_id`` or ``Idempotency-Key`` and read it
+again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from fdconsole.api.stream import (
     KeepAliveEvent,
     RequestEvent,
     TokenEvent,
+    comment,
     event_stream_response,
+    release_slot,
     request_events,
 )
 from fdconsole.errors import GenerationFailed
@@ -198,7 +201,7 @@ async def released_after(pieces: AsyncIterator[str], slot: StreamSlot) -> AsyncI
             async for piece in pieces:
                 yield piece
     finally:
-        await slot.release()
+        await release_slot(slot)
 
 
 async def first_event(events: AsyncIterator[RequestEvent]) -> TokenEvent | DoneEvent | ErrorEvent:
@@ -218,7 +221,7 @@ async def chunks(shape: Shape, first: RequestEvent, events: AsyncIterator[Reques
             if isinstance(event, TokenEvent):
                 yield data(shape.token(event.text), include_usage)
             elif isinstance(event, KeepAliveEvent):
-                yield ": keep-alive\n\n"
+                yield comment(event.note)
             elif isinstance(event, DoneEvent):
                 for chunk in ending(shape, event, include_usage):
                     yield chunk

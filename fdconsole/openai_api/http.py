@@ -40,6 +40,8 @@ def fd_error_body(exc: FdError) -> dict[str, Any]:
 def error_response(status: int, code: str | None, message: str, param: str | None = None,
                    retry_after: int | None = None) -> JsonResponse:
     response = JsonResponse(error_body(status, code, message, param), status=status)
+    if status == 409:  # a name taken by another submission: the same call again cannot succeed, though
+        response["x-should-retry"] = "false"  # OpenAI's SDKs retry a 409 (their lock timeouts) unless told
     return with_retry_after(response, retry_after)
 
 

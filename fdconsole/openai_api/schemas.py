@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from fdconsole.api.schemas import IDEMPOTENCY_KEY, HttpParameter
 from scheduler.messages import MAX_REQUEST_ID_LEN, MAX_STOP_CHARS, MAX_STOP_STRINGS
 from scheduler.validation import integer
 
@@ -315,6 +316,7 @@ class Endpoint:
     summary: str
     stream_model: type[Answer] | None = None
     scope: str = "read"  # what the caller's API token needs (fdconsole.api.models.SCOPES)
+    parameters: tuple[HttpParameter, ...] = ()  # the headers it reads
 
 
 MODELS = Endpoint("listModels", "GET", "/v1/models", None, ModelList,
@@ -322,9 +324,11 @@ MODELS = Endpoint("listModels", "GET", "/v1/models", None, ModelList,
 MODEL = Endpoint("retrieveModel", "GET", "/v1/models/{model}", None, ModelCard,
                  "One model of the list: 404 model_not_found when it is not there.")
 COMPLETIONS = Endpoint("createCompletion", "POST", "/v1/completions", CompletionRequest, Completion,
-                       "Complete a prompt on the topic named by model.", CompletionChunk, scope="submit")
+                       "Complete a prompt on the topic named by model.", CompletionChunk, scope="submit",
+                       parameters=(IDEMPOTENCY_KEY,))
 CHAT_COMPLETIONS = Endpoint("createChatCompletion", "POST", "/v1/chat/completions", ChatCompletionRequest,
                             ChatCompletion, "Answer a chat on the topic named by model, through its "
-                            "model's chat template.", ChatCompletionChunk, scope="submit")
+                            "model's chat template.", ChatCompletionChunk, scope="submit",
+                            parameters=(IDEMPOTENCY_KEY,))
 ENDPOINTS = (MODELS, MODEL, COMPLETIONS, CHAT_COMPLETIONS)
 ERROR_MODEL = ErrorResponse

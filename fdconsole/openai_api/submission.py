@@ -3,9 +3,10 @@
 submitted exactly as ``POST /api/v1/topics/{topic}/requests`` submits (scheduled, visible in the
 console, failed over, streamed exactly once).
 
-A ``request_id`` sent again with the same prompt and sampling reattaches to that request, running or
-finished, instead of failing: a client that lost its connection asks again and reads the same
-answer. The same id with anything else is 409.
+A ``request_id`` or an ``Idempotency-Key`` sent again by the same user with the same prompt and
+sampling reattaches to that request, running or finished, instead of starting another
+(``submit_or_replay``): a client that lost its connection asks again and reads the same answer. The
+same name with anything else is 409.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from fdconsole.errors import ModelUnavailable, UnknownModel, UnknownObject
-from fdconsole.inference.models import Request
-from fdconsole.inference.submit import chat_prompt_ids, max_model_len, prompt_ids, submit_request
+from fdconsole.inference.submit import Submitted, chat_prompt_ids, max_model_len, prompt_ids, submit_or_replay
 from fdconsole.nodes.models import Node
 from fdconsole.openai_api.schemas import (
     ChatCompletionRequest,
@@ -26,25 +26,18 @@ from fdconsole.redis_conn import topic_redis_errors
 from fdconsole.topics.models import Topic
 from fdconsole.topics.services import get_topic
 from scheduler.config import NAME_RE
-from scheduler.errors import DuplicateRequest, InvalidRequest
-
-# What makes two requests the same one, with the native defaults of what a body may leave out.
-SAMPLING_DEFAULTS = {"max_tokens": None, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None,
-                     "stop": []}
+from scheduler.errors import InvalidRequest
 
 
-def start_request(body: GenerationRequest, user, token=None) -> Request:
-    """Submit ``body`` on the topic its ``model`` names, or reattach to the request of its
-    ``request_id``; returns the request's row. Raises what ``submit_request`` raises (an
-    ``InvalidRequest`` naming this client's field), and ``UnknownModel`` (404) for a model that names no
-    topic."""
+def start_request(body: GenerationRequest, user, token=None, idempotency_key: str = "") -> Submitted:
+    """Submit ``body`` on the topic its ``model`` names, or reattach to the request its ``request_id``
+    or ``idempotency_key`` already made. Raises what ``submit_or_replay`` raises (an ``InvalidRequest``
+    naming this client's field), and ``UnknownModel`` (404) for a model that names no topic."""
     topic = model_topic(body.model)
     with topic_redis_errors(topic):
         native, renamed = native_body(topic, body)
         try:
-            return submit_request(topic, native, user, token)
-        except DuplicateRequest:
-            return reattach(topic, native, user)
+            return submit_or_replay(topic, native, user, token, idempotency_key)
         except InvalidRequest as exc:
             if exc.field not in renamed:
                 raise
@@ -81,20 +74,6 @@ def prompt_token_ids(topic: Topic, body: GenerationRequest) -> tuple[list[int], 
     if isinstance(body.prompt, str):
         return prompt_ids(topic, body.prompt, "prompt"), "prompt"
     return body.prompt, "prompt"
-
-
-def reattach(topic: Topic, native: dict[str, Any], user) -> Request:
-    """The request already recorded under ``native``'s request_id, when it is this very request (same
-    topic, submitter, prompt and sampling); ``DuplicateRequest`` (409) otherwise."""
-    request_id = native["request_id"]
-    row = Request.objects.select_related("topic").filter(request_id=request_id).first()
-    same = (row is not None and row.topic_id == topic.pk and row.submitted_by_id == getattr(user, "pk", None)
-            and row.prompt_token_ids == native["prompt_token_ids"]
-            and all(row.sampling.get(k, d) == native.get(k, d) for k, d in SAMPLING_DEFAULTS.items()))
-    if not same:
-        raise DuplicateRequest(f"request_id '{request_id}' is already taken by another request (another "
-                               "model, prompt or sampling)", field="request_id")
-    return row
 
 
 # -- GET /v1/models ---------------------------------------------------------------------------------

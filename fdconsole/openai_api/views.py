@@ -8,8 +8,11 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from fdconsole.api.http import bearer_user
+from fdconsole.api.schemas import REPLAYED_HEADER
+from fdconsole.api.views import idempotency_key
 from fdconsole.errors import UnknownModel
 from fdconsole.inference.limits import StreamSlot
+from fdconsole.inference.models import Request
 from fdconsole.openai_api.answers import ChatShape, CompletionShape, Shape, streamed_answer, whole_answer
 from fdconsole.openai_api.http import error_response, fd_error_response, openai_endpoint
 from fdconsole.openai_api.schemas import (
@@ -51,19 +54,35 @@ async def chat_completions(request: HttpRequest, user, body: ChatCompletionReque
 
 
 async def generate(shape: type[Shape], body: GenerationRequest, request: HttpRequest) -> HttpResponse:
+    """The answer of the request ``body`` makes, or, for a retry of one already made (its request_id or
+    Idempotency-Key again, with the same content), of that one: whole, or streamed from its start."""
     token = request.api_token
+    key = idempotency_key(request)
     # An answer holds its connection until the request ends: its stream slot is taken first, so that a
     # 429 for too many open streams never leaves a request running that nobody reads.
     slot = await StreamSlot(token).take()
     try:
-        row = await sync_to_async(start_request)(body, token.user, token)
-        if body.stream:
-            return await streamed_answer(shape(row), row, body.include_usage, slot)  # releases it
+        submitted = await sync_to_async(start_request)(body, token.user, token, key)
     except BaseException:
         await slot.release()
         raise
+    response = await answer(shape(submitted.row), submitted.row, body, slot)
+    if submitted.replayed:
+        response[REPLAYED_HEADER] = "true"
+    return response
+
+
+async def answer(shape: Shape, row: Request, body: GenerationRequest, slot: StreamSlot) -> HttpResponse:
+    """``row``'s answer as ``body`` asks for it, holding ``slot`` until it ends (a streamed one's: until
+    its stream does)."""
+    if body.stream:
+        try:
+            return await streamed_answer(shape, row, body.include_usage, slot)  # releases it
+        except BaseException:
+            await slot.release()
+            raise
     try:
-        return await whole_answer(shape(row), row, slot)
+        return await whole_answer(shape, row, slot)
     finally:
         await slot.release()
 

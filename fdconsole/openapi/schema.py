@@ -23,7 +23,9 @@ ERROR_DESCRIPTIONS = {
     401: "No bearer token, or a bad one.",
     403: "The user lacks the permission, or the API token the scope, that this call needs (named).",
     404: "No such object (or model).",
-    409: "A conflict: the request id or topic name is taken, or the topic is busy.",
+    409: "A conflict: the request id or topic name is taken (a request id sent again by its user with the "
+         "same submission is no conflict: that request is the answer), an Idempotency-Key was used with "
+         "another submission, or the topic is busy.",
     413: "The body is larger than FD_MAX_BODY_BYTES.",
     429: "A queue is full, or a limit of the API token is reached (named): retry after Retry-After.",
     500: "The request failed on its node.",
@@ -31,6 +33,11 @@ ERROR_DESCRIPTIONS = {
     504: "The request did not end within the connection's time.",
 }
 PATH_PARAMETERS = {**native.PATH_PARAMETERS, "model": "A model id: a topic's name."}
+EVENT_IDS = {"token": {"type": "string", "pattern": "^[0-9]+$", "description": "The token's index."},
+             "done": {"const": "done"}}
+REPLAYED = {native.REPLAYED_HEADER: {"description": "`true` when this is the answer to a retry: the request "
+                                     "an earlier submission of the same request_id or Idempotency-Key made.",
+                                     "schema": {"const": "true"}}}
 PATH_EXAMPLES = {"topic": "default", "request_id": "req-1", "name": "node-a", "model": "default"}
 DESCRIPTION = """\
 fdconsole's two HTTP APIs: the native one under `/api/v1/` (errors `{"error": {"code", "message",
@@ -112,11 +119,14 @@ def native_operation(endpoint: native.Endpoint) -> Operation:
         events = {name: (model, "serialization") for name, model in native.STREAM_EVENTS.items()}
         uses += events.values()
         one_of = [{"type": "object", "required": ["event", "data"],
-                   "properties": {"event": {"const": name}, "data": json_text(use)}}
+                   "properties": {"event": {"const": name}, "data": json_text(use),
+                                  **({"id": EVENT_IDS[name]} if name in EVENT_IDS else {})}}
                   for name, use in events.items()]
         content = {"text/event-stream": {"schema": {"oneOf": one_of}}}
-        description = ("Server-Sent Events: `token` events (data: TokenEvent), then one `done` event (data: "
-                       "RequestObject) or one `error` event (data: ConsoleErrorDetail).")
+        description = ("Server-Sent Events: `token` events (data: TokenEvent; id: the token's index), then "
+                       "one `done` event (data: RequestObject; id: `done`) or one `error` event (data: "
+                       "ConsoleErrorDetail). Keep-alives are comments (`: keep-alive`, and `: waiting for "
+                       "Redis` while the topic's Redis does not answer).")
     else:
         content = {"application/json": {"schema": answer}}
         description = endpoint.response_model.__doc__ or endpoint.response_model.__name__
@@ -157,6 +167,13 @@ def _endpoint_operation(endpoint: native.Endpoint | openai.Endpoint, tag: str, r
     """The operation of ``endpoint`` (of either API) with its ``responses``, and its body's model added
     to ``uses``."""
     operation = _operation(endpoint.name, endpoint.summary, endpoint.path, tag, responses, endpoint.scope)
+    if endpoint.parameters:
+        operation["parameters"] = [*operation.get("parameters", ()),
+                                   *(_http_parameter(param) for param in endpoint.parameters)]
+    if native.IDEMPOTENCY_KEY in endpoint.parameters:
+        for status, response in responses.items():
+            if status.startswith("2"):
+                response["headers"] = REPLAYED
     if endpoint.request_model is not None:
         body: Use = (endpoint.request_model, "validation")
         uses.append(body)
@@ -175,6 +192,11 @@ def _operation(name: str, summary: str, path: str, tag: str, responses: dict[str
     if parameters:
         operation["parameters"] = parameters
     return operation
+
+
+def _http_parameter(param: native.HttpParameter) -> dict[str, Any]:
+    return {"name": param.name, "in": param.location, "required": False, "schema": param.json_schema(),
+            "description": param.description}
 
 
 def json_text(schema: Any) -> dict[str, Any]:
