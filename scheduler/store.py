@@ -447,6 +447,11 @@ class AsyncOutputReader:
         reply = await self.redis.xread({keys.output(topic, uid): after}, count=1000, block=block_ms)
         return [OutputEvent.parse(eid, fields) for _, entries in reply or () for eid, fields in entries]
 
+    async def has_entry(self, topic: str, uid: str, entry_id: str) -> bool:
+        """Whether entry ``entry_id`` is still in the request's output stream (streams are never
+        trimmed: gone means the stream vanished, or was made again after Redis lost it)."""
+        return bool(await self.redis.xrange(keys.output(topic, uid), entry_id, entry_id, count=1))
+
     async def exists(self, topic: str, uid: str) -> bool:
         return bool(await self.redis.exists(keys.output(topic, uid)))
 

@@ -42,7 +42,6 @@ from fdconsole.inference.models import Request
 from fdconsole.inference.sync import sync_request
 from fdconsole.redis_conn import topic_url
 from gpu_worker.tokenizer import text_stream
-from scheduler import keys
 from scheduler.errors import FdError, InvalidRequest
 from scheduler.store import AsyncOutputReader, OutputEvent
 
@@ -331,7 +330,7 @@ async def next_events(reader: AsyncOutputReader, row: Request,
     await answered(off_thread(sync_request)(row))
     if row.is_final and not await answered(reader.exists(topic, row.uid)):
         return await off_thread(replayed_events)(row, cursor.delivered), True
-    if cursor.after != "0-0" and not await answered(entry_exists(reader, topic, row.uid, cursor.after)):
+    if cursor.after != "0-0" and not await answered(reader.has_entry(topic, row.uid, cursor.after)):
         cursor.restart()
     return events, False
 
@@ -345,12 +344,6 @@ async def answered(call: Awaitable[T], blocking_s: float = 0.0) -> T:
     """``call``'s result; ``TimeoutError`` when Redis takes ``REDIS_ANSWER_S`` longer than ``blocking_s``
     (the time the call itself may wait), as a paused or unreachable Redis does."""
     return await asyncio.wait_for(call, blocking_s + REDIS_ANSWER_S)
-
-
-async def entry_exists(reader: AsyncOutputReader, topic: str, uid: str, entry_id: str) -> bool:
-    """Whether entry ``entry_id`` is still in the request's output stream (streams are never trimmed:
-    gone means the stream vanished or was made again)."""
-    return bool(await reader.redis.xrange(keys.output(topic, uid), entry_id, entry_id, count=1))
 
 
 def final_row(row: Request) -> Request | None:

@@ -19,6 +19,7 @@ and a message naming the limit (``RateLimited``).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -28,16 +29,18 @@ from typing import TYPE_CHECKING, Self, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from limits import RateLimitItemPerMinute
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
+from redis.exceptions import RedisError
 
 from fdconsole.inference.models import Request
 from fdconsole.redis_conn import get_redis
 from scheduler.errors import FdError
 from scheduler.status import RequestStatus
 
+log = logging.getLogger(__name__)
 STREAM_LEASE_S = 60.0  # a slot of a stream whose process died lapses after this
 STREAM_RENEW_S = 15.0  # an open stream renews its slot this often (at least: each keep-alive)
 UNFINISHED = (RequestStatus.QUEUED, RequestStatus.RUNNING)
@@ -142,13 +145,18 @@ def open_stream(owner) -> str:
 
 def renew_stream(owner, slot: str) -> bool:
     """Renews the slot while ``owner`` may still stream: a token not revoked or expired since, a user
-    still active. Returns False (and lets the slot go) when it may not."""
-    if not _still_allowed(owner):
-        close_stream(owner, slot)
-        return False
-    key, redis = _streams_key(owner), get_redis()
-    redis.zadd(key, {slot: time.time() + STREAM_LEASE_S}, xx=True)
-    redis.expire(key, int(STREAM_LEASE_S) * 2)
+    still active. Returns False (and lets the slot go) when it may not. When the database or the
+    console's Redis cannot be asked (an outage), the stream goes on and the next renewal asks again:
+    a stream rides out an outage, and the slot lapses by itself if it is never renewed."""
+    try:
+        if not _still_allowed(owner):
+            close_stream(owner, slot)
+            return False
+        key, redis = _streams_key(owner), get_redis()
+        redis.zadd(key, {slot: time.time() + STREAM_LEASE_S}, xx=True)
+        redis.expire(key, int(STREAM_LEASE_S) * 2)
+    except (DatabaseError, RedisError) as exc:
+        log.warning("could not renew a stream slot (asked again in %d s): %s", STREAM_RENEW_S, exc)
     return True
 
 
