@@ -1,8 +1,10 @@
 """Submitting a request: validate, record, place on a node, queue. Shared by the API and the web UI.
 
-Order matters for "never a half-written record": the row is inserted first (its unique request_id is
-the duplicate check), then Redis queues the request atomically; when Redis refuses (queue full, no
-Redis) the row is deleted again before the error reaches the client.
+Order matters for "never a half-written record": the row is inserted (its unique request_id is the
+duplicate check) and Redis queues the request, atomically, inside one database transaction; when Redis
+refuses (queue full, no Redis) the transaction rolls back before the error reaches the client. Until it
+commits nobody sees the row: no retry is answered with a request that is then refused, and the
+reconciler never queues again what is still on its way.
 
 Design note (idempotency). A client whose reply was lost sends the same submission again; that must be
 the request it already made, not a second one. A submission is named by its ``request_id`` (when the
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
 from redis.exceptions import RedisError
 from tokenizers.models import BPE
@@ -167,20 +169,13 @@ def submit_or_replay(topic: Topic, body: Any, user=None, token=None, idempotency
         store.publish_config(topic.name, config)
     candidates = _candidate_nodes(topic, node_name, store)
     _refuse_over_waiting_cap(store, topic)
-    submitted = _insert_row(topic, request, candidates[0], submission, token)
-    if submitted.replayed:  # its twin won the race
-        return submitted
-    row = submitted.row
-    try:
-        home, expired = _queue_on_first_with_room(store, topic, config, row, request, candidates)
-    except BaseException:
-        row.delete()
-        raise
-    if home != row.home_node:
-        Request.objects.filter(pk=row.pk).update(home_node=home)
-        row.home_node = home
-    if expired:
-        sync_uids(topic.name, expired, store)
+    submitted, expired = _record_and_queue(topic, request, candidates, submission, token, store, config)
+    if expired:  # accepted already: what is left to do must not turn that into an error
+        try:
+            sync_uids(topic.name, expired, store)
+        except (DatabaseError, RedisError) as exc:  # the reconciler writes them in a moment anyway
+            log.warning("could not record the requests that expired before %s: %s",
+                        submitted.row.request_id, exc)
     return submitted
 
 
@@ -342,28 +337,33 @@ def _refuse_over_waiting_cap(store, topic: Topic) -> None:
                         f"(FD_MAX_WAITING_PER_TOPIC={cap})")
 
 
-def _insert_row(topic: Topic, request: QueuedRequest, home: str, submission: Submission,
-                token=None) -> Submitted:
-    """The new request's row, made after the token's limits are checked (in one transaction with them,
-    so that a refused submission leaves nothing and a retry takes nothing); or the earlier request of
+def _record_and_queue(topic: Topic, request: QueuedRequest, candidates: list[str], submission: Submission,
+                      token, store, config) -> tuple[Submitted, list[str]]:
+    """The new request's row, made after the token's limits are checked, and the request queued in Redis,
+    all in one transaction (a refused submission leaves nothing, a retry takes nothing, nobody sees the
+    row before Redis has the request); with the uids that expired meanwhile. Or the earlier request of
     the same submission, when a twin got there first (``replayed``)."""
     try:
         with transaction.atomic():
             earlier = submission.earlier()  # a twin may have committed since the first look
             if earlier is not None:
-                return Submitted(earlier, replayed=True)
+                return Submitted(earlier, replayed=True), []
             if token is not None:
                 take_in_flight(token)  # counted and held on the token's row until the row is made
             row = Request.objects.create(
                 api_token=token, uid=new_uid(), request_id=request.request_id, topic=topic, model=topic.model,
-                home_node=home, prompt_token_ids=request.prompt_token_ids, prompt_tokens=request.prompt_len,
-                sampling=request.to_dict()["sampling"], created_at=timezone.now(),
-                submitted_by=submission.owner, idempotency_key=submission.idempotency_key,
-                submission_digest=submission.digest,
+                home_node=candidates[0], prompt_token_ids=request.prompt_token_ids,
+                prompt_tokens=request.prompt_len, sampling=request.to_dict()["sampling"],
+                created_at=timezone.now(), submitted_by=submission.owner,
+                idempotency_key=submission.idempotency_key, submission_digest=submission.digest,
             )
             if token is not None:
-                take_rate(token)  # last: a refusal rolls the row back, and a retry never gets here
-            return Submitted(row)
+                take_rate(token)  # a refusal rolls the row back, and a retry never gets here
+            home, expired = _queue_on_first_with_room(store, topic, config, row, request, candidates)
+            if home != row.home_node:
+                row.home_node = home
+                row.save(update_fields=["home_node"])
+            return Submitted(row), expired
     except (IntegrityError, RateLimited) as exc:
         # A twin committed meanwhile (its row took a name, or the last place in flight): this is its retry.
         earlier = submission.earlier()
