@@ -152,6 +152,34 @@ def test_one_topic_redis_down_holds_up_only_its_own_rows(api, node, store, run_n
     run_node()
     Request.objects.filter(pk=row.pk).update(status="queued")  # the node's write of its end was lost
     done = reconcile_once()
-    assert done.unreachable == ["elsewhere"]
+    assert list(done.unreachable) == ["elsewhere"]
     row.refresh_from_db()
     assert row.status == "finished"
+
+
+def test_cancelling_a_request_redis_forgot_cancels_it_and_never_queues_it_again(api, node, store):
+    row = submit(api)
+    store.redis.flushdb()
+    age(row, RESUBMIT_GRACE_S + 1)
+    answer = api.delete(f"/api/v1/requests/{row.request_id}")
+    assert answer.json()["status"] == "cancelled"
+    reconcile_once()
+    assert store.state("default", row.uid) is None
+    row.refresh_from_db()
+    assert (row.status, row.error_code) == ("cancelled", "cancelled")
+
+
+def test_a_request_queued_again_keeps_its_time_to_first_token(api, node, store, run_node):
+    row = submit(api)
+    run_node()
+    row.refresh_from_db()
+    first_token_at = row.first_token_at
+    # As if Redis lost it right after it finished, before the node's hook wrote the end.
+    Request.objects.filter(pk=row.pk).update(status="running", finished_at=None)
+    store.redis.flushdb()
+    age(row, RESUBMIT_GRACE_S + 1)
+    reconcile_once()
+    run_node()
+    reconcile_once()
+    row.refresh_from_db()
+    assert row.status == "finished" and row.first_token_at == first_token_at

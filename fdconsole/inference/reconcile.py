@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from django.db import DatabaseError, close_old_connections
@@ -29,7 +28,7 @@ from scheduler.status import RequestStatus
 
 log = logging.getLogger(__name__)
 RECONCILE_S = 2.0  # how often unfinished rows are compared with Redis: well within keys.RETENTION_S
-ROWS_PER_PASS = 2000  # oldest first; the rest wait for the next pass
+ROWS_PER_TOPIC = 500  # per pass, oldest first (the rest wait for the next): one topic cannot starve another
 LEASE_KEY = "fd:console:reconciler"
 LEASE_MS = 10_000  # another process takes over this long after the holder stops
 
@@ -40,26 +39,25 @@ class Reconciled:
 
     checked: int = 0  # unfinished rows compared with Redis
     finished: int = 0  # rows that reached their final state in this pass
-    unreachable: list[str] = field(default_factory=list)  # topics whose Redis did not answer
+    unreachable: dict[str, str] = field(default_factory=dict)  # topic -> why its Redis did not answer
 
 
-def reconcile_once(limit: int = ROWS_PER_PASS) -> Reconciled:
-    """One pass over the unfinished rows (at most ``limit``, oldest first), topic by topic."""
-    rows = list(Request.objects.select_related("topic")
-                .filter(status__in=(RequestStatus.QUEUED, RequestStatus.RUNNING))
-                .order_by("created_at")[:limit])
-    by_topic: dict[str, list[Request]] = defaultdict(list)
-    for row in rows:
-        by_topic[row.topic.name].append(row)
-    done = Reconciled(checked=len(rows))
-    for name, topic_rows in by_topic.items():
-        topic = topic_rows[0].topic
+def reconcile_once(per_topic: int = ROWS_PER_TOPIC) -> Reconciled:
+    """One pass over the unfinished rows, topic by topic (at most ``per_topic`` of each, oldest first)."""
+    unfinished = Request.objects.select_related("topic").filter(
+        status__in=(RequestStatus.QUEUED, RequestStatus.RUNNING))
+    done = Reconciled()
+    for topic_id in unfinished.values_list("topic_id", flat=True).distinct().order_by():
+        rows = list(unfinished.filter(topic_id=topic_id).order_by("created_at")[:per_topic])
+        if not rows:
+            continue  # they all ended since the first query
+        topic = rows[0].topic
+        done.checked += len(rows)
         try:
             with topic_redis_errors(topic):
-                done.finished += len(sync_rows(topic_rows, get_topic_store(topic)))
+                done.finished += len(sync_rows(rows, get_topic_store(topic)))
         except TopicRedisUnavailable as exc:
-            log.warning("reconciler: %s", exc.message)
-            done.unreachable.append(name)
+            done.unreachable[topic.name] = exc.message
     return done
 
 
@@ -71,18 +69,27 @@ class Reconciler(threading.Thread):
         self.interval = interval
         self.stopped = threading.Event()
         self.lease: Lease | None = None
+        self.unreachable: set[str] = set()  # topics whose Redis did not answer at the last pass
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
             close_old_connections()  # a connection an outage broke is dropped, the next query reconnects
             try:
                 if self._hold_lease():
-                    reconcile_once()
+                    self._note(reconcile_once().unreachable)
             except (DatabaseError, RedisError) as exc:  # top-level loop: the next pass tries again
                 log.warning("reconciler pass failed: %s", exc)
             except Exception:
                 log.exception("reconciler pass failed")
         close_old_connections()
+
+    def _note(self, unreachable: dict[str, str]) -> None:
+        """Logs a topic's Redis not answering when that begins and when it ends, not at every pass."""
+        for name in unreachable.keys() - self.unreachable:
+            log.warning("reconciler: %s; its rows wait until it answers", unreachable[name])
+        for name in self.unreachable - unreachable.keys():
+            log.warning("reconciler: the Redis of topic '%s' answers again", name)
+        self.unreachable = set(unreachable)
 
     def _hold_lease(self) -> bool:
         if self.lease is None:

@@ -10,7 +10,9 @@ import logging
 import time
 from datetime import UTC, datetime
 
+from django.db import DatabaseError, transaction
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from fdconsole.errors import ModelUnavailable
 from fdconsole.inference.models import Request
@@ -20,12 +22,16 @@ from gpu_worker.tokenizer import text_stream
 from scheduler.keys import RETENTION_S
 from scheduler.messages import Request as WireRequest
 from scheduler.state import RequestState
-from scheduler.status import RequestStatus
+from scheduler.status import CancelReply, RequestStatus
 from scheduler.store import RequestStore
 
 log = logging.getLogger(__name__)
-RESUBMIT_GRACE_S = 10  # a younger row Redis does not know may still be on its way there (submit_request)
+# A row is committed only once Redis has its request (submit_request), so a row Redis does not know was
+# lost there; this much younger, it is left for the next pass all the same (clocks, a commit under way).
+RESUBMIT_GRACE_S = 3
 CANCEL_WAIT_S = 2.0
+KEPT_TIMES = ("started_at", "first_token_at")
+STATE_FIELDS = [f.attname for f in Request._meta.concrete_fields if not f.is_relation]
 
 
 def cancel_request(row: Request) -> Request:
@@ -34,11 +40,21 @@ def cancel_request(row: Request) -> Request:
     if row.is_final:
         return row
     store = get_topic_store(row.topic)
-    store.cancel(row.topic.name, row.uid)
+    if store.cancel(row.topic.name, row.uid) == CancelReply.MISSING:
+        _cancel_lost(row)  # Redis lost it: cancelled here, never queued again from its row
+        return row
     deadline = time.monotonic() + CANCEL_WAIT_S
     while not sync_request(row, store).is_final and time.monotonic() < deadline:
         time.sleep(0.05)
     return row
+
+
+def _cancel_lost(row: Request) -> None:
+    """Ends as cancelled an unfinished request Redis does not know (it restarted without its data)."""
+    _conditional_update(row, {
+        "status": RequestStatus.CANCELLED, "finished_at": timezone.now(), "finish_reason": "cancelled",
+        "error_code": "cancelled", "error_message": "cancelled by the client",
+    })
 
 
 def sync_request(row: Request, store: RequestStore | None = None) -> Request:
@@ -48,7 +64,7 @@ def sync_request(row: Request, store: RequestStore | None = None) -> Request:
         return row
     store = store or get_topic_store(row.topic)
     if _refresh(row, store):
-        store.recorded(row.topic.name, [row.uid])
+        _once_committed(lambda: store.recorded(row.topic.name, [row.uid]))
     return row
 
 
@@ -64,9 +80,31 @@ def sync_rows(rows: list[Request], store: RequestStore | None = None) -> list[Re
     if not rows:
         return []
     store = store or get_topic_store(rows[0].topic)
-    final = [row for row in rows if not row.is_final and _refresh(row, store)]
-    store.recorded(rows[0].topic.name, [row.uid for row in final])
+    final = []
+    for row in rows:
+        try:
+            if not row.is_final and _refresh(row, store):
+                final.append(row)
+        except (RedisError, DatabaseError):
+            raise  # its Redis or the database: the caller's to handle, for the whole topic
+        except Exception:  # one row that cannot be brought up to date must not hold up the others
+            log.exception("could not bring request %s up to date from Redis", row.request_id)
+    _once_committed(lambda: store.recorded(rows[0].topic.name, [row.uid for row in final]))
     return final
+
+
+def _once_committed(tell_redis) -> None:
+    """Tells Redis the database has the rows once it really has them: after the commit of the
+    transaction under way (at once when there is none). Redis not answering then is no error: it keeps
+    them a day, and the next pass tells it again."""
+
+    def tell() -> None:
+        try:
+            tell_redis()
+        except RedisError as exc:
+            log.warning("could not tell Redis the database has recorded requests: %s", exc)
+
+    transaction.on_commit(tell)
 
 
 def _refresh(row: Request, store: RequestStore) -> bool:
@@ -165,15 +203,21 @@ def _changes_from_state(row: Request, state: RequestState, store: RequestStore) 
 
 
 def _conditional_update(row: Request, changes: dict) -> None:
-    """Write ``changes`` unless the row has moved past their status meanwhile (never backwards)."""
+    """Write ``changes`` unless the row has moved past their status meanwhile (never backwards), and not
+    when they change nothing. A time the row has is never taken away (a request queued again from its
+    row starts a new hash, which has not seen its first claim or token)."""
+    changes = {name: value for name, value in changes.items()
+               if value is not None or name not in KEPT_TIMES or getattr(row, name) is None}
+    if all(getattr(row, name) == value for name, value in changes.items()):
+        return
     new = RequestStatus(changes["status"])
     allowed = [status for status in RequestStatus if status.may_become(new)]
     updated = Request.objects.filter(pk=row.pk, status__in=allowed).update(**changes)
     if updated:
         for name, value in changes.items():
             setattr(row, name, value)
-    else:
-        row.refresh_from_db()
+    else:  # its own fields only: the cached topic stays (async readers must not query for it again)
+        row.refresh_from_db(fields=STATE_FIELDS)
 
 
 def _expire_lost(row: Request, ttl: int) -> None:
