@@ -205,7 +205,9 @@ async def request_events(row: Request, resume_after: int = -1) -> AsyncIterator[
     token, a Redis that stops answering is waited for (``waiting for Redis`` keep-alives, retries with
     a backoff) up to ``REDIS_OUTAGE_S``, or until the database says the request ended; before that, it
     is one ``ErrorEvent`` at once (nothing to resume from: the client asks again)."""
-    url = topic_url(row.topic)
+    # Read once: bringing the row up to date (off this thread) may drop its cached topic, and the
+    # database is not to be asked from here.
+    topic, url = row.topic.name, topic_url(row.topic)
     reader = AsyncOutputReader(url)
     cursor = OutputCursor(resume_after)
     outage: RedisOutage | None = None
@@ -213,11 +215,11 @@ async def request_events(row: Request, resume_after: int = -1) -> AsyncIterator[
     try:
         while time.monotonic() - started < MAX_STREAM_S:
             try:
-                events, final = await next_events(reader, row, cursor)
+                events, final = await next_events(reader, row, topic, cursor)
             except (RedisError, TimeoutError) as exc:  # reading the stream, or bringing the row up to date
                 outage = outage or RedisOutage()
                 if cursor.delivered < 0 or outage.lasted_s() > REDIS_OUTAGE_S:
-                    yield ErrorEvent(TopicRedisUnavailable.of(row.topic.name, url, no_answer(exc)))
+                    yield ErrorEvent(TopicRedisUnavailable.of(topic, url, no_answer(exc)))
                     return
                 ended_row = await off_thread(final_row)(row)  # the database may know the end meanwhile
                 if ended_row is not None:
@@ -305,14 +307,13 @@ class RedisOutage:
         return delay
 
 
-async def next_events(reader: AsyncOutputReader, row: Request,
+async def next_events(reader: AsyncOutputReader, row: Request, topic: str,
                       cursor: OutputCursor) -> tuple[list[RequestEvent], bool]:
     """One read of the request's output stream (waiting up to ``POLL_MS`` for news): the events it
     brings, and whether they end the stream. With no news, the row is brought up to date: a final one
     whose stream Redis let go ends with the database's tokens, and a stream that lost the last entry
     read (it vanished, or was made again) is read again from its start. Redis errors and
     ``TimeoutError`` (no answer within ``REDIS_ANSWER_S``) go to the caller."""
-    topic = row.topic.name
     entries = await answered(reader.read(topic, row.uid, cursor.after, POLL_MS), POLL_MS / 1000)
     events: list[RequestEvent] = []
     for entry in entries:
