@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import BusyLoadingError, RedisError
 
 from fdconsole.env import write_private
 from scheduler.connection import RedisEndpoint
@@ -33,11 +33,14 @@ def redis_binary() -> str:
 
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
     """Whether a Redis at ``url`` answers a PING: it has ``timeout`` to accept the connection and as
-    long again to reply (one that accepts and never replies does not answer). The probe's connection
-    is closed after (no keepalive: it lives for one command)."""
+    long again to reply (one that accepts and never replies does not answer). One still loading its data
+    answers (``LOADING``): it is there, and busy. The probe's connection is closed after (no keepalive:
+    it lives for one command)."""
     try:
         with Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout) as probe:
             return bool(probe.ping())
+    except BusyLoadingError:
+        return True
     except (RedisError, OSError, ValueError):
         return False
 
@@ -90,7 +93,7 @@ class EmbeddedRedis:
             if redis_answers(self.url, timeout=0.2):
                 return self
             time.sleep(0.05)
-        self.stop()
+        self.stop(keep_dir=True)  # its configuration file stays, for the next start
         raise RuntimeError(f"redis-server did not answer on {self.host}:{self.port} within {timeout}s")
 
     @property

@@ -157,7 +157,7 @@ class Command(BaseCommand):
                 ensure_node(name, topic)
         self.step()
         self.start_thread(self.recorder)
-        self.start_thread(Reaper(topic_stores, sync_many))  # every topic's Redis, as topics come and go
+        self.start_thread(Reaper(current_topic_stores, sync_many))  # every topic's Redis, as they come and go
         self.start_thread(Reconciler())  # the database's unfinished rows against Redis (one process at once)
         self.start_thread(PulseThread())  # the live pages' feed (one per console Redis holds the lease)
         self.console = Child("console", [
@@ -258,7 +258,7 @@ class Command(BaseCommand):
         self.say(f"The embedded Redis exited with code {redis.process.returncode}; starting it again.")
         try:
             redis.restart()
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:
             self.say(f"The embedded Redis did not start again: {redact(str(exc), redis.url)}; trying again "
                      f"in {REDIS_BACKOFF_S:g} s.")
 
@@ -368,6 +368,13 @@ def check_port(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise CommandError(f"the console cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def current_topic_stores() -> list:
+    """``topic_stores`` from a thread that keeps a database connection: one an outage broke is dropped
+    first, so that the next query reconnects instead of failing for ever."""
+    close_old_connections()
+    return topic_stores()
 
 
 def use_redis_url(url: str) -> None:
