@@ -235,21 +235,31 @@ async def _faults(cluster: Cluster, figures: Figures, end: float, every: float, 
     turn = 0
     while time.monotonic() + every < end:
         await asyncio.sleep(every)
-        if empty_at is not None and time.monotonic() >= empty_at:
-            name, empty_at = "restart_redis_empty", None
-            cluster.kill_redis(keep_data=False)
-        else:
-            name, turn = FAULTS[turn % len(FAULTS)], turn + 1
-            getattr(cluster, name)()
+        try:
+            if empty_at is not None and time.monotonic() >= empty_at:
+                cluster.kill_redis(keep_data=False)
+                name, empty_at = "restart_redis_empty", None
+            else:
+                name = FAULTS[turn % len(FAULTS)]
+                getattr(cluster, name)()
+                turn += 1
+        except (LookupError, ProcessLookupError) as exc:  # what it was to hurt is between two lives
+            log(f"fault skipped: {exc}")
+            continue
         figures.fault(name)
         log(f"fault: {name}")
 
 
 async def _one(http: httpx.AsyncClient, outcome: Outcome, prompt: str, max_tokens: int) -> None:
     body = {"prompt": prompt, "max_tokens": max_tokens, "request_id": outcome.request_id}
-    outcome.accepted = await _submit(http, body)
+    answer = await _submit(http, body)
+    outcome.accepted = answer == 202
+    if answer == 409:  # its own request_id, taken: an earlier try reached Redis, and its row is gone
+        outcome.accepted, outcome.status = True, "lost"
+        outcome.why = "a retry was refused as a duplicate (409): an earlier try was queued without a row"
+        return
     if not outcome.accepted:
-        outcome.status, outcome.why = "refused", "not accepted within the clients' patience"
+        outcome.status, outcome.why = "refused", f"not accepted within the clients' patience (last: {answer})"
         return
     if outcome.streamed:
         await _stream(http, outcome)
@@ -262,19 +272,18 @@ async def _one(http: httpx.AsyncClient, outcome: Outcome, prompt: str, max_token
         outcome.why = f"{error.get('code')}: {error.get('message')}" if error else ""
 
 
-async def _submit(http: httpx.AsyncClient, body: dict) -> bool:
-    """Submits until accepted: a lost reply, a 503 (Redis or the database away) or a 429 is tried again
-    with the same request_id, which makes the retry the same request."""
-    deadline = time.monotonic() + SUBMIT_PATIENCE_S
+async def _submit(http: httpx.AsyncClient, body: dict) -> int | None:
+    """Submits until accepted; the last status (None: no reply at all). A lost reply, a 503 (Redis or the
+    database away) or a 429 is tried again with the same request_id, which makes the retry the same
+    request."""
+    deadline, status = time.monotonic() + SUBMIT_PATIENCE_S, None
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
-            answer = await http.post("/api/v1/topics/default/requests", json=body)
-            if answer.status_code == 202:
-                return True
-            if answer.status_code not in (429, 500, 502, 503, 504):
-                return False
+            status = (await http.post("/api/v1/topics/default/requests", json=body)).status_code
+            if status not in (429, 500, 502, 503, 504):
+                return status
         await asyncio.sleep(0.5)
-    return False
+    return status
 
 
 async def _stream(http: httpx.AsyncClient, outcome: Outcome) -> None:
