@@ -1,28 +1,42 @@
 """A real database outage for tests, seen by this process and by the node processes it started.
 
-SQLite: the database file (with its WAL) moves away, so that every new connection opens an empty file
-and its queries fail ("no such table"); moving it back ends the outage. PostgreSQL: the test database
-stops taking connections (``ALLOW_CONNECTIONS false``) and every session of it is ended; the server
-answers, the database does not. Either way this process's own connections close first.
+SQLite: no new connection can open the database while it lasts ("unable to open database file"), and
+its files are never touched, so that no connection open meanwhile can corrupt them: this process opens
+it at a path that does not exist, and child processes open it through a symbolic link
+(``children_url``, which SQLite resolves to the real file, WAL included) that points nowhere meanwhile.
+PostgreSQL: the test database stops taking connections (``ALLOW_CONNECTIONS false``) and every session
+of it is ended; the server answers, the database does not. Either way this process's connections close
+first.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from django.db import connection, connections
 
-SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+from tests.nodes import children_database_url
+
+NOWHERE = "/nonexistent-fd-outage/db.sqlite3"
+
+
+def children_url(tmp_path: Path) -> str:
+    """The DATABASE_URL to give child processes whose database ``database_outage`` is to take away."""
+    if connection.vendor != "sqlite":
+        return children_database_url()
+    link = tmp_path / "db.sqlite3"
+    link.symlink_to(connection.settings_dict["NAME"])
+    return f"sqlite:///{link}"
 
 
 @contextmanager
-def database_outage():
+def database_outage(tmp_path: Path | None = None):
+    """The outage, for this process and (given the ``tmp_path`` of ``children_url``) its children."""
     connections.close_all()
     if connection.vendor == "sqlite":
-        with _sqlite_outage(Path(connection.settings_dict["NAME"])):
+        with _sqlite_outage(tmp_path / "db.sqlite3" if tmp_path is not None else None):
             yield
     else:
         with _postgresql_outage(connection.settings_dict["NAME"]):
@@ -31,20 +45,27 @@ def database_outage():
 
 
 @contextmanager
-def _sqlite_outage(path: Path):
-    import sqlite3
-
-    with sqlite3.connect(path) as db:  # everything in the WAL into the file, so that the file is all of it
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    away = path.with_name(path.name + ".away")
-    os.replace(path, away)
+def _sqlite_outage(link: Path | None):
+    settings = connection.settings_dict  # shared by every thread's connection of this process
+    real = settings["NAME"]
+    settings["NAME"] = NOWHERE
+    if link is not None:
+        _point(link, NOWHERE)
     try:
         yield
     finally:
         connections.close_all()
-        for suffix in ("", *SQLITE_SIDE_FILES):  # what connections made meanwhile at the old path
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        shutil.move(away, path)
+        settings["NAME"] = real
+        if link is not None:
+            _point(link, real)
+
+
+def _point(link: Path, target: str) -> None:
+    """Makes ``link`` point at ``target`` in one step (a process opening it sees one or the other)."""
+    new = link.with_name(link.name + ".new")
+    new.unlink(missing_ok=True)
+    new.symlink_to(target)
+    os.replace(new, link)
 
 
 @contextmanager

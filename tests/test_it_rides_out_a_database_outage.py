@@ -7,7 +7,7 @@ import pytest
 from django.test import Client
 
 from fdconsole.inference.models import Request
-from tests.outage import database_outage
+from tests.outage import children_url, database_outage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -40,10 +40,12 @@ def test_what_needs_the_database_answers_503_while_it_is_down(api, node, admin):
 
 
 @pytest.mark.e2e
-def test_nodes_keep_generating_through_an_outage_and_every_row_ends_right(api, node, store, node_processes):
+def test_nodes_keep_generating_through_an_outage_and_every_row_ends_right(api, node, store, node_processes,
+                                                                        tmp_path):
     rows = [submit(api, max_tokens=24) for _ in range(4)]
-    node_processes.start("node-a", FD_TOKEN_DELAY_MS="40")  # about a second of generation each
-    with database_outage():
+    # about a second of generation each
+    node_processes.start("node-a", FD_TOKEN_DELAY_MS="40", DATABASE_URL=children_url(tmp_path))
+    with database_outage(tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             states = [store.state("default", row.uid) for row in rows]
