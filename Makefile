@@ -11,7 +11,7 @@ APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-re
 DEPLOY_ENV := FD_DEBUG=0 FD_HTTPS=1 FD_ALLOWED_HOSTS=console.example.com \
 	DATABASE_URL=postgres://fd@db.example.com/fd FD_REDIS_URL=redis://:redis-password@redis.example.com:6379/0
 
-.PHONY: install browser run test check-deploy lint clean
+.PHONY: install browser run test test-postgresql check-deploy lint clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,12 @@ browser:
 
 test: install browser check-deploy
 	$(PY) -m pytest -q
+
+# The end-to-end tests (real console and node processes) again, against PostgreSQL: pytest-django makes
+# the database test_fdconsole_ci there and drops it after. .ci/run does it when PostgreSQL answers.
+PG_URL ?= postgres://postgres@127.0.0.1:5432/fdconsole_ci
+test-postgresql: install
+	DATABASE_URL=$(PG_URL) $(PY) -m pytest -q -m "e2e and not browser"
 
 # Django's deployment checklist over the documented production settings: any warning fails (CI runs it).
 check-deploy: install
