@@ -27,6 +27,7 @@ def test_what_needs_the_database_answers_503_while_it_is_down(api, node, admin):
             "openai": api.client.get("/v1/models"),
         }
         home = admin.get("/")
+        rq = admin.get("/rq/")  # its middleware asks the database before any view does
         health = Client().get("/healthz")
     for name, answer in answers.items():
         assert answer.status_code == 503, name
@@ -35,6 +36,7 @@ def test_what_needs_the_database_answers_503_while_it_is_down(api, node, admin):
     assert answers["openai"].json()["error"]["type"] == "server_error"
     assert answers["openai"].json()["error"]["code"] == "database_unavailable"
     assert home.status_code == 503 and b"database is unavailable" in home.content
+    assert rq.status_code == 503 and b"database is unavailable" in rq.content
     assert health.status_code == 503 and "database" in health.json()["failed"]
     assert api.get(f"/api/v1/requests/{row.request_id}").status_code == 200  # and back
 

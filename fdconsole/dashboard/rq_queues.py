@@ -12,17 +12,22 @@ request from its page or the API, drain or disable a node in the admin. The cons
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
 from django.shortcuts import render
 from django.urls import Resolver404, resolve
 
+from fdconsole.database_unavailable import unavailable_response
 from fdconsole.nodes.models import Node
 from fdconsole.redis_conn import topic_url
 from scheduler import keys
 from scheduler.connection import url_with_client_options
+
+log = logging.getLogger(__name__)
 
 # django-rq's views that only read; any other (delete, requeue, enqueue, stop, empty, clear failed, bulk
 # actions, and whatever a later django-rq adds) is a write, refused on node queues.
@@ -51,16 +56,23 @@ class NodeQueuesMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        try:
+            refusal = self.refusal(request)
+        except (OperationalError, InterfaceError) as exc:  # the database is down: a 503, as for any view
+            log.warning("database unavailable for %s %s: %s", request.method, request.path, exc)
+            return unavailable_response(request.path)
+        return refusal or self.get_response(request)
+
+    def refusal(self, request: HttpRequest) -> HttpResponse | None:
+        """What answers an /rq/ request instead of django-rq (settings.RQ_QUEUES made the node queues)."""
         if request.path.startswith("/rq/"):
             user = request.user
             if user.is_authenticated and user.is_staff and not user.has_perm(VIEW_PERMISSION):
                 return HttpResponseForbidden(f"The rq pages show every user's requests: they need the "
                                              f"permission {VIEW_PERMISSION}.", content_type="text/plain")
             settings.RQ_QUEUES = node_queues()
-            refusal = refuse_node_queue_writes(request)
-            if refusal is not None:
-                return refusal
-        return self.get_response(request)
+            return refuse_node_queue_writes(request)
+        return None
 
 
 def refuse_node_queue_writes(request: HttpRequest) -> HttpResponse | None:
