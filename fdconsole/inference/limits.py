@@ -28,6 +28,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Self, TypeVar
 
 from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, transaction
 from limits import RateLimitItemPerMinute
@@ -198,7 +199,9 @@ class StreamSlot:
             async for event in events:
                 if self.slot is not None and time.monotonic() - self.renewed > STREAM_RENEW_S:
                     self.renewed = time.monotonic()
-                    if not await sync_to_async(renew_stream, thread_sensitive=False)(self.owner, self.slot):
+                    # channels' wrapper: the connection it opens goes back (to the pool, on PostgreSQL)
+                    renew = database_sync_to_async(renew_stream, thread_sensitive=False)
+                    if not await renew(self.owner, self.slot):
                         self.slot = None  # let go already
                         return
                 yield event
