@@ -52,7 +52,8 @@ def as_a_management_command(database_url: str) -> dict:
 
 def test_the_asgi_console_takes_postgresql_connections_from_psycopgs_pool():
     seen = as_the_asgi_console(POSTGRES)
-    assert seen == {"vendor": "postgresql", "conn_max_age": 0, "health_checks": True, "pool_option": True,
+    assert seen == {"vendor": "postgresql", "conn_max_age": 0, "health_checks": True,
+                    "pool_option": {"min_size": 2, "max_size": 40, "timeout": 10},
                     "pool": "psycopg_pool.pool.ConnectionPool"}
 
 
