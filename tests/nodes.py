@@ -89,3 +89,13 @@ def wait_final(api, request_id: str, timeout: float = 60) -> dict:
             return body
         time.sleep(0.1)
     raise AssertionError(f"{request_id} is still {body['status']} after {timeout}s")
+
+
+def wait_row_status(row, status: str, timeout: float = 5) -> None:
+    """Refreshes ``row`` (a request row) until its status is ``status`` or ``timeout`` passes; the
+    caller asserts what it expects of it."""
+    deadline = time.monotonic() + timeout
+    row.refresh_from_db()
+    while row.status != status and time.monotonic() < deadline:
+        time.sleep(0.05)
+        row.refresh_from_db()

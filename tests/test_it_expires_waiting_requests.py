@@ -5,6 +5,8 @@ import time
 
 import pytest
 
+from tests.nodes import wait_row_status
+
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
@@ -51,11 +53,8 @@ def test_the_reaper_expires_within_a_second_without_any_reader(api, node, store)
     reaper = Reaper(store, sync_many)
     reaper.start()
     try:
-        deadline = time.monotonic() + 5
         row = Request.objects.get()
-        while row.status != "expired" and time.monotonic() < deadline:
-            time.sleep(0.05)
-            row.refresh_from_db()
+        wait_row_status(row, "expired")
     finally:
         reaper.stop()
     assert row.status == "expired"

@@ -22,6 +22,7 @@ from channels_redis.core import RedisChannelLayer
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from scheduler.connection import MAX_BLOCK_S, READ_TIMEOUT_S, ScriptRunner, connect
+from tests.nodes import wait_row_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 WATCH_S = 6.5  # longer than READ_TIMEOUT_S: the stuck sample times out and the next one starts meanwhile
@@ -161,11 +162,8 @@ def test_the_reaper_keeps_expiring_the_other_topics_requests(api, node, stuck_to
     reaper = Reaper(topic_stores, sync_many)  # as the console runs it: every topic's Redis
     reaper.start()
     try:
-        deadline = time.monotonic() + 5
         row = Request.objects.get()
-        while row.status != "expired" and time.monotonic() < deadline:
-            time.sleep(0.05)
-            row.refresh_from_db()
+        wait_row_status(row, "expired")
         assert len(reaper.reapers) == 2  # one thread for the test Redis, one for the blackhole
     finally:
         reaper.stop()
