@@ -152,6 +152,36 @@ def test_streams_per_token_are_bounded(api_user, node, settings):
         open_stream(token)
 
 
+def test_a_stream_whose_client_left_at_once_still_gives_its_slot_back(api_user, store, settings):
+    """A client that closes the connection as soon as it has the last event makes Django cancel the
+    response while the stream ends: the slot must go back all the same, not lapse a minute later."""
+    import asyncio
+
+    from asgiref.sync import async_to_sync
+
+    from fdconsole.inference import limits
+
+    settings.FD_MAX_STREAMS_PER_TOKEN = 1
+    token, _ = ApiToken.issue(api_user, "left")
+
+    async def leave_while_releasing() -> bool:
+        slot = await limits.StreamSlot(token).take()
+        releasing = asyncio.ensure_future(slot.release())
+        await asyncio.sleep(0)  # under way: waiting on the thread that gives the slot back
+        releasing.cancel()  # the client is gone
+        with pytest.raises(asyncio.CancelledError):
+            await releasing
+        key = limits._streams_key(token)
+        for _ in range(200):  # bounded: 2 s
+            if not limits.get_redis().zcard(key):
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert async_to_sync(leave_while_releasing)()
+    limits.close_stream(token, limits.open_stream(token))  # free again at once
+
+
 def test_a_stream_slot_of_a_dead_process_lapses(api_user, store, settings, monkeypatch):
     from fdconsole.inference import limits
 

@@ -181,16 +181,7 @@ async def sse_events(row: Request, slot: StreamSlot, resume_after: int = -1) -> 
                 else:
                     yield comment(event.note)
     finally:
-        await release_slot(slot)
-
-
-async def release_slot(slot: StreamSlot) -> None:
-    """Gives the stream's slot back; when the console's Redis does not answer, the slot lapses by itself
-    (``limits.STREAM_LEASE_S``) and the stream still ends cleanly."""
-    try:
         await slot.release()
-    except RedisError as exc:
-        log.warning("a stream slot could not be given back (it lapses by itself): %s", exc)
 
 
 async def request_events(row: Request, resume_after: int = -1) -> AsyncIterator[RequestEvent]:

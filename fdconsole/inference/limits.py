@@ -19,6 +19,7 @@ and a message naming the limit (``RateLimited``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -172,6 +173,16 @@ def close_stream(owner, slot: str) -> None:
     get_redis().zrem(_streams_key(owner), slot)
 
 
+def _close_quietly(owner, slot: str) -> None:
+    try:
+        close_stream(owner, slot)
+    except RedisError as exc:
+        log.warning("a stream slot could not be given back (it lapses by itself): %s", exc)
+
+
+_releasing: set[asyncio.Future] = set()  # slot releases under way (see ``StreamSlot.release``)
+
+
 class StreamSlot:
     """A stream slot of ``owner`` (an API token; a user for a page's stream; None: unlimited): ``take``
     it before the stream answers, pass its events through ``kept`` (which renews it as they flow, and
@@ -188,9 +199,19 @@ class StreamSlot:
         return self
 
     async def release(self) -> None:
-        if self.slot is not None:
-            slot, self.slot = self.slot, None
-            await sync_to_async(close_stream, thread_sensitive=False)(self.owner, slot)
+        """Gives the slot back, even from a response being cancelled: a client that leaves as soon as it
+        has read the last event (the openai SDK at ``[DONE]``) makes Django cancel the response while
+        its stream ends, and a release cancelled half-way would hold the slot until it lapsed. So the
+        call runs in a task of its own that the caller's cancellation does not stop. When the
+        console's Redis does not answer, the slot lapses by itself (``STREAM_LEASE_S``)."""
+        if self.slot is None:
+            return
+        slot, self.slot = self.slot, None
+        close = sync_to_async(_close_quietly, thread_sensitive=False)
+        closing = asyncio.ensure_future(close(self.owner, slot))
+        _releasing.add(closing)  # held until done: the loop keeps only weak references to tasks
+        closing.add_done_callback(_releasing.discard)
+        await asyncio.shield(closing)
 
     async def kept(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
         """``events`` (closed with this iterator), renewing the slot every ``STREAM_RENEW_S``; they stop

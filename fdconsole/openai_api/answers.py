@@ -26,7 +26,6 @@ from fdconsole.api.stream import (
     TokenEvent,
     comment,
     event_stream_response,
-    release_slot,
     request_events,
 )
 from fdconsole.errors import GenerationFailed
@@ -201,7 +200,7 @@ async def released_after(pieces: AsyncIterator[str], slot: StreamSlot) -> AsyncI
             async for piece in pieces:
                 yield piece
     finally:
-        await release_slot(slot)
+        await slot.release()
 
 
 async def first_event(events: AsyncIterator[RequestEvent]) -> TokenEvent | DoneEvent | ErrorEvent:
