@@ -368,7 +368,7 @@ def _record_and_queue(topic: Topic, request: QueuedRequest, candidates: list[str
         # A twin committed meanwhile (its row took a name, or the last place in flight): this is its retry.
         earlier = submission.earlier()
         if earlier is not None:
-            return Submitted(earlier, replayed=True)
+            return Submitted(earlier, replayed=True), []
         if isinstance(exc, RateLimited):
             raise
         raise DuplicateRequest(
