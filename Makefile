@@ -41,11 +41,13 @@ browser:
 test: install browser check-deploy
 	$(PY) -m pytest -q
 
-# The end-to-end tests (real console and node processes) again, against PostgreSQL: pytest-django makes
-# the database test_fdconsole_ci there and drops it after. .ci/run does it when PostgreSQL answers.
+# The tests where the database's own behaviour matters (marked postgresql: racing submissions, limits
+# held on a row, the reconciler, outages, the pool, chaos, a cluster end to end) again, against
+# PostgreSQL: pytest-django makes the database test_fdconsole_ci there and drops it after. .ci/run does
+# it when PostgreSQL answers.
 PG_URL ?= postgres://postgres@127.0.0.1:5432/fdconsole_ci
 test-postgresql: install
-	DATABASE_URL=$(PG_URL) $(PY) -m pytest -q -m "e2e and not browser"
+	DATABASE_URL=$(PG_URL) $(PY) -m pytest -q -m postgresql
 
 # Django's deployment checklist over the documented production settings: any warning fails (CI runs it).
 check-deploy: install

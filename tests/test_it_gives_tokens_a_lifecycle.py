@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from fdconsole.api.models import ApiToken
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgresql]
 SUBMIT = "/api/v1/topics/default/requests"
 
 

@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import free_port
 from tests.nodes import wait_final
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgresql]
 POLLS_S = 3.5  # three and a half admin-state polls (one a heartbeat interval)
 FAILED, RECOVERED = "cannot read its admin state", "reads its admin state again"
 

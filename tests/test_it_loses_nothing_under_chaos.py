@@ -9,7 +9,7 @@ import pytest
 
 from tests.nodes import ROOT, children_database_url
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e, pytest.mark.postgresql]
 
 
 def test_a_minute_of_chaos_loses_nothing_and_duplicates_no_token():

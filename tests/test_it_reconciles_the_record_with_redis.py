@@ -12,7 +12,7 @@ from fdconsole.inference.reconcile import reconcile_once
 from fdconsole.inference.sync import RESUBMIT_GRACE_S
 from scheduler import keys
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgresql]
 PROMPT = {"prompt": "the record and the working state", "max_tokens": 12}
 
 

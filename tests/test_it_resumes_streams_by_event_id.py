@@ -20,7 +20,7 @@ from scheduler.status import EmitReply, RequestStatus
 from tests.api_errors import assert_error
 from tests.test_it_streams_tokens_over_sse import collect
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgresql]
 TOPIC = "default"
 
 

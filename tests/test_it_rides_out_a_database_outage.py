@@ -9,7 +9,7 @@ from django.test import Client
 from fdconsole.inference.models import Request
 from tests.outage import children_url, database_outage
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgresql]
 
 
 def submit(api, **body) -> Request:

@@ -18,7 +18,7 @@ from django.test import Client
 from fdconsole.api.models import ApiToken
 from tests.api_errors import assert_error
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgresql]
 SUBMIT = "/api/v1/topics/default/requests"
 BODY = {"prompt": "Hello again", "max_tokens": 6}
 
