@@ -17,11 +17,13 @@ tokens already streamed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
 import time
 import uuid
+import weakref
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -436,12 +438,22 @@ def _decoded(raw: dict[bytes, bytes]) -> dict[str, str]:
 
 
 class AsyncOutputReader:
-    """Reads request output streams from an asyncio event loop (the SSE endpoint)."""
+    """Reads request output streams from an asyncio event loop (the SSE endpoint).
+
+    Readers of one URL on one event loop share a client and its connection pool: each read borrows a
+    connection for as long as its XREAD blocks, so a stream no longer connects (and authenticates,
+    and checks the connection's health) anew. A client belongs to the loop it was made on."""
+
+    _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
+        weakref.WeakKeyDictionary())
 
     def __init__(self, url: str) -> None:
         from redis import asyncio as aioredis
 
-        self.redis = aioredis.Redis.from_url(url, **client_options(url))  # its XREAD blocks for less
+        clients = self._clients.setdefault(asyncio.get_running_loop(), {})
+        if url not in clients:
+            clients[url] = aioredis.Redis.from_url(url, **client_options(url))  # its XREAD blocks for less
+        self.redis = clients[url]
 
     async def read(self, topic: str, uid: str, after: str, block_ms: int) -> list[OutputEvent]:
         reply = await self.redis.xread({keys.output(topic, uid): after}, count=1000, block=block_ms)
@@ -454,6 +466,3 @@ class AsyncOutputReader:
 
     async def exists(self, topic: str, uid: str) -> bool:
         return bool(await self.redis.exists(keys.output(topic, uid)))
-
-    async def close(self) -> None:
-        await self.redis.aclose()

@@ -203,37 +203,34 @@ async def request_events(row: Request, resume_after: int = -1) -> AsyncIterator[
     cursor = OutputCursor(resume_after)
     outage: RedisOutage | None = None
     started = last_sent = time.monotonic()
-    try:
-        while time.monotonic() - started < MAX_STREAM_S:
-            try:
-                events, final = await next_events(reader, row, topic, cursor)
-            except (RedisError, TimeoutError) as exc:  # reading the stream, or bringing the row up to date
-                outage = outage or RedisOutage()
-                if cursor.delivered < 0 or outage.lasted_s() > REDIS_OUTAGE_S:
-                    yield ErrorEvent(TopicRedisUnavailable.of(topic, url, no_answer(exc)))
-                    return
-                ended_row = await off_thread(final_row)(row)  # the database may know the end meanwhile
-                if ended_row is not None:
-                    for event in await off_thread(replayed_events)(ended_row, cursor.delivered):
-                        yield event
-                    return
-                if outage.note_due():
-                    last_sent = time.monotonic()
-                    yield KeepAliveEvent(WAITING_FOR_REDIS)
-                await asyncio.sleep(outage.next_delay_s())
-                continue
-            outage = None
-            for event in events:
-                yield event
-            if final:
+    while time.monotonic() - started < MAX_STREAM_S:
+        try:
+            events, final = await next_events(reader, row, topic, cursor)
+        except (RedisError, TimeoutError) as exc:  # reading the stream, or bringing the row up to date
+            outage = outage or RedisOutage()
+            if cursor.delivered < 0 or outage.lasted_s() > REDIS_OUTAGE_S:
+                yield ErrorEvent(TopicRedisUnavailable.of(topic, url, no_answer(exc)))
                 return
-            if events:
+            ended_row = await off_thread(final_row)(row)  # the database may know the end meanwhile
+            if ended_row is not None:
+                for event in await off_thread(replayed_events)(ended_row, cursor.delivered):
+                    yield event
+                return
+            if outage.note_due():
                 last_sent = time.monotonic()
-            elif time.monotonic() - last_sent > KEEPALIVE_S:
-                last_sent = time.monotonic()
-                yield KeepAliveEvent()
-    finally:
-        await reader.close()
+                yield KeepAliveEvent(WAITING_FOR_REDIS)
+            await asyncio.sleep(outage.next_delay_s())
+            continue
+        outage = None
+        for event in events:
+            yield event
+        if final:
+            return
+        if events:
+            last_sent = time.monotonic()
+        elif time.monotonic() - last_sent > KEEPALIVE_S:
+            last_sent = time.monotonic()
+            yield KeepAliveEvent()
 
 
 class OutputCursor:
