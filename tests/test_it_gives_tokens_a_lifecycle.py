@@ -156,6 +156,8 @@ def test_a_stream_whose_client_left_at_once_still_gives_its_slot_back(api_user, 
     """A client that closes the connection as soon as it has the last event makes Django cancel the
     response while the stream ends: the slot must go back all the same, not lapse a minute later."""
     import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from asgiref.sync import async_to_sync
 
@@ -166,11 +168,17 @@ def test_a_stream_whose_client_left_at_once_still_gives_its_slot_back(api_user, 
 
     async def leave_while_releasing() -> bool:
         slot = await limits.StreamSlot(token).take()
+        # One worker thread, held busy: the release waits for it, so the cancel lands mid-release.
+        loop, gate = asyncio.get_running_loop(), threading.Event()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        busy = loop.run_in_executor(None, gate.wait)
         releasing = asyncio.ensure_future(slot.release())
-        await asyncio.sleep(0)  # under way: waiting on the thread that gives the slot back
+        await asyncio.sleep(0.05)
         releasing.cancel()  # the client is gone
         with pytest.raises(asyncio.CancelledError):
             await releasing
+        gate.set()
+        await busy
         key = limits._streams_key(token)
         for _ in range(200):  # bounded: 2 s
             if not limits.get_redis().zcard(key):

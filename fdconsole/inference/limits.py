@@ -176,7 +176,7 @@ def close_stream(owner, slot: str) -> None:
 def _close_quietly(owner, slot: str) -> None:
     try:
         close_stream(owner, slot)
-    except RedisError as exc:
+    except Exception as exc:  # nobody may be left to tell (the caller was cancelled): say it here
         log.warning("a stream slot could not be given back (it lapses by itself): %s", exc)
 
 
@@ -203,7 +203,8 @@ class StreamSlot:
         has read the last event (the openai SDK at ``[DONE]``) makes Django cancel the response while
         its stream ends, and a release cancelled half-way would hold the slot until it lapsed. So the
         call runs in a task of its own that the caller's cancellation does not stop. When the
-        console's Redis does not answer, the slot lapses by itself (``STREAM_LEASE_S``)."""
+        console's Redis does not answer, or the event loop stops before the call is made (the console
+        shutting down), the slot lapses by itself (``STREAM_LEASE_S``)."""
         if self.slot is None:
             return
         slot, self.slot = self.slot, None
