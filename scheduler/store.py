@@ -21,9 +21,9 @@ import asyncio
 import json
 import logging
 import random
+import threading
 import time
 import uuid
-import weakref
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -442,18 +442,30 @@ class AsyncOutputReader:
 
     Readers of one URL on one event loop share a client and its connection pool: each read borrows a
     connection for as long as its XREAD blocks, so a stream no longer connects (and authenticates,
-    and checks the connection's health) anew. A client belongs to the loop it was made on."""
+    and checks the connection's health) anew. A client belongs to the loop it was made on; the clients
+    of loops that have closed (a test's, a WSGI server's ``async_to_sync``) are let go. A pooled
+    connection the server closed meanwhile fails its next command: the reads here change nothing, so
+    such a read is tried once more on a new connection."""
 
-    _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
-        weakref.WeakKeyDictionary())
+    _clients: dict[asyncio.AbstractEventLoop, dict[str, Any]] = {}
+    _lock = threading.Lock()  # loops run in several threads (each test's, each async_to_sync's)
 
     def __init__(self, url: str) -> None:
         from redis import asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
-        clients = self._clients.setdefault(asyncio.get_running_loop(), {})
-        if url not in clients:
-            clients[url] = aioredis.Redis.from_url(url, **client_options(url))  # its XREAD blocks for less
-        self.redis = clients[url]
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            for closed in [other for other in self._clients if other.is_closed()]:
+                del self._clients[closed]
+            clients = self._clients.setdefault(loop, {})
+            if url not in clients:
+                clients[url] = aioredis.Redis.from_url(  # its XREAD blocks for less than its read timeout
+                    url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
+                    **client_options(url))
+            self.redis = clients[url]
 
     async def read(self, topic: str, uid: str, after: str, block_ms: int) -> list[OutputEvent]:
         reply = await self.redis.xread({keys.output(topic, uid): after}, count=1000, block=block_ms)

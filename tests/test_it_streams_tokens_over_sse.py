@@ -108,3 +108,29 @@ def test_stream_of_unknown_request_is_404_and_needs_a_token(api, node):
 
     assert api.get("/api/v1/requests/nope/stream").status_code == 404
     assert Client().get("/api/v1/requests/nope/stream").status_code == 401
+
+
+def test_streams_share_one_connection_pool_that_outlives_a_server_closed_connection(redis_url, redis_conn):
+    """Readers on one event loop share a client: a second stream borrows the first one's connection
+    instead of connecting anew, and a pooled connection the server closed meanwhile is replaced on the
+    next read rather than failing the stream; clients of loops that have closed are let go."""
+    import asyncio
+
+    from scheduler.store import AsyncOutputReader
+
+    redis_conn.xadd("fd:test:out", {"type": "token", "index": 0, "token_id": 7, "text": "a"})
+
+    async def two_readers_and_a_killed_connection() -> tuple[bool, int, asyncio.AbstractEventLoop]:
+        first, second = AsyncOutputReader(redis_url), AsyncOutputReader(redis_url)
+        entries = await first.redis.xread({"fd:test:out": "0-0"}, count=10, block=10)
+        me = redis_conn.client_id()
+        others = [c for c in redis_conn.client_list() if int(c["id"]) != me]
+        for client in others:  # as a Redis restart or a proxy's idle timeout would
+            redis_conn.client_kill_filter(_id=client["id"])
+        again = await second.redis.xread({"fd:test:out": "0-0"}, count=10, block=10)
+        return first.redis is second.redis and entries == again, len(others), asyncio.get_running_loop()
+
+    shared, killed, loop = async_to_sync(two_readers_and_a_killed_connection)()
+    assert shared and killed >= 1  # the same client; and its connection was among those closed
+    async_to_sync(two_readers_and_a_killed_connection)()
+    assert loop not in AsyncOutputReader._clients  # closed: its client was let go
