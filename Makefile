@@ -42,8 +42,8 @@ test: install browser check-deploy
 	$(PY) -m pytest -q
 
 # The tests where the database's own behaviour matters (marked postgresql: racing submissions, limits
-# held on a row, the reconciler, outages, the pool, chaos, a cluster end to end) again, against
-# PostgreSQL: pytest-django makes the database test_fdconsole_ci there and drops it after. .ci/run does
+# held on a row, the reconciler and a Redis that restarts, outages, chaos, the console and its streams on
+# real processes) again, against PostgreSQL: pytest-django makes the database test_fdconsole_ci there and drops it after. .ci/run does
 # it when PostgreSQL answers.
 PG_URL ?= postgres://postgres@127.0.0.1:5432/fdconsole_ci
 test-postgresql: install

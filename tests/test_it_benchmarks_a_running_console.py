@@ -17,6 +17,8 @@ from django.core.management import CommandError, call_command
 from fdconsole.cluster.serve_bench import RequestResult, parse_levels, percentile_ms, sse_events, summarize
 from fdconsole.cluster.serve_plot import write_svg
 
+pytestmark = pytest.mark.postgresql
+
 LEVEL_KEYS = {"concurrency", "requests", "completed", "errors", "requests_per_s", "tokens_per_s",
               "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"}
 

@@ -16,7 +16,7 @@ from fdconsole.inference.models import Request
 from tests.conftest import free_port
 from tests.nodes import NodeProcesses
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e, pytest.mark.postgresql]
 PROMPTS = ("a request that outlives its Redis", "and another one")
 MAX_TOKENS = 32
 

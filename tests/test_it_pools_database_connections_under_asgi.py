@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.postgresql
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES = "postgres://fd@db.example.com:5432/fd"  # never connected to: the pool opens on first use
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import E2E_DB, free_port
 
-pytestmark = [pytest.mark.e2e, pytest.mark.postgresql]
+pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 90
 

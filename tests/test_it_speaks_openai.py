@@ -12,6 +12,8 @@ import httpx
 import openai
 import pytest
 
+pytestmark = pytest.mark.postgresql
+
 PROMPT = "Once upon a time"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
