@@ -119,7 +119,9 @@ def _run_clients(batch: BatchEngine, clients: int, per_client: int, prompt_token
 
 def _static_bound(engine: Engine, batch: int, prompt_tokens: int, max_tokens: int) -> tuple[float, float]:
     """Tokens/s of the bare model on a fixed batch of ``batch`` rows, best of three: of its decode steps
-    alone, and of the whole batch (its prefill included)."""
+    alone, and of the whole batch (its prefill included, which gives each row its first token: the
+    whole batch's ``max_tokens`` tokens take the prefill and ``max_tokens - 1`` decode steps, as in the
+    engine)."""
     prompts = [_prompt(row, prompt_tokens) for row in range(batch)]
     greedy, no_generators = [SamplingParams(max_tokens=max_tokens)] * batch, [None] * batch
     decode = whole = 0.0
@@ -128,12 +130,14 @@ def _static_bound(engine: Engine, batch: int, prompt_tokens: int, max_tokens: in
         kv_cache, logits = engine.prefill(prompts, max_len=prompt_tokens + max_tokens)  # [B, V]
         prefilled = now(engine.device)
         with torch.inference_mode():
-            for _ in range(max_tokens):
+            for step in range(max_tokens):
                 token_ids = sample_next(logits, greedy, no_generators)  # [B]
+                if step == max_tokens - 1:
+                    sampled_all = now(engine.device)  # every row has its max_tokens tokens
                 logits = engine.decode_step(kv_cache, token_ids)  # [B, V]
         end = now(engine.device)
         decode = max(decode, batch * max_tokens / (end - prefilled))
-        whole = max(whole, batch * max_tokens / (end - start))
+        whole = max(whole, batch * max_tokens / (sampled_all - start))
     return decode, whole
 
 
