@@ -4,10 +4,11 @@ Design note. On a CPU the paged attention of a decode step costs mostly its gath
 each sequence's whole context out of the pool's blocks (two ``index_select`` calls of every block of
 every row), although all but one slot of it are what the previous step copied already. ``DecodeRows``
 keeps that copy between steps instead: layer by layer, ``k[layer]`` and ``v[layer]`` are
-[rows, capacity, kv heads, head dim], row ``r`` holding the first ``length[r]`` slots of one decoding
-sequence's context, in position order. A step writes each decoding sequence's new key and value to the
-pool (which stays the only truth: prefix caching, preemption and the KV handoff read it) and to its
-row, then attends over the rows with one SDPA call, a view of them and no copy.
+[rows, kv heads, capacity, head dim] (SDPA's own layout, each head's keys contiguous), row ``r``
+holding the first ``length[r]`` slots of one decoding sequence's context, in position order. A step
+writes each decoding sequence's new key and value to the pool (which stays the only truth: prefix
+caching, preemption and the KV handoff read it) and to its row, then attends over the rows with one
+SDPA call, a view of them and no copy.
 
 A sequence gets a row at its first one-token step, copied from its blocks once (all layers at once:
 the pool holds its whole context by then). Its row is let go when a step does not decode it, and when
@@ -40,7 +41,7 @@ class DenseStep:
     """How the one-token rows ``0..count-1`` of a step (dense row i is packed row i) use the dense rows."""
 
     count: int
-    writes: torch.Tensor  # [count]: the flat dense slot of each row's new token
+    writes: torch.Tensor  # [count * kvh]: where each row's new key of each head goes, in ``DecodeRows.flat``
     length: int  # the longest context, new token included
     mask: torch.Tensor | None  # [count, 1, 1, length] (``length_mask``); None when every context is that long
 
@@ -107,8 +108,8 @@ class DecodeRows:
         assert all(a is b for a, b in zip(self.rows, owners, strict=False)), "rows not arranged"
         if len(owners) > held:
             self._copy_in(owners[held:], cached[held:])
-        capacity = self.capacity
-        writes = [r * capacity + c for r, c in enumerate(cached)]
+        capacity, heads = self.capacity, self.heads
+        writes = [(r * heads + h) * capacity + c for r, c in enumerate(cached) for h in range(heads)]
         self.length = lengths = [c + 1 for c in cached]  # the step writes the new token (``write``)
         longest = max(lengths)
         if min(lengths) == longest:
@@ -120,13 +121,17 @@ class DecodeRows:
 
     def write(self, layer: int, step: DenseStep, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores the new keys and values [count, kvh, hd] (packed order) of ``layer``."""
-        self.k[layer].view(-1, self.heads, self.head_dim).index_copy_(0, step.writes, k)
-        self.v[layer].view(-1, self.heads, self.head_dim).index_copy_(0, step.writes, v)
+        self.flat(self.k[layer]).index_copy_(0, step.writes, k.reshape(-1, self.head_dim))
+        self.flat(self.v[layer]).index_copy_(0, step.writes, v.reshape(-1, self.head_dim))
+
+    def flat(self, dense: torch.Tensor) -> torch.Tensor:
+        """``dense`` [rows, kvh, capacity, hd] as [rows * kvh * capacity, hd] (a view)."""
+        return dense.view(-1, self.head_dim)
 
     def read(self, layer: int, step: DenseStep) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the rows, each [count, kvh, length, hd] (dense order): views, no copy."""
         rows, length = step.count, step.length
-        return (self.k[layer][:rows, :length].transpose(1, 2), self.v[layer][:rows, :length].transpose(1, 2))
+        return self.k[layer][:rows, :, :length], self.v[layer][:rows, :, :length]
 
     # -- rows -----------------------------------------------------------------------------------------
     def _remove(self, r: int) -> None:
@@ -134,7 +139,7 @@ class DecodeRows:
         if r != last:  # the last row fills the hole
             filled = self.length[last]
             for pool in (*self.k, *self.v):
-                pool[r, :filled] = pool[last, :filled]
+                pool[r, :, :filled] = pool[last, :, :filled]
             self.rows[r], self.length[r] = self.rows[last], filled
         self.rows.pop()
         self.length.pop()
@@ -152,23 +157,23 @@ class DecodeRows:
             self.k, self.v, self.capacity = [], [], 0
             return False
         pool = self.cache.k[0]
-        shape = (num_rows, capacity, self.heads, self.head_dim)
+        shape = (num_rows, self.heads, capacity, self.head_dim)
         grown_k = [torch.zeros(shape, dtype=pool.dtype, device=pool.device) for _ in self.cache.k]
         grown_v = [torch.zeros(shape, dtype=pool.dtype, device=pool.device) for _ in self.cache.v]
         for new, old in zip((*grown_k, *grown_v), (*self.k, *self.v), strict=False):
-            new[:old.size(0), :self.capacity] = old
+            new[:old.size(0), :, :self.capacity] = old
         self.k, self.v, self.capacity = grown_k, grown_v, capacity
         self.positions = torch.arange(capacity, device=pool.device)
         return True
 
     def _copy_in(self, owners: list[object], cached: list[int]) -> None:
         """New rows for ``owners``, their first ``cached`` slots copied from their blocks (every layer)."""
-        bs, sources, targets = self.cache.block_size, [], []
+        bs, heads, capacity, sources, targets = self.cache.block_size, self.heads, self.capacity, [], []
         for owner, length in zip(owners, cached, strict=True):
             r = len(self.rows)
             table = owner.block_table
             sources.extend(table[p // bs] * bs + p % bs for p in range(length))
-            targets.extend(range(r * self.capacity, r * self.capacity + length))
+            targets.extend((r * heads + h) * capacity + p for p in range(length) for h in range(heads))
             self.rows.append(owner)
             self.length.append(length)
         if not sources:
@@ -177,8 +182,8 @@ class DecodeRows:
         src = torch.tensor(sources, dtype=torch.long, device=device)
         dst = torch.tensor(targets, dtype=torch.long, device=device)
         for dense, pool in zip((*self.k, *self.v), (*self.cache.k, *self.cache.v), strict=True):
-            flat = pool.view(-1, self.heads, self.head_dim)
-            dense.view(-1, self.heads, self.head_dim).index_copy_(0, dst, flat.index_select(0, src))
+            rows = pool.view(-1, self.heads, self.head_dim).index_select(0, src)  # [slots, kvh, hd]
+            self.flat(dense).index_copy_(0, dst, rows.view(-1, self.head_dim))
 
 
 def length_mask(positions: torch.Tensor, lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

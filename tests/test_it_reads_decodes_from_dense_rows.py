@@ -99,7 +99,7 @@ def test_the_rows_hold_bit_for_bit_what_the_pool_holds(engine: Engine) -> None:
             for layer in range(len(cache.k)):
                 for dense, pool in ((rows.k[layer], cache.k[layer]), (rows.v[layer], cache.v[layer])):
                     expected = pool.view(-1, *pool.shape[2:]).index_select(0, slots)
-                    assert torch.equal(dense[r, :length], expected)
+                    assert torch.equal(dense[r, :, :length], expected.transpose(0, 1))
             checked.append(seq.request_id)
 
     run_batch(batch, mixed_jobs(6, max_tokens=12), after_step=compare)
@@ -172,9 +172,9 @@ def test_a_row_that_does_not_hold_what_its_sequence_has_computed_is_made_again()
     assert rows.arrange([owner], [6]) == [0]
     rows.plan([owner], [6], "cpu")
     with torch.inference_mode():  # as the engine's forward pass
-        rows.k[0][0, :6] = 0  # not what the pool holds any more
+        rows.k[0][0, :, :6] = 0  # not what the pool holds any more
     assert rows.arrange([owner], [7]) == [0]  # it holds 7 slots (the step wrote one): kept
     assert rows.arrange([owner], [5]) == [0] and rows.num_rows == 0  # 5 computed now: let go
     rows.plan([owner], [5], "cpu")
     expected = cache.k[0].view(-1, 2, 4)[torch.tensor([20, 21, 22, 23, 8])]
-    assert torch.equal(rows.k[0][0, :5], expected)
+    assert torch.equal(rows.k[0][0, :, :5], expected.transpose(0, 1))
