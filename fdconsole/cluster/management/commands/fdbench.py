@@ -32,6 +32,8 @@ class Command(BaseCommand):
         engine.add_argument("--prompt-tokens", type=int, default=32)
         engine.add_argument("--max-tokens", type=int, default=64)
         engine.add_argument("--requests-per-client", type=int, default=4)
+        engine.add_argument("--repeats", type=int, default=3,
+                            help="runs per level, each beside a static batch; the fastest of each counts")
         engine.add_argument("--device", default=None, help="default: FD_DEVICE")
         skew = sub.add_parser("skew", help="real nodes, all requests on one node: makespan over ideal")
         skew.add_argument("--nodes", type=int, default=4)
@@ -105,7 +107,7 @@ class Command(BaseCommand):
             torch.set_num_threads(settings.FD_TORCH_THREADS)  # as a node runs
         return bench_engine(device=device, concurrency=parse_levels(options["concurrency"]),
                             prompt_tokens=options["prompt_tokens"], max_tokens=options["max_tokens"],
-                            requests_per_client=options["requests_per_client"])
+                            requests_per_client=options["requests_per_client"], repeats=options["repeats"])
 
     def bench_skew(self, options) -> dict:
         from fdconsole.cluster.skew import bench_skew
