@@ -15,9 +15,7 @@ then reads each sequence's whole context back through its block table:
 - each other longer chunk by itself: its context of L slots, queries the last T of them, causally.
 
 Everything here that does not depend on the layer (slots, tables, masks) is built once per step by
-``PagedAttention.build``, so that a layer costs two gathers and one SDPA call per group. Given the
-engine's ``DecodeRows`` (on a CPU), the one-token rows read their context from its dense rows instead,
-with no gather at all, whenever they make one group (``gpu_worker.decode_rows``).
+``PagedAttention.build``, so that a layer costs two gathers and one SDPA call per group.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from gpu_worker.decode_rows import DecodeRows, DenseStep, length_mask
 from gpu_worker.kv_cache import PagedKVCache
 
 GROUP_SLACK = 64  # positions a group's longest context may exceed twice its shortest
@@ -55,7 +52,7 @@ class _Rows:
     end: int
     tables: torch.Tensor  # [D, M] block ids, padded with block 0 (masked)
     length: int  # S: the longest context of the group
-    mask: torch.Tensor | None  # [D, 1, 1, S] (``length_mask``), None when every row has the longest context
+    mask: torch.Tensor | None  # [D, 1, 1, S], None when every row has the longest context
 
 
 @dataclass
@@ -80,23 +77,19 @@ class PagedAttention:
     """How the N tokens of one step attend; shared by every layer of the forward pass."""
 
     def __init__(self, cache: PagedKVCache, slots: torch.Tensor, num_single: int, groups: list[_Rows],
-                 chunks: list[_Chunk], fresh: list[_Fresh] | None = None, dense: DecodeRows | None = None,
-                 dense_step: DenseStep | None = None) -> None:
+                 chunks: list[_Chunk], fresh: list[_Fresh] | None = None) -> None:
         self.cache = cache
         self.slots = slots  # [N]
         self.num_single = num_single  # rows 0..num_single-1 are one-token sequences
-        self.groups = groups  # of those rows (none when they read ``dense``)
+        self.groups = groups  # of those rows
         self.chunks = chunks
         self.fresh = fresh or []
-        self.dense, self.dense_step = dense, dense_step
 
     @classmethod
-    def build(cls, cache: PagedKVCache, chunks: Sequence[SequenceChunk], device: torch.device | str,
-              dense: DecodeRows | None = None, owners: Sequence[object] = ()) -> PagedAttention:
+    def build(cls, cache: PagedKVCache, chunks: Sequence[SequenceChunk],
+              device: torch.device | str) -> PagedAttention:
         """The plan for a step whose packed rows follow ``chunks`` in order. One-token chunks must
-        come first (``order_for_step`` sorts them so). With ``dense``, the one-token rows, of the
-        sequences ``owners`` (aligned with ``chunks``) and in ``dense.arrange``'s order, read their
-        context there (``order_for_step`` with ``dense`` orders them so)."""
+        come first (``order_for_step`` sorts them so)."""
         bs = cache.block_size
         slots: list[int] = []
         for chunk in chunks:
@@ -105,11 +98,8 @@ class PagedAttention:
         num_single = 0
         while num_single < len(chunks) and chunks[num_single].num_new == 1:
             num_single += 1
-        dense_step = None
-        if dense is not None and num_single and dense.arranged == num_single:
-            dense_step = dense.plan(owners[:num_single], [c.num_cached for c in chunks[:num_single]], device)
-        groups = [] if dense_step else [_rows(start, end, chunks[start:end], bs, cache.k[0].dtype, device)
-                                        for start, end in _similar_lengths(chunks[:num_single])]
+        groups = [_rows(start, end, chunks[start:end], bs, device)
+                  for start, end in _similar_lengths(chunks[:num_single])]
         planned, fresh, row = [], [], num_single
         for chunk in chunks[num_single:]:
             assert chunk.num_new > 1, "one-token chunks must come first"
@@ -131,21 +121,15 @@ class PagedAttention:
             planned.append(_Chunk(row, row + chunk.num_new, table, chunk.context_len, mask))
             row += chunk.num_new
         return cls(cache, torch.tensor(slots, dtype=torch.long, device=device), num_single, groups, planned,
-                   fresh, dense, dense_step)
+                   fresh)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention output [N, nh, hd] for queries [N, nh, hd]; ``k``/``v`` [N, kvh, hd] are the step's
         new keys and values, stored in the pool first."""
         self.cache.write(layer, self.slots, k, v)
-        if self.dense_step is not None:
-            self.dense.write(layer, self.dense_step, k[:self.num_single], v[:self.num_single])
-            if self.num_single == q.size(0):
-                return self._dense(layer, q)
-        elif len(self.groups) == 1 and self.num_single == q.size(0) and not self.chunks:
+        if len(self.groups) == 1 and self.num_single == q.size(0) and not self.chunks:
             return self._singles(layer, q, self.groups[0])
         out = torch.empty_like(q)  # [N, nh, hd]
-        if self.dense_step is not None:
-            out[:self.num_single] = self._dense(layer, q[:self.num_single])
         for group in self.groups:
             out[group.start:group.end] = self._singles(layer, q[group.start:group.end], group)
         for fresh in self.fresh:
@@ -161,11 +145,6 @@ class PagedAttention:
             y = _sdpa(queries, keys, values, chunk.mask, causal=chunk.mask is None)  # [1, nh, T, hd]
             out[chunk.start:chunk.end] = y[0].transpose(0, 1)
         return out
-
-    def _dense(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """The one-token rows' attention [D, nh, hd] over the dense rows."""
-        keys, values = self.dense.read(layer, self.dense_step)  # each [D, kvh, S, hd]
-        return _sdpa(q[:, :, None], keys, values, self.dense_step.mask, causal=False)[:, :, 0]
 
     def _singles(self, layer: int, q: torch.Tensor, group: _Rows) -> torch.Tensor:
         keys, values = self.cache.gather(layer, group.tables)  # each [D, kvh, M*bs, hd]
@@ -192,7 +171,7 @@ def _similar_lengths(singles: Sequence[SequenceChunk]) -> list[tuple[int, int]]:
     return [*ranges, (start, len(singles))] if singles else []
 
 
-def _rows(start: int, end: int, singles: Sequence[SequenceChunk], bs: int, dtype: torch.dtype,
+def _rows(start: int, end: int, singles: Sequence[SequenceChunk], bs: int,
           device: torch.device | str) -> _Rows:
     lengths = [c.context_len for c in singles]
     longest = max(lengths)
@@ -200,35 +179,20 @@ def _rows(start: int, end: int, singles: Sequence[SequenceChunk], bs: int, dtype
     padded = [list(c.block_table[:width]) + [0] * (width - min(width, len(c.block_table))) for c in singles]
     mask = None
     if min(lengths) != longest:  # else every row sees the first ``longest`` slots: no mask
-        mask = length_mask(torch.arange(longest, device=device), torch.tensor(lengths, device=device),
-                           dtype)  # [D, 1, 1, S]
+        positions = torch.arange(longest, device=device)  # [S]
+        visible = positions[None, :] < torch.tensor(lengths, device=device)[:, None]  # [D, S]
+        mask = visible[:, None, None, :]  # [D, 1, 1, S]
     return _Rows(start, end, torch.tensor(padded, dtype=torch.long, device=device), longest, mask)
 
 
-def order_for_step(chunks: Sequence, dense: DecodeRows | None = None, owners: Sequence[object] = ()
-                   ) -> list[int]:
-    """Indices of ``chunks`` (anything with ``num_new``, ``num_cached`` and ``context_len``): the
-    one-token ones first, shortest context first (``_similar_lengths`` groups them), then the longer
-    chunks by length, so that fresh prompts of one length sit side by side and attend in one call.
-
-    With ``dense`` (and the sequences ``owners``, aligned with ``chunks``), one-token rows that make a
-    single group come in ``dense.arrange``'s order instead, to read their context there; otherwise
-    ``dense`` lets go of its rows."""
+def order_for_step(chunks: Sequence) -> list[int]:
+    """Indices of ``chunks`` (anything with ``num_new`` and ``context_len``): the one-token ones first,
+    shortest context first (``_similar_lengths`` groups them), then the longer chunks by length, so that
+    fresh prompts of one length sit side by side and attend in one call."""
     def key(i: int) -> tuple:
         chunk = chunks[i]
         if chunk.num_new == 1:
             return (0, chunk.context_len)
         return (1, chunk.num_new, chunk.context_len != chunk.num_new)  # fresh ones first among equals
 
-    order = sorted(range(len(chunks)), key=key)
-    if dense is None:
-        return order
-    singles = [i for i in order if chunks[i].num_new == 1]
-    lengths = [chunks[i].context_len for i in singles]
-    if not singles or max(lengths) > 2 * min(lengths) + GROUP_SLACK:  # more than one group: gathers
-        dense.clear()
-        return order
-    arranged = dense.arrange([owners[i] for i in singles], [chunks[i].num_cached for i in singles])
-    if arranged is None:
-        return order
-    return [singles[j] for j in arranged] + order[len(singles):]
+    return sorted(range(len(chunks)), key=key)

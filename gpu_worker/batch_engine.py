@@ -33,7 +33,6 @@ import torch
 
 from gpu_worker.attention import PagedAttention, SequenceChunk, order_for_step
 from gpu_worker.capacity import EngineCapacity
-from gpu_worker.decode_rows import DecodeRows
 from gpu_worker.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine
 from gpu_worker.kv_cache import BlockManager, PagedKVCache
 from gpu_worker.sampling import advance_generator, make_generator, sample_next
@@ -89,8 +88,6 @@ class BatchEngine:
         num_blocks = self.capacity.kv_blocks(shape, engine.device)
         self.cache = PagedKVCache(shape, num_blocks, self.capacity.block_size, engine.device)
         self.blocks = BlockManager(num_blocks, self.capacity.block_size, self.capacity.enable_prefix_caching)
-        # decodes read their context without a gather on a CPU (gpu_worker.decode_rows)
-        self.decode_rows = DecodeRows(self.cache) if engine.device.type == "cpu" else None
         self.waiting = InProcessScheduler(SchedulerConfig(scheduler_ttl=YEAR_S, scheduler_max_size=UNBOUNDED))
         self.sequences: dict[str, Sequence] = {}
         self.running: list[Sequence] = []  # admission order: the newest is preempted first
@@ -176,7 +173,7 @@ class BatchEngine:
             self.running.remove(seq)
         if seq in self.preempted:
             self.preempted.remove(seq)
-        self._free(seq)
+        self.blocks.free_blocks(seq)
         if seq.request_id in self.waiting.running:  # admitted: its final result lets the queue forget it
             self.waiting.put_results([Result(seq.request_id, finished=True, finish_reason="done")])
         else:
@@ -275,13 +272,8 @@ class BatchEngine:
         scheduled.append((seq, num_new))
         return num_new
 
-    def _free(self, seq: Sequence) -> None:
-        self.blocks.free_blocks(seq)
-        if self.decode_rows is not None:
-            self.decode_rows.drop(seq)
-
     def _preempt(self, seq: Sequence) -> None:
-        self._free(seq)
+        self.blocks.free_blocks(seq)
         seq.num_computed = 0
         self.preempted.appendleft(seq)  # older victims end up in front: resumed in admission order
         self.stats.preemptions += 1
@@ -290,7 +282,7 @@ class BatchEngine:
     @torch.inference_mode()
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> list[tuple[str, GenerationStep]]:
         chunks = [SequenceChunk(seq.block_table, seq.num_computed, n) for seq, n in scheduled]
-        order = order_for_step(chunks, self.decode_rows, [seq for seq, _ in scheduled])
+        order = order_for_step(chunks)
         scheduled = [scheduled[i] for i in order]
         chunks = [chunks[i] for i in order]
         token_ids: list[int] = []
@@ -302,8 +294,7 @@ class BatchEngine:
             if seq.num_computed + n == seq.num_tokens:
                 sampling_rows.append(len(token_ids) - 1)
         device = self.engine.device
-        attention = PagedAttention.build(self.cache, chunks, device, self.decode_rows,
-                                         [seq for seq, _ in scheduled])
+        attention = PagedAttention.build(self.cache, chunks, device)
         logits = self.engine.model.forward_packed(
             torch.tensor(token_ids, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device), attention,
