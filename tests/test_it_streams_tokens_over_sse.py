@@ -56,6 +56,25 @@ def test_connecting_after_generation_replays_every_token(api, node, run_node):
     assert len(tokens) == 24 or done["finish_reason"] == "stop"
 
 
+def test_tokens_read_together_are_sent_together(api, node, run_node):
+    """What one read of Redis finds goes out as one chunk (one write down every layer to the socket),
+    not one chunk per token; each chunk holds whole events."""
+    request_id = submit(api, max_tokens=24)
+    run_node()
+    response = api.get(f"/api/v1/requests/{request_id}/stream")
+    chunks = async_to_sync(collect_chunks)(response.streaming_content)
+    assert all(chunk.endswith("\n\n") for chunk in chunks)
+    events = [block for chunk in chunks for block in chunk.split("\n\n") if block]
+    tokens = [block for block in events if block.startswith("event: token")]
+    assert len(tokens) >= 8  # enough for the count of chunks to tell
+    assert len(chunks) <= 2, [chunk[:60] for chunk in chunks]  # the tokens and done, read at once
+    assert events[-1].startswith("event: done")
+
+
+async def collect_chunks(chunks) -> list[str]:
+    return [chunk.decode() if isinstance(chunk, bytes) else chunk async for chunk in chunks]
+
+
 def test_connecting_before_generation_sees_it_live(api, node, run_node):
     request_id = submit(api, max_tokens=200, request_id="live #1 / ?x=%20")
     results = []

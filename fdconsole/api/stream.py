@@ -11,7 +11,10 @@ reconnects with ``Last-Event-ID: N`` (what a browser's EventSource sends), or as
 
 ``request_events`` is that reading on its own, as plain events (a token, the end, an error, a pause
 long enough for a keep-alive): the native stream here and the OpenAI-compatible API
-(``fdconsole.openai_api``) each format it their own way. It follows token indexes, never Redis entry
+(``fdconsole.openai_api``) each format it their own way. ``request_event_batches`` is the same, as
+each read of Redis found them: a stream sends each batch as one chunk, so that a console busy enough to
+fall behind catches up in one write rather than one per token (every layer from here to the socket
+costs the same for a chunk of one token as for a chunk of many). It follows token indexes, never Redis entry
 ids, so it rides out a Redis that restarts, loses the stream and gets it again (see there).
 """
 
@@ -169,26 +172,38 @@ def comment(note: str) -> str:
 
 
 async def sse_events(row: Request, slot: StreamSlot, resume_after: int = -1) -> AsyncIterator[str]:
+    """The stream's chunks: the events of each batch (``request_event_batches``) in one."""
     try:
-        async with aclosing(request_events(row, resume_after)) as events:
-            async for event in slot.kept(events):
-                if isinstance(event, TokenEvent):
-                    yield token_event(event)
-                elif isinstance(event, DoneEvent):
-                    yield await off_thread(done_event)(event.row)
-                elif isinstance(event, ErrorEvent):
-                    yield sse("error", event.error.as_dict())
-                else:
-                    yield comment(event.note)
+        async with aclosing(request_event_batches(row, resume_after)) as batches:
+            async for batch in slot.kept(batches):
+                pieces = []
+                for event in batch:
+                    if isinstance(event, TokenEvent):
+                        pieces.append(token_event(event))
+                    elif isinstance(event, DoneEvent):
+                        pieces.append(await off_thread(done_event)(event.row))
+                    elif isinstance(event, ErrorEvent):
+                        pieces.append(sse("error", event.error.as_dict()))
+                    else:
+                        pieces.append(comment(event.note))
+                yield "".join(pieces)
     finally:
         await slot.release()
 
 
 async def request_events(row: Request, resume_after: int = -1) -> AsyncIterator[RequestEvent]:
+    """``request_event_batches``' events one by one."""
+    async with aclosing(request_event_batches(row, resume_after)) as batches:
+        async for batch in batches:
+            for event in batch:
+                yield event
+
+
+async def request_event_batches(row: Request, resume_after: int = -1) -> AsyncIterator[list[RequestEvent]]:
     """Every token of ``row`` after index ``resume_after`` exactly once, in order, then one ``DoneEvent``
     (or an ``ErrorEvent``), whenever it is called: before, during or after the generation; a
     ``KeepAliveEvent`` after each ``KEEPALIVE_S`` without news. Ends without a final event only after
-    ``MAX_STREAM_S``.
+    ``MAX_STREAM_S``. In batches, never empty: what each read found (of Redis, or of the database).
 
     It follows token indexes, never the output stream's entry ids: a stream that vanished or was made
     again (Redis restarted and the request was queued again from its row, its tokens streamed again
@@ -209,28 +224,27 @@ async def request_events(row: Request, resume_after: int = -1) -> AsyncIterator[
         except (RedisError, TimeoutError) as exc:  # reading the stream, or bringing the row up to date
             outage = outage or RedisOutage()
             if cursor.delivered < 0 or outage.lasted_s() > REDIS_OUTAGE_S:
-                yield ErrorEvent(TopicRedisUnavailable.of(topic, url, no_answer(exc)))
+                yield [ErrorEvent(TopicRedisUnavailable.of(topic, url, no_answer(exc)))]
                 return
             ended_row = await off_thread(final_row)(row)  # the database may know the end meanwhile
             if ended_row is not None:
-                for event in await off_thread(replayed_events)(ended_row, cursor.delivered):
-                    yield event
+                yield await off_thread(replayed_events)(ended_row, cursor.delivered)
                 return
             if outage.note_due():
                 last_sent = time.monotonic()
-                yield KeepAliveEvent(WAITING_FOR_REDIS)
+                yield [KeepAliveEvent(WAITING_FOR_REDIS)]
             await asyncio.sleep(outage.next_delay_s())
             continue
         outage = None
-        for event in events:
-            yield event
+        if events:
+            yield events
         if final:
             return
         if events:
             last_sent = time.monotonic()
         elif time.monotonic() - last_sent > KEEPALIVE_S:
             last_sent = time.monotonic()
-            yield KeepAliveEvent()
+            yield [KeepAliveEvent()]
 
 
 class OutputCursor:
