@@ -8,11 +8,11 @@ ends there or at end of text, as when served). Figures: generated tokens per sec
 time to first token from a request's arrival; inter-token latency between a request's successive
 tokens (p50, p99 over all).
 
-Each concurrency runs ``repeats`` times, each engine run followed by a static batch (below), and the
-figures are the fastest run's, the bound's and the static batch's their fastest too: on a shared
-machine a slow moment then costs both sides alike, where one engine run against the best of several
-static batches would count every slow moment against the engine. ``engine_runs_tokens_per_s`` lists
-every run's tokens/s.
+Each concurrency runs ``repeats`` times, each engine run followed by a static batch (below). The
+engine's figures (latencies included) are those of its fastest run, and the bound and the static batch
+are each the fastest of theirs: on a shared machine a slow moment then weighs on both sides alike,
+where one engine run set against the best of several static batches counted every slow moment
+against the engine. ``engine_runs_tokens_per_s`` lists every run's tokens/s.
 
 The static-batch bound is measured in the same run: the bare model (``Engine.prefill`` and
 ``Engine.decode_step`` on a dense cache, no scheduling, no paging) decoding a fixed batch of C rows
