@@ -350,20 +350,23 @@ def test_a_failure_mid_stream_is_one_error_event_then_done():
     row = Request(request_id="r1", topic=Topic(name="default"), created_at=datetime.now(UTC), prompt_tokens=3,
                   output_token_ids=[72], status="failed", error_code="node_error", error_message="boom")
 
-    async def read(*events) -> list[str]:
+    async def read(*batches) -> list[str]:
         async def source():
-            for event in events[1:]:
-                yield event
-        return [piece async for piece in chunks(ChatShape(row), events[0], source(), include_usage=True)]
+            for batch in batches[1:]:
+                yield batch
+        return [piece async for piece in chunks(ChatShape(row), batches[0], source(), include_usage=True)]
 
     for end, code in [(ErrorEvent(TopicRedisUnavailable("gone")), "redis_unavailable"),
                       (DoneEvent(row), "node_error")]:
-        events = sse_blocks("".join(asyncio.run(read(TokenEvent(0, 72, "H"), end))))
-        role, token, error, done = events
-        assert json.loads(role)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-        assert json.loads(token)["choices"][0]["delta"] == {"content": "H"}
-        assert json.loads(token)["usage"] is None  # asked for usage: every chunk but the last says null
-        assert json.loads(error)["error"]["code"] == code and done == "[DONE]"
+        token = TokenEvent(0, 72, "H")
+        for batches in ([[token], [end]], [[token, end]]):  # read apart, or together
+            pieces = asyncio.run(read(*batches))
+            assert len(pieces) == len(batches)  # one write a batch
+            role, token_chunk, error, done = sse_blocks("".join(pieces))
+            assert json.loads(role)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+            assert json.loads(token_chunk)["choices"][0]["delta"] == {"content": "H"}
+            assert json.loads(token_chunk)["usage"] is None  # asked for usage: all chunks but the last: null
+            assert json.loads(error)["error"]["code"] == code and done == "[DONE]"
 
 
 @pytest.mark.django_db(transaction=True)
@@ -394,9 +397,9 @@ def test_redis_failing_while_a_stream_waits_ends_it_with_one_error(api, node, mo
     assert native.startswith("event: error\n") and native.count("event:") == 1
 
     async def openai_stream():
-        events = stream.request_events(row)
-        first = await anext(events)
-        return await read(chunks(ChatShape(row), first, events, include_usage=False))
+        batches = stream.request_event_batches(row)
+        first = await anext(batches)
+        return await read(chunks(ChatShape(row), first, batches, include_usage=False))
 
     role, error_chunk, done = sse_blocks("".join(async_to_sync(openai_stream)()))
     assert json.loads(error_chunk)["error"]["code"] == "redis_unavailable" and done == "[DONE]"

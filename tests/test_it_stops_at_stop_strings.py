@@ -350,9 +350,8 @@ def test_text_held_back_until_end_of_text_is_in_the_output_and_the_openai_answer
 
     async def streamed():
         async def rest():
-            for event in live[1:]:
-                yield event
-        return "".join([piece async for piece in chunks(CompletionShape(row), live[0], rest(), False)])
+            yield live[1:]
+        return "".join([piece async for piece in chunks(CompletionShape(row), live[:1], rest(), False)])
 
     choices = [json.loads(block.removeprefix("data: "))["choices"][0]
                for block in async_to_sync(streamed)().split("\n\n") if block.startswith("data: {")]

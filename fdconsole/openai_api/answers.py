@@ -2,11 +2,11 @@
 
 Both read the request's events once through ``fdconsole.api.stream.request_events`` (every token
 exactly once, by index, then the end, across a Redis that restarts or pauses), as the native stream
-does. A request that ends without its answer (expired, failed) is an error: before the first streamed
-byte a plain JSON error with its status, later one ``data: {"error": ...}`` event, then ``data:
-[DONE]``. A cancelled request ends with finish_reason ``abort``. A client that goes away does not
-cancel its request: it may come back with the same ``request_id`` or ``Idempotency-Key`` and read it
-again.
+does; a streamed answer in its batches, each batch one write. A request that ends without its answer
+(expired, failed) is an error: before the first streamed byte a plain JSON error with its status,
+later one ``data: {"error": ...}`` event, then ``data: [DONE]``. A cancelled request ends with
+finish_reason ``abort``. A client that goes away does not cancel its request: it may come back with
+the same ``request_id`` or ``Idempotency-Key`` and read it again.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from fdconsole.api.stream import (
     TokenEvent,
     comment,
     event_stream_response,
+    request_event_batches,
     request_events,
 )
 from fdconsole.errors import GenerationFailed
@@ -176,22 +177,23 @@ async def whole_answer(shape: Shape, row: Request, slot: StreamSlot | None = Non
 # -- streamed ---------------------------------------------------------------------------------------
 async def streamed_answer(shape: Shape, row: Request, include_usage: bool,
                           slot: StreamSlot | None = None) -> HttpResponse:
-    """The answer as Server-Sent Events of chunks. Waits for the first token (or the end) before
-    answering, so that a request that ends without any answer is a plain error with its status. The
-    API token's stream ``slot`` (taken) is released when the answer ends."""
+    """The answer as Server-Sent Events of chunks, what each read found in one write (as the native
+    stream). Waits for the first token (or the end) before answering, so that a request that ends
+    without any answer is a plain error with its status. The API token's stream ``slot`` (taken) is
+    released when the answer ends."""
     slot = slot or StreamSlot(None)
-    events = slot.kept(request_events(row))
+    batches = slot.kept(request_event_batches(row))
     try:
-        first = await first_event(events)
-        if isinstance(first, ErrorEvent):
-            raise first.error
-        if isinstance(first, DoneEvent):
-            finish_reason(first.row)  # raises when it ended without an answer
+        first = await first_batch(batches)
+        if isinstance(first[0], ErrorEvent):
+            raise first[0].error
+        if isinstance(first[0], DoneEvent):
+            finish_reason(first[0].row)  # raises when it ended without an answer
     except BaseException:
-        await events.aclose()
+        await batches.aclose()
         await slot.release()
         raise
-    return event_stream_response(released_after(chunks(shape, first, events, include_usage), slot))
+    return event_stream_response(released_after(chunks(shape, first, batches, include_usage), slot))
 
 
 async def released_after(pieces: AsyncIterator[str], slot: StreamSlot) -> AsyncIterator[str]:
@@ -203,41 +205,37 @@ async def released_after(pieces: AsyncIterator[str], slot: StreamSlot) -> AsyncI
         await slot.release()
 
 
-async def first_event(events: AsyncIterator[RequestEvent]) -> TokenEvent | DoneEvent | ErrorEvent:
-    async for event in events:
-        if not isinstance(event, KeepAliveEvent):
-            return event
+async def first_batch(batches: AsyncIterator[list[RequestEvent]]) -> list[RequestEvent]:
+    """The first batch's events that are not keep-alives (waiting drops those: nothing is sent yet)."""
+    async for batch in batches:
+        events = [event for event in batch if not isinstance(event, KeepAliveEvent)]
+        if events:
+            return events
     raise stream_ended()
 
 
-async def chunks(shape: Shape, first: RequestEvent, events: AsyncIterator[RequestEvent],
+async def chunks(shape: Shape, first: list[RequestEvent], batches: AsyncIterator[list[RequestEvent]],
                  include_usage: bool) -> AsyncIterator[str]:
-    async with aclosing(events), aclosing(followed_by(first, events)) as stream:
+    """The answer's SSE text, one piece per batch of events, ``first`` the first batch."""
+    async with aclosing(batches):
         opening = shape.opening()
-        if opening is not None:
-            yield data(opening, include_usage)
-        async for event in stream:
-            if isinstance(event, TokenEvent):
-                yield data(shape.token(event.text), include_usage)
-            elif isinstance(event, KeepAliveEvent):
-                yield comment(event.note)
-            elif isinstance(event, DoneEvent):
-                for chunk in ending(shape, event, include_usage):
-                    yield chunk
-                break
-            else:
-                yield error_data(event.error)
-                break
-        else:
-            yield error_data(stream_ended())
-        yield DONE
-
-
-async def followed_by(first: RequestEvent,
-                      events: AsyncIterator[RequestEvent]) -> AsyncIterator[RequestEvent]:
-    yield first
-    async for event in events:
-        yield event
+        pieces = [data(opening, include_usage)] if opening is not None else []
+        batch: list[RequestEvent] | None = first
+        while batch is not None:
+            for event in batch:
+                if isinstance(event, TokenEvent):
+                    pieces.append(data(shape.token(event.text), include_usage))
+                elif isinstance(event, KeepAliveEvent):
+                    pieces.append(comment(event.note))
+                else:  # the end: its last chunks, or the error it ended with
+                    pieces.extend(ending(shape, event, include_usage) if isinstance(event, DoneEvent)
+                                  else [error_data(event.error)])
+                    yield "".join([*pieces, DONE])
+                    return
+            yield "".join(pieces)
+            pieces = []
+            batch = await anext(batches, None)
+        yield error_data(stream_ended()) + DONE
 
 
 def ending(shape: Shape, done: DoneEvent, include_usage: bool) -> list[str]:
