@@ -13,10 +13,10 @@ reconnects with ``Last-Event-ID: N`` (what a browser's EventSource sends), or as
 long enough for a keep-alive): the native stream here and the OpenAI-compatible API
 (``fdconsole.openai_api``) each format it their own way. It follows token indexes, never Redis entry
 ids, so it rides out a Redis that restarts, loses the stream and gets it again (see there).
-``request_event_batches`` is the same reading in batches, as each read found them: the native stream
-sends a batch as one chunk, so that a reader that is behind (it connected late, the answer is replayed
-from the database, the console is busy) catches up in one write, not one per token down Django's
-response, the ASGI middleware and the server.
+``request_event_batches`` is the same reading in batches, as each read found them: both streams (this
+one and the OpenAI API's) send a batch as one chunk, so that a reader that is behind (it connected
+late, the answer is replayed from the database, the console is busy) catches up in one write, not one
+per token down Django's response, the ASGI middleware and the server.
 """
 
 from __future__ import annotations
