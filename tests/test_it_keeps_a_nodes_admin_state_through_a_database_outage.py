@@ -11,6 +11,7 @@ because ``CONN_MAX_AGE`` is 0 (Django's default).
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -96,6 +97,9 @@ def node_thread(store, batch_engine, fresh_connections):
     yield start
     for node in started:
         node.stop()
+    # The node's threads are gone, but their database connections live on in reference cycles until a
+    # collection: left open, they keep the test database from being dropped at the end of the run.
+    gc.collect()
 
 
 def submit(api) -> str:
