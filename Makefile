@@ -38,16 +38,21 @@ browser:
 	$$sudo env $(APT_INSTALL) || { $$sudo apt-get update && $$sudo env $(APT_INSTALL); } || \
 	echo "note: installing chromium failed; the browser tests will be skipped."
 
+# Tests run in TEST_WORKERS processes (pytest-xdist), a test file to a process so that a module's console
+# starts once; each process has its own Redis and test database. TEST_WORKERS=0 runs them in this one.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: install browser check-deploy
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # The tests where the database's own behaviour matters (marked postgresql: racing submissions, limits
 # held on a row, the reconciler and a Redis that restarts, outages, chaos, the console and its streams on
-# real processes) again, against PostgreSQL: pytest-django makes the database test_fdconsole_ci there and drops it after. .ci/run does
-# it when PostgreSQL answers.
+# real processes) again, against PostgreSQL: pytest-django makes the database test_fdconsole_ci there (one a
+# test process: test_fdconsole_ci_gw0, _gw1, ...) and drops it after. .ci/run does it when PostgreSQL answers.
 PG_URL ?= postgres://postgres@127.0.0.1:5432/fdconsole_ci
 test-postgresql: install
-	DATABASE_URL=$(PG_URL) $(PY) -m pytest -q -m postgresql
+	DATABASE_URL=$(PG_URL) $(PYTEST) -m postgresql
 
 # Django's deployment checklist over the documented production settings: any warning fails (CI runs it).
 check-deploy: install

@@ -25,6 +25,8 @@ def free_port() -> int:
 
 def pytest_configure(config) -> None:
     global _redis
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller: it runs no test, each of its workers configures itself
     _redis = EmbeddedRedis(free_port()).start()
     os.environ["FD_TEST_REDIS_URL"] = _redis.url
     # The suite serves the seeded byte-level model unless a test is about real models; node and console
