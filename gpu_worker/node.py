@@ -159,6 +159,10 @@ class NodeWorker(SimpleWorker):
 
     def work(self, burst: bool = False, **kwargs: Any) -> bool:
         rt = self.runtime
+        # SIGTERM and Ctrl-C stop the node gracefully from its first heartbeat on, not only once rq's
+        # loop starts (it installs the same handlers): a node told to stop as soon as it shows itself
+        # alive ends its loop at once and says so in a last heartbeat, instead of dying of the signal.
+        self._install_signal_handlers()
         install_runtime(rt)
         rt.admin_state = UNKNOWN  # until read: an admin may have disabled this node while it was down
         poller = AdminStatePoller(rt)
