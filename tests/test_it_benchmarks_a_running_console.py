@@ -14,13 +14,20 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from fdconsole.cluster.serve_bench import RequestResult, parse_levels, percentile_ms, sse_events, summarize
+from fdconsole.cluster.serve_bench import (
+    RequestResult,
+    StreamReads,
+    parse_levels,
+    percentile_ms,
+    sse_events,
+    summarize,
+)
 from fdconsole.cluster.serve_plot import write_svg
 
 pytestmark = pytest.mark.postgresql
 
 LEVEL_KEYS = {"concurrency", "requests", "completed", "errors", "requests_per_s", "tokens_per_s",
-              "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"}
+              "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "tpot_p99_ms"}
 
 
 def fdbench_serve(console, *args: str) -> dict:
@@ -105,6 +112,29 @@ def test_the_summary_counts_failures_as_errors_and_takes_latencies_from_complete
     assert level["requests_per_s"] == 2.0 and level["tokens_per_s"] == 8.0  # every token received
     assert level["ttft_p50_ms"] == level["ttft_p99_ms"] == 10.0
     assert level["itl_p50_ms"] == 2.5 and 2.9 < level["itl_p99_ms"] <= 3.0
+    assert level["tpot_p50_ms"] == level["tpot_p99_ms"] == 2.5  # 5 ms over its 2 later tokens
+
+
+def test_tokens_that_arrive_in_one_read_make_one_inter_token_gap():
+    result = RequestResult(ok=True)
+    # reads 1, 1, 2, 2, 2, 3 at 10, 10.01, 30, 30.01, 30.02, 45 ms: gaps 20 and 15 ms, none of ~0
+    for read, at_ms in ((1, 10.0), (1, 10.01), (2, 30.0), (2, 30.01), (2, 30.02), (3, 45.0)):
+        result.add_token(0.0, at_ms / 1000, read)
+    assert [round(gap * 1000, 2) for gap in result.itls_s] == [19.99, 14.98]
+    assert result.num_tokens == 6 and round(result.tpot_s * 1000, 2) == 7.0  # 35 ms over 5 tokens
+
+
+def test_lines_are_split_across_reads_and_each_knows_its_read():
+    async def chunks():
+        for chunk in ("event: tok", "en\r\ndata: 1\n\nevent: token\ndata: 2\n", "\nevent: done\n",
+                      "data: {}\n\n"):
+            yield chunk
+
+    async def read_all():
+        reads = StreamReads(chunks())
+        return [(event, data, reads.count) async for event, data in sse_events(reads.lines())]
+
+    assert asyncio.run(read_all()) == [("token", 1, 2), ("token", 2, 3), ("done", {}, 4)]
 
 
 def test_percentiles_are_null_without_samples():

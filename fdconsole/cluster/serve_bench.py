@@ -5,7 +5,9 @@ reading its token stream to the end.
 Design note: one small client class per API (``CLIENTS[kind]``) knows how to probe the console and run
 one request, returning what it saw as a ``RequestResult``; the level runner and the summary know
 nothing of HTTP. Time to first token runs from just before the submit to the first token event;
-inter-token latencies are the gaps between one request's successive token events. A failed request
+inter-token latencies are the gaps between one request's successive arrivals of tokens (the token
+events of one network read arrived together: one gap), and time per output token is a request's time
+from its first token to its last over its later tokens (both as ``vllm bench serve``). A failed request
 (an HTTP error, a broken or timed-out stream, a final status other than ``finished``) counts in
 ``errors``; its tokens still count in tokens/s (they were received), its latencies do not.
 """
@@ -50,15 +52,46 @@ class RequestResult:
     ttft_s: float | None = None
     itls_s: list[float] = field(default_factory=list)
     error: str | None = None
+    first_token_at: float = 0.0
     last_token_at: float = 0.0
+    last_read: int | None = None
 
-    def add_token(self, started: float, now: float) -> None:
-        """A token event arrived at ``now`` for a request submitted at ``started``."""
+    def add_token(self, started: float, now: float, read: int | None = None) -> None:
+        """A token event arrived at ``now`` for a request submitted at ``started``; ``read`` numbers the
+        network read of the stream that brought it. Tokens of one read arrived together: the gap before
+        the first of them is one inter-token latency and the others add none (``vllm bench serve``
+        counts a chunk so), where a gap per token would count each of them as a latency of zero."""
         if self.ttft_s is None:
             self.ttft_s = now - started
-        else:
+            self.first_token_at = now
+        elif read is None or read != self.last_read:
             self.itls_s.append(now - self.last_token_at)
-        self.last_token_at, self.num_tokens = now, self.num_tokens + 1
+        self.last_token_at, self.last_read, self.num_tokens = now, read, self.num_tokens + 1
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first: the request's decode time over its later tokens."""
+        if self.num_tokens < 2:
+            return None
+        return (self.last_token_at - self.first_token_at) / (self.num_tokens - 1)
+
+
+class StreamReads:
+    """The lines of a streamed response body, counting the network reads that brought them (``count``:
+    the read of the line given last). Lines end with "\n" or "\r\n", as the console writes them."""
+
+    def __init__(self, chunks: AsyncIterator[str]) -> None:
+        self.chunks, self.count = chunks, 0
+
+    async def lines(self) -> AsyncIterator[str]:
+        pending = ""
+        async for chunk in self.chunks:
+            self.count += 1
+            *complete, pending = (pending + chunk).split("\n")
+            for line in complete:
+                yield line.removesuffix("\r")
+        if pending:
+            yield pending.removesuffix("\r")
 
 
 # -- the clients, one per API ---------------------------------------------------------------------------
@@ -110,9 +143,10 @@ class NativeClient(ServeClient):
             if response.status_code != 200:
                 result.error = f"stream answered {response.status_code}"
                 return
-            async for event, data in sse_events(response.aiter_lines()):
+            reads = StreamReads(response.aiter_text())
+            async for event, data in sse_events(reads.lines()):
                 if event == "token":
-                    result.add_token(started, time.perf_counter())
+                    result.add_token(started, time.perf_counter(), reads.count)
                 elif event == "done":
                     status = data.get("status")
                     result.ok = status == "finished"
@@ -162,7 +196,8 @@ class OpenAIClient(ServeClient):
 
     async def _read(self, response: httpx.Response, started: float, result: RequestResult) -> None:
         finish_reason = None
-        async for _, data in sse_events(response.aiter_lines()):
+        reads = StreamReads(response.aiter_text())
+        async for _, data in sse_events(reads.lines()):
             if data == "[DONE]":
                 result.ok = result.error is None and finish_reason in ("stop", "length")
                 if result.error is None and not result.ok:
@@ -173,7 +208,7 @@ class OpenAIClient(ServeClient):
                 continue
             for choice in data["choices"]:
                 if choice["finish_reason"] is None:
-                    result.add_token(started, time.perf_counter())
+                    result.add_token(started, time.perf_counter(), reads.count)
                 else:
                     finish_reason = choice["finish_reason"]
         result.error = result.error or "the stream ended before [DONE]"
@@ -244,13 +279,15 @@ def summarize(concurrency: int, num_requests: int, results: list[RequestResult],
     completed = [r for r in results if r.ok]
     ttfts = [r.ttft_s for r in completed if r.ttft_s is not None]
     itls = [gap for r in completed for gap in r.itls_s]
+    tpots = [r.tpot_s for r in completed if r.tpot_s is not None]
     num_tokens = sum(r.num_tokens for r in results)
     return {"concurrency": concurrency, "requests": num_requests, "completed": len(completed),
             "errors": num_requests - len(completed),
             "requests_per_s": round(len(completed) / wall_s, 3) if wall_s > 0 else None,
             "tokens_per_s": round(num_tokens / wall_s, 2) if wall_s > 0 else None,
             "ttft_p50_ms": percentile_ms(ttfts, 50), "ttft_p99_ms": percentile_ms(ttfts, 99),
-            "itl_p50_ms": percentile_ms(itls, 50), "itl_p99_ms": percentile_ms(itls, 99)}
+            "itl_p50_ms": percentile_ms(itls, 50), "itl_p99_ms": percentile_ms(itls, 99),
+            "tpot_p50_ms": percentile_ms(tpots, 50), "tpot_p99_ms": percentile_ms(tpots, 99)}
 
 
 async def run_levels(api: str, url: str, token: str, topic: str, prompt: str, max_tokens: int,
