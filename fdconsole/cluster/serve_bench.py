@@ -78,7 +78,8 @@ class RequestResult:
 
 class StreamReads:
     """The lines of a streamed response body, counting the network reads that brought them (``count``:
-    the read of the line given last). Lines end with "\n" or "\r\n", as the console writes them."""
+    the read of the line given last). A line ends with a line feed, or a carriage return and a line feed,
+    as the console writes them."""
 
     def __init__(self, chunks: AsyncIterator[str]) -> None:
         self.chunks, self.count = chunks, 0
