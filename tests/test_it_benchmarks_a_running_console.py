@@ -56,7 +56,8 @@ def test_every_request_completes_at_each_level_and_the_temporary_token_is_gone(c
         assert level["requests"] == level["completed"] == 4 and level["errors"] == 0
         assert level["requests_per_s"] > 0 and level["tokens_per_s"] > 0
         assert 0 < level["ttft_p50_ms"] <= level["ttft_p99_ms"]
-        assert 0 <= level["itl_p50_ms"] <= level["itl_p99_ms"]
+        assert 0 <= level["itl_p50_ms"] <= level["itl_p99_ms"]  # 4 tokens: one read may bring them all
+        assert 0 <= level["tpot_p50_ms"] <= level["tpot_p99_ms"]
     assert not ApiToken.objects.filter(user__username="fdbench").exists()
     assert "<polyline" in plot.read_text()
 
@@ -122,6 +123,18 @@ def test_tokens_that_arrive_in_one_read_make_one_inter_token_gap():
         result.add_token(0.0, at_ms / 1000, read)
     assert [round(gap * 1000, 2) for gap in result.itls_s] == [19.99, 14.98]
     assert result.num_tokens == 6 and round(result.tpot_s * 1000, 2) == 7.0  # 35 ms over 5 tokens
+
+
+def test_a_request_streamed_whole_in_one_read_counts_an_inter_token_gap_of_zero():
+    whole = RequestResult(ok=True)
+    for at_ms in (10.0, 10.01, 10.02):
+        whole.add_token(0.0, at_ms / 1000, read=1)
+    alone = RequestResult(ok=True)
+    alone.add_token(0.0, 0.010, read=1)
+    assert whole.itls_s == [] and whole.arrival_gaps_s == [0.0] and alone.arrival_gaps_s == []
+    level = summarize(1, 2, [whole, alone], wall_s=1.0)
+    assert level["itl_p50_ms"] == level["itl_p99_ms"] == 0.0
+    assert summarize(1, 1, [alone], wall_s=1.0)["itl_p50_ms"] is None  # one token: no gap at all
 
 
 def test_lines_are_split_across_reads_and_each_knows_its_read():

@@ -69,6 +69,15 @@ class RequestResult:
         self.last_token_at, self.last_read, self.num_tokens = now, read, self.num_tokens + 1
 
     @property
+    def arrival_gaps_s(self) -> list[float]:
+        """The inter-token latencies this request contributes: its gaps between arrivals; one of zero
+        when it gave two or more tokens that all came in one read (no wait between them was seen), so
+        that a short request streamed whole still counts, as a gap per token event would count it."""
+        if not self.itls_s and self.num_tokens > 1:
+            return [0.0]
+        return self.itls_s
+
+    @property
     def tpot_s(self) -> float | None:
         """Time per output token after the first: the request's decode time over its later tokens."""
         if self.num_tokens < 2:
@@ -279,7 +288,7 @@ def summarize(concurrency: int, num_requests: int, results: list[RequestResult],
     """One level's figures, as the contract names them."""
     completed = [r for r in results if r.ok]
     ttfts = [r.ttft_s for r in completed if r.ttft_s is not None]
-    itls = [gap for r in completed for gap in r.itls_s]
+    itls = [gap for r in completed for gap in r.arrival_gaps_s]
     tpots = [r.tpot_s for r in completed if r.tpot_s is not None]
     num_tokens = sum(r.num_tokens for r in results)
     return {"concurrency": concurrency, "requests": num_requests, "completed": len(completed),
